@@ -1,0 +1,3 @@
+//! idem
+pub mod clock;
+pub mod record;

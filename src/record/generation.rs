@@ -1,0 +1,148 @@
+//! Generations and winners, derived from a record and never stored.
+//!
+//! The anchor of a generation is its smallest stamp; it expires at the anchor's physical time
+//! plus the anchor's TTL; the first stamp at or past that expiry anchors the next generation.
+//! The winner of a generation is its smallest *eligible* claim: not a placeholder, not
+//! released, not an orphan of a retired region, and not taken over by a takeover in force.
+//!
+//! A takeover (taker `t` names victim `v`) is in force when `t` is not released, `t` is not an
+//! orphan, and `t` and `v` fall in the same generation. A takeover that spans generations is
+//! void: the victim's generation must keep an eligible claim if it executed.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::{ClaimState, Record};
+use crate::clock::{RegionId, Stamp};
+
+/// Regions an operator retired for good, with the last sequence number of theirs that counts.
+/// Claims of a retired region created after that point are orphans: never eligible.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retirements(pub BTreeMap<RegionId, u64>);
+
+impl Retirements {
+    /// No region retired.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Whether a claim of `region` created at its sequence number `seq` is an orphan.
+    pub fn is_orphan(&self, region: &RegionId, seq: u64) -> bool {
+        self.0.get(region).is_some_and(|last| seq > *last)
+    }
+}
+
+/// One derived generation of a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generation {
+    /// Its smallest stamp.
+    pub anchor: Stamp,
+    /// Unix ms at which it expires: anchor's physical time plus the anchor's TTL.
+    pub expires_at_ms: u64,
+    /// Every stamp in it, ascending (placeholders included).
+    pub stamps: Vec<Stamp>,
+    /// Claims taken over by a takeover in force, with their (smallest) taker.
+    pub taken_over: BTreeMap<Stamp, Stamp>,
+    /// Orphan claims of retired regions.
+    pub orphans: BTreeSet<Stamp>,
+    /// The smallest eligible claim, if any.
+    pub winner: Option<Stamp>,
+}
+
+impl Generation {
+    /// Whether `stamp` is eligible to win in this generation.
+    pub fn eligible(&self, record: &Record, stamp: &Stamp) -> bool {
+        record
+            .claim(stamp)
+            .is_some_and(|c| self.eligible_state(stamp, c))
+    }
+
+    fn eligible_state(&self, stamp: &Stamp, c: &ClaimState) -> bool {
+        c.facts.is_some()
+            && !c.released()
+            && !self.orphans.contains(stamp)
+            && !self.taken_over.contains_key(stamp)
+    }
+
+    /// Whether a claim at physical time `ms` would still fall in this generation.
+    pub fn covers_ms(&self, ms: u64) -> bool {
+        ms < self.expires_at_ms
+    }
+}
+
+impl Record {
+    /// The TTL a stamp anchors with: its own, or for a placeholder the smallest TTL among the
+    /// claims that took it over. `None` when nothing says (its claim has not arrived).
+    fn anchor_ttl_ms(&self, stamp: &Stamp, c: &ClaimState) -> Option<u64> {
+        if let Some(f) = &c.facts {
+            return Some(f.ttl_ms);
+        }
+        self.claims()
+            .filter_map(|(_, t)| t.facts.as_ref())
+            .filter(|f| f.takes_over == Some(*stamp))
+            .map(|f| f.ttl_ms)
+            .min()
+    }
+
+    /// The generations of this record, oldest first, with their winners.
+    pub fn generations(&self, retired: &Retirements) -> Vec<Generation> {
+        // Partition stamps greedily by anchor + TTL.
+        let mut gens: Vec<Generation> = Vec::new();
+        let mut gen_of: BTreeMap<Stamp, usize> = BTreeMap::new();
+        for (stamp, c) in self.claims() {
+            let Some(ttl) = self.anchor_ttl_ms(stamp, c) else {
+                continue; // later writes of a claim not yet known: invisible until it arrives
+            };
+            let opens = gens
+                .last()
+                .is_none_or(|g| !g.covers_ms(stamp.physical_ms()));
+            if opens {
+                gens.push(Generation {
+                    anchor: *stamp,
+                    expires_at_ms: stamp.physical_ms().saturating_add(ttl),
+                    stamps: Vec::new(),
+                    taken_over: BTreeMap::new(),
+                    orphans: BTreeSet::new(),
+                    winner: None,
+                });
+            }
+            let g = gens.len() - 1;
+            gens[g].stamps.push(*stamp);
+            gen_of.insert(*stamp, g);
+            if let Some(f) = &c.facts {
+                if retired.is_orphan(&stamp.region, f.origin_seq) {
+                    gens[g].orphans.insert(*stamp);
+                }
+            }
+        }
+        // Takeovers in force.
+        for (taker, c) in self.claims() {
+            let Some(victim) = c.facts.as_ref().and_then(|f| f.takes_over) else {
+                continue;
+            };
+            let (Some(&gt), Some(&gv)) = (gen_of.get(taker), gen_of.get(&victim)) else {
+                continue;
+            };
+            if gt != gv || c.released() || gens[gt].orphans.contains(taker) {
+                continue;
+            }
+            gens[gt].taken_over.entry(victim).or_insert(*taker);
+        }
+        for g in &mut gens {
+            g.winner = g
+                .stamps
+                .iter()
+                .find(|s| self.claim(s).is_some_and(|c| g.eligible_state(s, c)))
+                .copied();
+        }
+        gens
+    }
+
+    /// The generation holding `stamp`, if the stamp is in the record.
+    pub fn generation_of(&self, retired: &Retirements, stamp: &Stamp) -> Option<Generation> {
+        self.generations(retired)
+            .into_iter()
+            .find(|g| g.stamps.binary_search(stamp).is_ok())
+    }
+}

@@ -1,0 +1,274 @@
+//! The replicated record of one key: claims, takeovers and resolutions, merged as a
+//! join-semilattice, with generations, winners and compensation items derived from it.
+//!
+//! Pure: nothing here reads a clock, the arrival time or does I/O. Every region that holds the
+//! same set of facts derives the same generations, winners and items.
+//!
+//! * [`key`]: what a record is keyed by and the digests derived from it.
+//! * [`claim`]: one claim's facts, owner's chain and join.
+//! * [`generation`]: derived generations and their winners.
+//! * [`item`]: compensation items and resolutions.
+
+pub mod claim;
+pub mod generation;
+pub mod item;
+pub mod key;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use claim::{Body, ClaimFacts, ClaimState, ClaimStatus, Outcome, Terminal};
+pub use generation::{Generation, Retirements};
+pub use item::{Item, ItemContext, ItemKind, Resolution};
+pub use key::{AttemptToken, Fingerprint, ItemId, KeyDigest, RecordKey};
+
+use crate::clock::Stamp;
+
+/// One replicated change to a record. A record is the join of all its deltas.
+///
+/// bincode has no field defaults: an existing variant never gains a field; new kinds of change
+/// are new variants at the end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Delta {
+    /// A new claim, written by its owner (which also fixes its takeover, if any).
+    Claim {
+        /// The claim's identity.
+        stamp: Stamp,
+        /// What the owner fixed.
+        facts: ClaimFacts,
+    },
+    /// The owner extended the lease.
+    Extend {
+        /// The claim.
+        stamp: Stamp,
+        /// New lease end, Unix ms.
+        lease_until_ms: u64,
+    },
+    /// The owner's terminal write.
+    Finish {
+        /// The claim.
+        stamp: Stamp,
+        /// Released, Completed or Indeterminate.
+        terminal: Terminal,
+    },
+    /// An operator or hook handled a compensation item.
+    Resolve(Resolution),
+}
+
+impl Delta {
+    /// The claim this delta is about (for a resolution: the stamp of the resolution itself).
+    pub fn stamp(&self) -> Stamp {
+        match self {
+            Delta::Claim { stamp, .. }
+            | Delta::Extend { stamp, .. }
+            | Delta::Finish { stamp, .. } => *stamp,
+            Delta::Resolve(r) => r.at,
+        }
+    }
+
+    /// Checks what merge relies on. Peers are untrusted: a delta that fails is rejected whole.
+    pub fn validate(&self) -> Result<(), InvalidDelta> {
+        match self {
+            Delta::Claim { stamp, facts } => {
+                if facts.ttl_ms == 0 {
+                    return Err(InvalidDelta::ZeroTtl);
+                }
+                if let Some(victim) = facts.takes_over {
+                    if victim >= *stamp {
+                        return Err(InvalidDelta::TakeoverNotLater {
+                            taker: *stamp,
+                            victim,
+                        });
+                    }
+                }
+                Ok(())
+            }
+            Delta::Extend { .. } | Delta::Finish { .. } | Delta::Resolve(_) => Ok(()),
+        }
+    }
+}
+
+/// Why a delta was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidDelta {
+    /// A takeover must have a larger stamp than its victim (so takeovers never form cycles).
+    #[error("takeover by {taker:?} of {victim:?}: the taker must be later")]
+    TakeoverNotLater {
+        /// The taking claim.
+        taker: Stamp,
+        /// The claim it names.
+        victim: Stamp,
+    },
+    /// A claim must carry a positive TTL.
+    #[error("claim carries a zero TTL")]
+    ZeroTtl,
+}
+
+/// A key's whole replicated state: every claim of every generation, and the resolutions.
+///
+/// Merge ([`Record::merge`], [`Record::apply`]) is commutative, associative and idempotent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    claims: BTreeMap<Stamp, ClaimState>,
+    resolutions: BTreeMap<(ItemId, Stamp), Resolution>,
+}
+
+impl Record {
+    /// An empty record.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether the record holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.claims.is_empty() && self.resolutions.is_empty()
+    }
+
+    /// Applies one delta. Returns whether the record changed (false for a duplicate).
+    pub fn apply(&mut self, delta: &Delta) -> Result<bool, InvalidDelta> {
+        delta.validate()?;
+        Ok(match delta {
+            Delta::Claim { stamp, facts } => {
+                let mut changed = false;
+                if let Some(victim) = facts.takes_over {
+                    if let std::collections::btree_map::Entry::Vacant(e) = self.claims.entry(victim)
+                    {
+                        e.insert(ClaimState::default());
+                        changed = true;
+                    }
+                }
+                changed
+                    | self
+                        .claims
+                        .entry(*stamp)
+                        .or_default()
+                        .set_facts(stamp, facts.clone())
+            }
+            Delta::Extend {
+                stamp,
+                lease_until_ms,
+            } => {
+                let fresh = !self.claims.contains_key(stamp);
+                fresh
+                    | self
+                        .claims
+                        .entry(*stamp)
+                        .or_default()
+                        .raise_lease(*lease_until_ms)
+            }
+            Delta::Finish { stamp, terminal } => {
+                let fresh = !self.claims.contains_key(stamp);
+                fresh
+                    | self
+                        .claims
+                        .entry(*stamp)
+                        .or_default()
+                        .set_terminal(terminal.clone())
+            }
+            Delta::Resolve(r) => self
+                .resolutions
+                .insert((r.item, r.at), r.clone())
+                .is_none_or(|old| old != *r),
+        })
+    }
+
+    /// Joins another replica's record of the same key into this one. Returns whether this
+    /// record changed.
+    pub fn merge(&mut self, other: &Record) -> bool {
+        let mut changed = false;
+        for (stamp, state) in &other.claims {
+            match self.claims.get_mut(stamp) {
+                Some(mine) => changed |= mine.join(stamp, state),
+                None => {
+                    self.claims.insert(*stamp, state.clone());
+                    changed = true;
+                }
+            }
+        }
+        for (k, r) in &other.resolutions {
+            match self.resolutions.get(k) {
+                // Two resolutions with the same (item, stamp) come from the same write; keep
+                // the larger if a buggy peer sent two, so merge stays order-free.
+                Some(mine) if mine >= r => {}
+                _ => {
+                    self.resolutions.insert(*k, r.clone());
+                    changed = true;
+                }
+            }
+        }
+        changed
+    }
+
+    /// The claims, in stamp order.
+    pub fn claims(&self) -> impl Iterator<Item = (&Stamp, &ClaimState)> {
+        self.claims.iter()
+    }
+
+    /// One claim.
+    pub fn claim(&self, stamp: &Stamp) -> Option<&ClaimState> {
+        self.claims.get(stamp)
+    }
+
+    /// The number of claims, placeholders included.
+    pub fn claim_count(&self) -> usize {
+        self.claims.len()
+    }
+
+    /// All resolutions, by item then stamp.
+    pub fn resolutions(&self) -> impl Iterator<Item = &Resolution> {
+        self.resolutions.values()
+    }
+
+    /// Resolutions of one item.
+    pub fn resolutions_of(&self, item: ItemId) -> impl Iterator<Item = &Resolution> {
+        self.resolutions
+            .iter()
+            .filter(move |((i, _), _)| *i == item)
+            .map(|(_, r)| r)
+    }
+
+    /// Claims whose owners wrote two different facts or terminal writes: each is an alarm.
+    pub fn alarms(&self) -> impl Iterator<Item = &Stamp> {
+        self.claims
+            .iter()
+            .filter(|(_, c)| c.conflict)
+            .map(|(s, _)| s)
+    }
+
+    /// The record as the list of deltas that rebuild it (claims first, then their later writes,
+    /// then resolutions): what a snapshot stream ships.
+    pub fn to_deltas(&self) -> Vec<Delta> {
+        let mut out = Vec::new();
+        for (stamp, c) in &self.claims {
+            if let Some(f) = &c.facts {
+                out.push(Delta::Claim {
+                    stamp: *stamp,
+                    facts: f.clone(),
+                });
+            }
+            let initial = c
+                .facts
+                .as_ref()
+                .map(|f| stamp.physical_ms().saturating_add(f.lease_ms))
+                .unwrap_or(0);
+            if c.lease_until_ms > initial || c.facts.is_none() {
+                out.push(Delta::Extend {
+                    stamp: *stamp,
+                    lease_until_ms: c.lease_until_ms,
+                });
+            }
+            if let Some(t) = &c.terminal {
+                out.push(Delta::Finish {
+                    stamp: *stamp,
+                    terminal: t.clone(),
+                });
+            }
+        }
+        out.extend(self.resolutions.values().cloned().map(Delta::Resolve));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;
