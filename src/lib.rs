@@ -1,3 +1,4 @@
 //! idem
 pub mod clock;
 pub mod record;
+pub mod store;

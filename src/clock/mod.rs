@@ -4,17 +4,23 @@
 //!
 //! # Reservation protocol
 //!
-//! The clock may only issue stamps whose physical part lies at or below the *durable
-//! reservation* `R`: a wall-clock time that the store has persisted in its log. The store asks
-//! [`Clock::reservation_due`] on every operation; when the wall clock comes within half of the
-//! reservation window of `R`, it returns a new value (`now + max_drift / 2`, never more), the store
-//! appends it to its log, and once that log entry is durable it calls
-//! [`Clock::reservation_durable`]. Renewal starts early, so in steady state the next reservation is
-//! durable long before the clock reaches the old one and no caller waits.
+//! The clock may only issue stamps whose physical part lies at or below the *reservation* `R`:
+//! a wall-clock time recorded in the store's log. The store asks [`Clock::reservation_due`]
+//! on every operation; when the wall clock comes within half of the reservation window of `R`,
+//! it returns a new value (`now + max_drift / 2`, never more), the store appends it to its log
+//! and then calls [`Clock::reservation_logged`]. Only then may stamps above the old `R` be issued.
+//!
+//! Why "appended" and not "durable" suffices: a stamp leaves the region only inside a log entry
+//! (an answer to a caller waits for that entry to be durable; replication ships durable entries
+//! only), and that entry follows the reservation in the same log. A crash keeps a prefix of the
+//! log, so whenever a stamp was ever seen outside, its reservation is durable. A stamp whose
+//! entry a crash took away was never seen by anyone; handing out the same value again is
+//! harmless. "Issued" below means exactly that: acknowledged or shipped.
 //!
 //! After a restart the clock is built with the recovered reservation and refuses to issue stamps
 //! ([`ClockError::RestartFence`]) until the wall clock has passed it. Every stamp issued before the
-//! crash was at or below that reservation, so every stamp issued after it is larger.
+//! crash was at or below that reservation, so every stamp issued after it is larger, even if the
+//! wall clock went backwards.
 //!
 //! The clock never reads the system time itself: every call takes `now_ms` (Unix milliseconds)
 //! from the caller, which is the wall clock in the daemon and virtual time in the simulator.
@@ -70,8 +76,8 @@ pub enum ClockError {
         /// Unix ms the wall clock must pass.
         until_ms: u64,
     },
-    /// The next stamp would exceed the durable reservation and the renewal is not durable yet.
-    #[error("clock reservation not durable yet (reserved up to {reserved_ms} ms)")]
+    /// The next stamp would exceed the reservation and no renewal has been logged.
+    #[error("clock reservation not logged yet (reserved up to {reserved_ms} ms)")]
     ReservationPending {
         /// The durable reservation, Unix ms.
         reserved_ms: u64,
@@ -101,9 +107,9 @@ pub struct Clock {
     region: RegionId,
     config: ClockConfig,
     hlc: HlcGenerator<ManualClock>,
-    /// Durable reservation, Unix ms: no stamp's physical part may exceed it.
+    /// Logged reservation, Unix ms: no stamp's physical part may exceed it.
     reserved_ms: AtomicU64,
-    /// A reservation handed out by `reservation_due` and not yet durable (0 if none).
+    /// A reservation handed out by `reservation_due` and not yet logged (0 if none).
     pending_ms: AtomicU64,
     /// After a restart: no stamp until the wall clock is past this (Unix ms).
     restart_fence_ms: u64,
@@ -162,7 +168,7 @@ impl Clock {
         self.config
     }
 
-    /// The durable reservation (Unix ms).
+    /// The logged reservation (Unix ms): no stamp exceeds it.
     pub fn reserved_ms(&self) -> u64 {
         self.reserved_ms.load(Ordering::Acquire)
     }
@@ -209,40 +215,32 @@ impl Clock {
         Ok(Stamp::new(ts.as_u64(), self.region))
     }
 
-    /// A new reservation to persist, if one is due at `now_ms` and none is pending.
+    /// A new reservation to log, if one is due at `now_ms` and none is pending.
     ///
-    /// Due once the wall clock is within half a window of the durable reservation. The value is
+    /// Due once the wall clock is within half a window of the logged reservation. The value is
     /// `now_ms + window`, which keeps the reservation at most half the max drift ahead.
     pub fn reservation_due(&self, now_ms: u64) -> Option<u64> {
         let window = self.config.reservation_window_ms();
-        let reserved = self.reserved_ms();
-        if now_ms + window / 2 < reserved {
+        if now_ms + window / 2 < self.reserved_ms() {
             return None;
         }
-        let pending = self.pending_ms.load(Ordering::Acquire);
         let want = now_ms + window;
-        if pending != 0 && pending + window / 2 > want {
-            return None;
-        }
-        match self
-            .pending_ms
-            .compare_exchange(pending, want, Ordering::AcqRel, Ordering::Acquire)
-        {
-            Ok(_) => Some(want),
-            Err(_) => None,
-        }
+        self.pending_ms
+            .compare_exchange(0, want, Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| want)
     }
 
-    /// Tells the clock that the reservation `until_ms` is durable.
-    pub fn reservation_durable(&self, until_ms: u64) {
+    /// Tells the clock that the reservation `until_ms` was appended to the log, ahead of any
+    /// entry that will carry a stamp above the previous one.
+    pub fn reservation_logged(&self, until_ms: u64) {
         self.reserved_ms.fetch_max(until_ms, Ordering::AcqRel);
         let _ = self
             .pending_ms
             .compare_exchange(until_ms, 0, Ordering::AcqRel, Ordering::Acquire);
     }
 
-    /// Drops a pending reservation that will never become durable (the log write failed), so a
-    /// later call to [`Clock::reservation_due`] hands out a fresh one.
+    /// Drops a pending reservation that could not be logged, so a later call to [`Clock::reservation_due`] hands out a fresh one.
     pub fn reservation_abandoned(&self, until_ms: u64) {
         let _ = self
             .pending_ms
@@ -250,8 +248,8 @@ impl Clock {
     }
 
     /// Feeds a stamp received from a peer (or found in merged data) through hlc `update`, with
-    /// the max-drift check. A stamp that is too far ahead, or beyond the durable reservation, is
-    /// not used to advance the clock.
+    /// the max-drift check. A stamp that is too far ahead, or beyond the reservation, is not used
+    /// to advance the clock.
     pub fn observe(&self, now_ms: u64, remote: Stamp) -> Observed {
         let remote_ms = remote.physical_ms();
         let ahead_ms = remote_ms.saturating_sub(now_ms);
@@ -285,7 +283,7 @@ mod tests {
     fn ready_clock(now: u64) -> Clock {
         let c = Clock::new(region("a"), ClockConfig::default(), None, 0);
         let r = c.reservation_due(now).unwrap();
-        c.reservation_durable(r);
+        c.reservation_logged(r);
         c
     }
 
@@ -299,7 +297,7 @@ mod tests {
         let r = c.reservation_due(T0).expect("due");
         assert_eq!(r, T0 + 250, "half the max drift ahead, no more");
         assert!(c.reservation_due(T0).is_none(), "one pending at a time");
-        c.reservation_durable(r);
+        c.reservation_logged(r);
         assert!(c.stamp(T0).is_ok());
     }
 
@@ -315,10 +313,10 @@ mod tests {
     }
 
     #[test]
-    fn no_stamp_exceeds_the_durable_reservation() {
+    fn no_stamp_exceeds_the_logged_reservation() {
         let c = ready_clock(T0);
         let reserved = c.reserved_ms();
-        // Wall clock jumps past the reservation before the renewal is durable.
+        // Wall clock jumps past the reservation before the renewal is logged.
         let err = c.stamp(reserved + 1).unwrap_err();
         assert_eq!(
             err,
@@ -327,7 +325,7 @@ mod tests {
             }
         );
         let r = c.reservation_due(reserved + 1).unwrap();
-        c.reservation_durable(r);
+        c.reservation_logged(r);
         let s = c.stamp(reserved + 1).unwrap();
         assert!(s.physical_ms() <= c.reserved_ms());
     }
@@ -341,7 +339,7 @@ mod tests {
             .reservation_due(reserved - 100)
             .expect("due within half a window");
         assert!(due > reserved);
-        // Until the renewal is durable, stamps up to the old reservation still flow.
+        // Until the renewal is logged, stamps up to the old reservation still flow.
         assert!(c.stamp(reserved - 100).is_ok());
     }
 
@@ -363,7 +361,7 @@ mod tests {
             Err(ClockError::RestartFence { until_ms: reserved })
         );
         let r = after.reservation_due(reserved + 1).unwrap();
-        after.reservation_durable(r);
+        after.reservation_logged(r);
         let s = after.stamp(reserved + 1).unwrap();
         assert!(s > issued);
     }
@@ -417,7 +415,7 @@ mod tests {
     #[test]
     fn a_time_before_the_epoch_is_an_error() {
         let c = Clock::new(region("a"), ClockConfig::default(), None, 0);
-        c.reservation_durable(HLC_EPOCH_UNIX_MS - 1);
+        c.reservation_logged(HLC_EPOCH_UNIX_MS - 1);
         assert!(matches!(
             c.stamp(HLC_EPOCH_UNIX_MS - 1_000),
             Err(ClockError::Exhausted(_))

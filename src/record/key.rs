@@ -54,7 +54,10 @@ impl fmt::Debug for RecordKey {
 
 /// 128-bit digest of a [`RecordKey`]; the in-memory index key. The full key is kept in the log
 /// and compared on every read back, so a digest collision is detected, never served.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+///
+/// Its `Hash` impl (in the store's index module) feeds the digest to the index's hasher as
+/// two big-endian words.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct KeyDigest(pub [u8; 16]);
 
 impl KeyDigest {

@@ -201,7 +201,7 @@ impl Record {
     }
 
     /// The claims, in stamp order.
-    pub fn claims(&self) -> impl Iterator<Item = (&Stamp, &ClaimState)> {
+    pub fn claims(&self) -> impl DoubleEndedIterator<Item = (&Stamp, &ClaimState)> {
         self.claims.iter()
     }
 

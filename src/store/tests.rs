@@ -1,0 +1,707 @@
+//! Store scenarios: the claim lifecycle, policy, limits, fencing, recovery, crashes, disk
+//! failures, concurrency and the replication hooks.
+
+use std::sync::Arc;
+
+use super::storage::MemStorage;
+use super::*;
+use crate::clock::HLC_EPOCH_UNIX_MS;
+use crate::record::Body;
+
+const T0: u64 = 1_900_000_000_000;
+
+fn region(s: &str) -> RegionId {
+    RegionId::new(s).unwrap()
+}
+
+fn config(r: &str) -> StoreConfig {
+    let mut c = StoreConfig::new(region(r), &["pay"]);
+    c.log.segment_bytes = 256 << 10;
+    c.log.max_payload_bytes = 64 << 10;
+    c.log.reserve_bytes = 16 << 10;
+    c.namespaces[0].outcome_bytes_max = 32 << 10;
+    c.index_shards = 8;
+    c
+}
+
+fn open(storage: &MemStorage, now: u64) -> Store<MemStorage> {
+    Store::open(storage.clone(), config("a"), now).unwrap()
+}
+
+fn key(k: &str) -> RecordKey {
+    RecordKey::new("pay", "alice", k)
+}
+
+fn req(k: &str, body: &str, attempt: u128) -> ClaimRequest {
+    ClaimRequest {
+        key: key(k),
+        fingerprint: Fingerprint::of(body.as_bytes()),
+        attempt: AttemptToken(attempt),
+    }
+}
+
+fn claim<S: Storage>(s: &Store<S>, now: u64, r: &ClaimRequest) -> Decision {
+    s.wait(s.claim(now, r).unwrap()).unwrap()
+}
+
+fn execute<S: Storage>(s: &Store<S>, now: u64, r: &ClaimRequest) -> Stamp {
+    match claim(s, now, r) {
+        Decision::Execute { claim, .. } => claim,
+        other => panic!("expected Execute, got {other:?}"),
+    }
+}
+
+fn complete<S: Storage>(s: &Store<S>, now: u64, k: &str, c: Stamp, body: &str) -> Completion {
+    s.wait(
+        s.complete(now, &key(k), c, Outcome::new(200, body))
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn claim_complete_replay_mismatch() {
+    let s = open(&MemStorage::new(), T0);
+    let r = req("k1", "charge 10", 1);
+    let c = execute(&s, T0, &r);
+    assert!(matches!(
+        claim(&s, T0 + 1, &req("k1", "charge 10", 2)),
+        Decision::InFlight { claim, .. } if claim == c
+    ));
+    assert!(matches!(
+        claim(&s, T0 + 1, &req("k1", "charge 99", 3)),
+        Decision::Mismatch { claim } if claim == c
+    ));
+    let done = complete(&s, T0 + 2, "k1", c, "ok:ch_1");
+    assert_eq!(done.terminal, ClaimStatus::Completed);
+    assert!(!done.superseded);
+    match claim(&s, T0 + 3, &req("k1", "charge 10", 4)) {
+        Decision::Replay {
+            claim,
+            outcome,
+            indeterminate,
+            ..
+        } => {
+            assert_eq!(claim, c);
+            assert_eq!(outcome, Outcome::new(200, "ok:ch_1"));
+            assert!(!indeterminate);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        claim(&s, T0 + 3, &req("k1", "charge 99", 5)),
+        Decision::Mismatch { .. }
+    ));
+}
+
+#[test]
+fn keys_are_scoped_by_principal_and_namespace() {
+    let mut cfg = config("a");
+    cfg.namespaces.push(NamespaceConfig::named("orders"));
+    let s = Store::open(MemStorage::new(), cfg, T0).unwrap();
+    let a = req("same", "x", 1);
+    let mut b = a.clone();
+    b.key.principal = "bob".into();
+    let mut c = a.clone();
+    c.key.namespace = "orders".into();
+    execute(&s, T0, &a);
+    execute(&s, T0, &b);
+    execute(&s, T0, &c);
+}
+
+#[test]
+fn a_resent_attempt_token_gets_the_same_claim_and_a_fresh_lease() {
+    let s = open(&MemStorage::new(), T0);
+    let r = req("k", "b", 7);
+    let Decision::Execute {
+        claim: c,
+        lease_until_ms: l1,
+        ..
+    } = claim(&s, T0, &r)
+    else {
+        panic!()
+    };
+    match claim(&s, T0 + 1_000, &r) {
+        Decision::Execute {
+            claim,
+            resumed,
+            lease_until_ms,
+            ..
+        } => {
+            assert_eq!(claim, c);
+            assert!(resumed);
+            assert!(lease_until_ms > l1);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Another token is someone else: in flight.
+    assert!(matches!(
+        claim(&s, T0 + 2_000, &req("k", "b", 8)),
+        Decision::InFlight { .. }
+    ));
+    // The same token with another body is not the same request.
+    assert!(matches!(
+        claim(&s, T0 + 2_000, &req("k", "c", 7)),
+        Decision::Mismatch { .. }
+    ));
+}
+
+#[test]
+fn a_lease_that_ran_out_is_taken_over_and_the_old_token_no_longer_revives_it() {
+    let s = open(&MemStorage::new(), T0);
+    let r = req("k", "b", 1);
+    let c = execute(&s, T0, &r);
+    let lease = 30_000 + 500; // lease plus the max drift
+    assert!(matches!(
+        claim(&s, T0 + lease, &req("k", "b", 2)),
+        Decision::InFlight { .. }
+    ));
+    let t = match claim(&s, T0 + lease + 1, &req("k", "b", 2)) {
+        Decision::Execute {
+            claim, took_over, ..
+        } => {
+            assert_eq!(took_over, Some(c));
+            claim
+        }
+        other => panic!("{other:?}"),
+    };
+    assert!(t > c);
+    // The paused caller re-sends its old token: the claim was taken over, no revival.
+    assert!(matches!(
+        claim(&s, T0 + lease + 2, &r),
+        Decision::InFlight { claim, .. } if claim == t
+    ));
+    // Its late completion is recorded, flagged, and does not change the replayed winner.
+    let late = complete(&s, T0 + lease + 3, "k", c, "late");
+    assert!(late.superseded);
+    complete(&s, T0 + lease + 4, "k", t, "winner");
+    match claim(&s, T0 + lease + 5, &req("k", "b", 3)) {
+        Decision::Replay { claim, outcome, .. } => {
+            assert_eq!(claim, t);
+            assert_eq!(outcome.body, Body::Full(b"winner".to_vec()));
+        }
+        other => panic!("{other:?}"),
+    }
+    let view = s.wait(s.read(&key("k")).unwrap()).unwrap().unwrap();
+    assert_eq!(view.items.len(), 1);
+    assert_eq!(view.items[0].claim, c);
+    assert_eq!(view.items[0].kind, crate::record::ItemKind::Duplicate);
+    assert!(
+        !view.items[0].actionable,
+        "no stability without replication"
+    );
+}
+
+#[test]
+fn extend_keeps_a_slow_claim_alive_until_taken_over() {
+    let s = open(&MemStorage::new(), T0);
+    let c = execute(&s, T0, &req("k", "b", 1));
+    let until = s
+        .wait(s.extend(T0 + 20_000, &key("k"), c, 60_000).unwrap())
+        .unwrap();
+    assert_eq!(until, T0 + 80_000);
+    assert!(matches!(
+        claim(&s, T0 + 40_000, &req("k", "b", 2)),
+        Decision::InFlight { .. }
+    ));
+    assert!(matches!(
+        s.extend(T0, &key("k"), c, 10_000_000),
+        Err(StoreError::LeaseTooLong { .. })
+    ));
+    execute(&s, T0 + 81_000, &req("k", "b", 2));
+    assert!(matches!(
+        s.extend(T0 + 81_001, &key("k"), c, 1_000),
+        Err(StoreError::TakenOver { claim, .. }) if claim == c
+    ));
+}
+
+#[test]
+fn release_frees_the_key_and_unstored_statuses_release_it() {
+    let s = open(&MemStorage::new(), T0);
+    let c = execute(&s, T0, &req("k", "b", 1));
+    s.wait(s.release(T0 + 1, &key("k"), c).unwrap()).unwrap();
+    let c2 = execute(&s, T0 + 2, &req("k", "b", 2));
+    assert!(c2 > c);
+    // A 422 is not stored by default: the key is released so a corrected retry runs.
+    let done = s
+        .wait(
+            s.complete(T0 + 3, &key("k"), c2, Outcome::new(422, "bad"))
+                .unwrap(),
+        )
+        .unwrap();
+    assert_eq!(done.terminal, ClaimStatus::Released);
+    execute(&s, T0 + 4, &req("k", "b", 3));
+}
+
+#[test]
+fn finishing_twice_is_idempotent_but_never_changes_the_outcome() {
+    let s = open(&MemStorage::new(), T0);
+    let c = execute(&s, T0, &req("k", "b", 1));
+    complete(&s, T0 + 1, "k", c, "one");
+    complete(&s, T0 + 2, "k", c, "one");
+    assert!(matches!(
+        s.complete(T0 + 3, &key("k"), c, Outcome::new(200, "two")),
+        Err(StoreError::AlreadyFinished(_))
+    ));
+    assert!(matches!(
+        s.release(T0 + 3, &key("k"), c),
+        Err(StoreError::AlreadyFinished(_))
+    ));
+}
+
+#[test]
+fn indeterminate_outcomes_replay_as_such() {
+    let mut cfg = config("a");
+    cfg.namespaces[0].indeterminate_statuses = vec![StatusRange::new(500, 599)];
+    let s = Store::open(MemStorage::new(), cfg, T0).unwrap();
+    let c = execute(&s, T0, &req("k", "b", 1));
+    s.wait(
+        s.complete(T0 + 1, &key("k"), c, Outcome::new(502, "upstream"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(matches!(
+        claim(&s, T0 + 2, &req("k", "b", 2)),
+        Decision::Replay {
+            indeterminate: true,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn a_claim_after_expiry_opens_a_new_generation() {
+    let mut cfg = config("a");
+    cfg.namespaces[0].ttl_ms = 60_000;
+    cfg.namespaces[0].lease_max_ms = 60_000;
+    let s = Store::open(MemStorage::new(), cfg, T0).unwrap();
+    let c = execute(&s, T0, &req("k", "b", 1));
+    complete(&s, T0 + 1, "k", c, "first");
+    assert!(matches!(
+        claim(&s, T0 + 59_999, &req("k", "other", 2)),
+        Decision::Mismatch { .. }
+    ));
+    let c2 = execute(&s, T0 + 60_000, &req("k", "other", 3));
+    complete(&s, T0 + 60_001, "k", c2, "second");
+    let view = s.wait(s.read(&key("k")).unwrap()).unwrap().unwrap();
+    assert_eq!(view.record.generations(&Retirements::none()).len(), 2);
+    assert!(view.items.is_empty(), "a new generation is no divergence");
+}
+
+#[test]
+fn bad_input_gets_typed_errors() {
+    let s = open(&MemStorage::new(), T0);
+    let mut r = req("k", "b", 1);
+    r.key.namespace = "nope".into();
+    assert!(matches!(
+        s.claim(T0, &r),
+        Err(StoreError::UnknownNamespace(_))
+    ));
+    let long = "x".repeat(256);
+    assert!(matches!(
+        s.claim(T0, &req(&long, "b", 1)),
+        Err(StoreError::BadKeyLength { len: 256, max: 255 })
+    ));
+    assert!(matches!(
+        s.claim(T0, &req("", "b", 1)),
+        Err(StoreError::BadKeyLength { .. })
+    ));
+    let c = execute(&s, T0, &req("k", "b", 1));
+    let big = Outcome::new(200, vec![0u8; 40 << 10]);
+    assert!(matches!(
+        s.complete(T0, &key("k"), c, big),
+        Err(StoreError::OutcomeTooLarge { .. })
+    ));
+    let stranger = Stamp::new(c.hlc, region("b"));
+    assert!(matches!(
+        s.complete(T0, &key("k"), stranger, Outcome::new(200, "")),
+        Err(StoreError::UnknownClaim(_))
+    ));
+    assert!(matches!(
+        s.complete(T0, &key("never"), c, Outcome::new(200, "")),
+        Err(StoreError::UnknownKey)
+    ));
+}
+
+#[test]
+fn a_fenced_region_grants_nothing_new_but_finishes_and_replays() {
+    let s = open(&MemStorage::new(), T0);
+    let c = execute(&s, T0, &req("k", "b", 1));
+    let d = execute(&s, T0, &req("d", "b", 1));
+    s.set_fenced(true);
+    assert!(matches!(
+        claim(&s, T0 + 1, &req("new", "b", 1)),
+        Decision::Unavailable {
+            reason: Unavailable::Fenced,
+            ..
+        }
+    ));
+    complete(&s, T0 + 2, "k", c, "done");
+    s.wait(s.release(T0 + 2, &key("d"), d).unwrap()).unwrap();
+    assert!(matches!(
+        claim(&s, T0 + 3, &req("k", "b", 2)),
+        Decision::Replay { .. }
+    ));
+    // A released key needs a new claim: refused while fenced.
+    assert!(matches!(
+        claim(&s, T0 + 3, &req("d", "b", 2)),
+        Decision::Unavailable { .. }
+    ));
+    s.set_fenced(false);
+    execute(&s, T0 + 4, &req("d", "b", 2));
+}
+
+#[test]
+fn restart_recovers_everything_and_waits_for_the_clock_reservation() {
+    let disk = MemStorage::new();
+    let (c, reserved) = {
+        let s = open(&disk, T0);
+        let c = execute(&s, T0, &req("k", "b", 1));
+        complete(&s, T0 + 1, "k", c, "stored");
+        execute(&s, T0 + 2, &req("open", "b", 1));
+        (c, s.clock().reserved_ms())
+    };
+    // The wall clock went back after the restart.
+    let s = open(&disk, T0 - 5_000);
+    assert!(matches!(
+        claim(&s, T0 - 4_000, &req("new", "b", 1)),
+        Decision::Unavailable {
+            reason: Unavailable::RestartFence,
+            ..
+        }
+    ));
+    // Replays do not need a stamp.
+    match claim(&s, T0 - 4_000, &req("k", "b", 2)) {
+        Decision::Replay { claim, outcome, .. } => {
+            assert_eq!(claim, c);
+            assert_eq!(outcome, Outcome::new(200, "stored"));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Past the reservation: new stamps are above everything issued before the crash.
+    let after = reserved + 1;
+    let d = claim(&s, after, &req("new", "b", 1));
+    let d = match d {
+        Decision::Execute { claim, .. } => claim,
+        Decision::Unavailable {
+            reason: Unavailable::ClockReservation,
+            ..
+        } => {
+            s.flush().unwrap();
+            execute(&s, after, &req("new", "b", 1))
+        }
+        other => panic!("{other:?}"),
+    };
+    assert!(d > c);
+    assert!(d.physical_ms() > reserved);
+    assert!(matches!(
+        claim(&s, after, &req("open", "b", 2)),
+        Decision::InFlight { .. }
+    ));
+}
+
+#[test]
+fn an_fsync_failure_is_fatal_and_never_retried() {
+    let disk = MemStorage::new();
+    let s = open(&disk, T0);
+    let c = execute(&s, T0, &req("k", "b", 1));
+    disk.fail_next_sync();
+    let pending = s
+        .complete(T0 + 1, &key("k"), c, Outcome::new(200, "x"))
+        .unwrap();
+    assert!(matches!(
+        s.wait(pending),
+        Err(StoreError::Unavailable(Unavailable::LogFailed))
+    ));
+    let syncs = disk.stats().syncs;
+    assert!(matches!(
+        claim(&s, T0 + 2, &req("other", "b", 1)),
+        Decision::Unavailable {
+            reason: Unavailable::LogFailed,
+            ..
+        }
+    ));
+    assert!(s.flush().is_err());
+    assert_eq!(disk.stats().syncs, syncs, "no sync is ever retried");
+}
+
+#[test]
+fn a_full_disk_refuses_new_claims_first_and_granted_claims_still_finish() {
+    let disk = MemStorage::new();
+    let s = open(&disk, T0);
+    // Grant claims, then fill the disk.
+    let granted: Vec<(String, Stamp)> = (0..20)
+        .map(|i| {
+            let k = format!("granted-{i}");
+            (k.clone(), execute(&s, T0, &req(&k, "b", 1)))
+        })
+        .collect();
+    disk.set_capacity(Some(disk.used_bytes()));
+    let mut refused = false;
+    for i in 0..50_000 {
+        match claim(&s, T0 + 1, &req(&format!("fill-{i}"), "b", 1)) {
+            Decision::Execute { .. } => {}
+            Decision::Unavailable {
+                reason: Unavailable::DiskFull,
+                ..
+            } => {
+                refused = true;
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(refused, "new claims are refused once the disk is full");
+    for (k, c) in granted {
+        complete(&s, T0 + 2, &k, c, "done");
+    }
+}
+
+#[test]
+fn sixty_four_threads_claiming_one_key_get_exactly_one_execute() {
+    let s = Arc::new(open(&MemStorage::new(), T0));
+    let barrier = Arc::new(std::sync::Barrier::new(64));
+    let handles: Vec<_> = (0..64u128)
+        .map(|i| {
+            let (s, barrier) = (s.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                // A third of them send another body under the same key.
+                let body = if i % 3 == 0 { "other" } else { "same" };
+                claim(&s, T0 + 1, &req("hot", body, i))
+            })
+        })
+        .collect();
+    let answers: Vec<Decision> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let executes: Vec<&Decision> = answers
+        .iter()
+        .filter(|d| matches!(d, Decision::Execute { .. }))
+        .collect();
+    assert_eq!(executes.len(), 1, "{answers:?}");
+    for d in &answers {
+        assert!(matches!(
+            d,
+            Decision::Execute { .. } | Decision::InFlight { .. } | Decision::Mismatch { .. }
+        ));
+    }
+}
+
+#[test]
+fn concurrent_claims_and_completions_replay_or_wait_never_execute_twice() {
+    let s = Arc::new(open(&MemStorage::new(), T0));
+    let handles: Vec<_> = (0..64u128)
+        .map(|i| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let mut executed = 0;
+                for round in 0..20u64 {
+                    let k = format!("key-{}", round % 5);
+                    match claim(&s, T0 + round, &req(&k, "same", i * 100 + round as u128)) {
+                        Decision::Execute { claim, .. } => {
+                            executed += 1;
+                            complete(&s, T0 + round, &k, claim, "r");
+                        }
+                        Decision::Replay { .. } | Decision::InFlight { .. } => {}
+                        other => panic!("{other:?}"),
+                    }
+                }
+                executed
+            })
+        })
+        .collect();
+    let total: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    assert_eq!(total, 5, "one execution per key");
+}
+
+#[test]
+fn peers_merge_each_others_logs_and_flag_the_duplicate() {
+    let (da, db) = (MemStorage::new(), MemStorage::new());
+    let a = Store::open(da, config("a"), T0).unwrap();
+    let b = Store::open(db, config("b"), T0).unwrap();
+    // Partitioned: both regions execute the same request.
+    let ca = execute(&a, T0 + 10, &req("k", "charge", 1));
+    let cb = execute(&b, T0 + 20, &req("k", "charge", 2));
+    complete(&a, T0 + 11, "k", ca, "charged-a");
+    complete(&b, T0 + 21, "k", cb, "charged-b");
+    // Heal: exchange logs.
+    let from_a = a.log_from(T0 + 30, region("a"), 1, 100).unwrap();
+    let from_b = b.log_from(T0 + 30, region("b"), 1, 100).unwrap();
+    assert_eq!(from_a.len(), 2);
+    for m in from_a.clone() {
+        let merged = b.wait(b.merge_remote(T0 + 30, m).unwrap()).unwrap();
+        assert!(merged.new && merged.changed);
+    }
+    for m in from_b {
+        a.wait(a.merge_remote(T0 + 30, m).unwrap()).unwrap();
+    }
+    // A duplicate delivery is skipped.
+    let again = b.merge_remote(T0 + 31, from_a[0].clone()).unwrap();
+    assert!(!b.wait(again).unwrap().new);
+    for s in [&a, &b] {
+        match claim(s, T0 + 40, &req("k", "charge", 9)) {
+            Decision::Replay { claim, outcome, .. } => {
+                assert_eq!(claim, ca, "lowest stamp wins everywhere");
+                assert_eq!(outcome, Outcome::new(200, "charged-a"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let items = s.all_items().unwrap();
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].1.claim, cb);
+        assert_eq!(items[0].1.kind, crate::record::ItemKind::Duplicate);
+    }
+    assert_eq!(b.marks()[&region("a")], 2);
+    // b serves a's log too (any peer serves any origin).
+    assert_eq!(b.log_from(T0 + 50, region("a"), 2, 10).unwrap().len(), 1);
+}
+
+#[test]
+fn peer_mutations_are_validated_before_anything_is_written() {
+    let s = open(&MemStorage::new(), T0);
+    let bad = Mutation {
+        origin: region("b"),
+        seq: 1,
+        key: key("k"),
+        delta: Delta::Claim {
+            stamp: Stamp::new(5, region("b")),
+            facts: ClaimFacts {
+                fingerprint: Fingerprint::of(b"x"),
+                attempt: AttemptToken(1),
+                ttl_ms: 1,
+                lease_ms: 1,
+                origin_seq: 1,
+                takes_over: Some(Stamp::new(9, region("b"))),
+            },
+        },
+    };
+    assert!(matches!(
+        s.merge_remote(T0, bad.clone()),
+        Err(StoreError::InvalidMutation { .. })
+    ));
+    let mut own = bad.clone();
+    own.origin = region("a");
+    assert!(s.merge_remote(T0, own).is_err());
+    let mut long = bad;
+    long.key.key = "k".repeat(5_000);
+    assert!(s.merge_remote(T0, long).is_err());
+    assert_eq!(s.key_count(), 0);
+}
+
+#[test]
+fn the_replication_log_serves_only_durable_mutations_in_order() {
+    let s = open(&MemStorage::new(), T0);
+    let c = execute(&s, T0, &req("k", "b", 1));
+    let pending = s
+        .complete(T0, &key("k"), c, Outcome::new(200, "x"))
+        .unwrap();
+    assert_eq!(
+        s.log_from(T0, region("a"), 1, 10).unwrap().len(),
+        1,
+        "not yet durable"
+    );
+    s.wait(pending).unwrap();
+    let log = s.log_from(T0, region("a"), 1, 10).unwrap();
+    assert_eq!(log.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2]);
+}
+
+#[test]
+fn the_replication_log_honours_its_retention() {
+    let mut cfg = config("a");
+    cfg.log_retention_ms = 60_000;
+    let s = Store::open(MemStorage::new(), cfg, T0).unwrap();
+    for i in 0..600u64 {
+        execute(&s, T0 + i * 1_000, &req(&format!("k{i}"), "b", 1));
+    }
+    let now = T0 + 600_000;
+    assert!(matches!(
+        s.log_from(now, region("a"), 1, 10),
+        Err(StoreError::LogTruncated { .. })
+    ));
+    assert!(!s.log_from(now, region("a"), 590, 10).unwrap().is_empty());
+}
+
+#[test]
+fn snapshot_chunks_walk_every_key_once_in_digest_order() {
+    let s = open(&MemStorage::new(), T0);
+    for i in 0..300 {
+        let c = execute(&s, T0, &req(&format!("k{i}"), "b", 1));
+        if i % 2 == 0 {
+            complete(&s, T0, &format!("k{i}"), c, "done");
+        }
+    }
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let chunk = s.snapshot_chunk(after, 37).unwrap();
+        assert!(chunk.records.len() <= 37);
+        seen.extend(chunk.records.iter().map(|(d, k, r)| {
+            assert_eq!(k.digest(), *d);
+            assert!(!r.is_empty());
+            *d
+        }));
+        match chunk.next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 300);
+    assert!(seen.windows(2).all(|w| w[0] < w[1]));
+}
+
+#[test]
+fn long_histories_are_capped_by_images_and_survive_restart() {
+    let disk = MemStorage::new();
+    let c;
+    {
+        let s = open(&disk, T0);
+        c = execute(&s, T0, &req("k", "b", 1));
+        for i in 1..=40u64 {
+            // Drop the cached record so each operation reads the chain back.
+            s.index.get_mut(&key("k").digest()).unwrap().hot = None;
+            s.wait(s.extend(T0 + i, &key("k"), c, 60_000).unwrap())
+                .unwrap();
+        }
+        assert!(s.stats().images.load(Ordering::Relaxed) >= 1);
+        complete(&s, T0 + 50, "k", c, "done");
+    }
+    let s = open(&disk, T0 + 10_000);
+    assert!(matches!(
+        claim(&s, T0 + 10_000, &req("k", "b", 2)),
+        Decision::Replay { claim, .. } if claim == c
+    ));
+}
+
+#[test]
+fn no_stamp_is_reused_across_restarts() {
+    let disk = MemStorage::new();
+    let mut last = None;
+    let mut now = T0;
+    for round in 0..5 {
+        let s = open(&disk, now);
+        // Wait out the restart fence like a real region would.
+        now = now.max(s.clock().restart_fence_ms() + 1);
+        for i in 0..50 {
+            let d = loop {
+                match claim(&s, now, &req(&format!("r{round}-{i}"), "b", 1)) {
+                    Decision::Unavailable { .. } => {
+                        s.flush().unwrap();
+                        now += 1;
+                    }
+                    d => break d,
+                }
+            };
+            let Decision::Execute { claim, .. } = d else {
+                panic!("{d:?}")
+            };
+            assert!(
+                Some(claim) > last,
+                "stamps strictly increase across restarts"
+            );
+            assert!(claim.physical_ms() <= s.clock().reserved_ms());
+            last = Some(claim);
+        }
+        // The wall clock steps back between runs.
+        now -= 2_000;
+    }
+    assert!(now > HLC_EPOCH_UNIX_MS);
+}
