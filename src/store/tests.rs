@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::storage::MemStorage;
 use super::*;
 use crate::clock::HLC_EPOCH_UNIX_MS;
-use crate::record::Body;
+use crate::record::{Body, ClaimFacts};
 
 const T0: u64 = 1_900_000_000_000;
 

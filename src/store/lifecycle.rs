@@ -1,0 +1,255 @@
+//! Finishing claims (complete, release), extending leases, resolving items, reading keys.
+
+use super::log::AppendClass;
+use super::storage::Storage;
+use super::{Completion, Disposition, KeyView, Pending, Store, StoreError, Unavailable};
+use crate::clock::{ClockError, Stamp};
+use crate::record::{
+    ClaimStatus, Delta, ItemContext, ItemId, Outcome, Record, RecordKey, Resolution, Terminal,
+};
+
+impl<S: Storage> Store<S> {
+    fn own_claim<'r>(
+        &self,
+        record: &'r Record,
+        claim: Stamp,
+    ) -> Result<&'r crate::record::ClaimState, StoreError> {
+        let c = record
+            .claim(&claim)
+            .filter(|c| c.facts.is_some())
+            .ok_or(StoreError::UnknownClaim(claim))?;
+        if claim.region != self.region {
+            return Err(StoreError::NotOwner {
+                claim,
+                owner: claim.region,
+            });
+        }
+        Ok(c)
+    }
+
+    /// Finishes a claim with its outcome. The namespace's policy decides by status whether the
+    /// outcome is stored, stored as indeterminate, or not stored (the claim is released so a
+    /// corrected retry runs); headers are allow-listed and the body kept as the policy says.
+    ///
+    /// A claim that was taken over may still complete (a late completion): the execution is
+    /// recorded and flagged, never lost. Completing twice with the same outcome is idempotent.
+    pub fn complete(
+        &self,
+        now_ms: u64,
+        key: &RecordKey,
+        claim: Stamp,
+        outcome: Outcome,
+    ) -> Result<Pending<Completion>, StoreError> {
+        let policy = self.policy(key)?;
+        let max = policy.config().outcome_bytes_max;
+        if outcome.size_bytes() > max {
+            return Err(StoreError::OutcomeTooLarge {
+                len: outcome.size_bytes(),
+                max,
+            });
+        }
+        let terminal = match policy.disposition(outcome.status) {
+            Disposition::Store => Terminal::Completed(policy.shape_outcome(outcome)),
+            Disposition::Indeterminate => Terminal::Indeterminate(policy.shape_outcome(outcome)),
+            Disposition::Release => Terminal::Released,
+        };
+        self.finish(now_ms, key, claim, terminal)
+    }
+
+    /// Releases a claim without executing: the key is free again within its generation.
+    pub fn release(
+        &self,
+        now_ms: u64,
+        key: &RecordKey,
+        claim: Stamp,
+    ) -> Result<Pending<Completion>, StoreError> {
+        self.policy(key)?;
+        self.finish(now_ms, key, claim, Terminal::Released)
+    }
+
+    fn finish(
+        &self,
+        now_ms: u64,
+        key: &RecordKey,
+        claim: Stamp,
+        terminal: Terminal,
+    ) -> Result<Pending<Completion>, StoreError> {
+        let region = self.region;
+        self.with_key(key, |e, record| {
+            let c = self.own_claim(record, claim)?;
+            match &c.terminal {
+                Some(t) if *t == terminal => {}
+                Some(_) => return Err(StoreError::AlreadyFinished(claim)),
+                None => {
+                    let (lsn, loc) = self.append_local(
+                        key,
+                        Some(e.loc),
+                        record,
+                        AppendClass::Reserved,
+                        now_ms,
+                        |_| Delta::Finish {
+                            stamp: claim,
+                            terminal: terminal.clone(),
+                        },
+                    )?;
+                    e.loc = loc;
+                    e.lsn = lsn;
+                }
+            }
+            debug_assert_eq!(claim.region, region);
+            let superseded = record
+                .generation_of(&self.retired, &claim)
+                .is_none_or(|g| g.winner != Some(claim));
+            let status = record
+                .claim(&claim)
+                .map_or(ClaimStatus::InFlight, |c| c.status());
+            Ok(Pending {
+                lsn: e.lsn,
+                value: Completion {
+                    terminal: status,
+                    superseded: superseded && status != ClaimStatus::Released,
+                },
+            })
+        })
+    }
+
+    /// Extends a claim's lease to `now + lease_ms` (never shortens it). Refused once the claim
+    /// was taken over or finished.
+    pub fn extend(
+        &self,
+        now_ms: u64,
+        key: &RecordKey,
+        claim: Stamp,
+        lease_ms: u64,
+    ) -> Result<Pending<u64>, StoreError> {
+        let policy = self.policy(key)?;
+        let max_ms = policy.config().lease_max_ms;
+        if lease_ms > max_ms {
+            return Err(StoreError::LeaseTooLong {
+                asked_ms: lease_ms,
+                max_ms,
+            });
+        }
+        self.with_key(key, |e, record| {
+            let c = self.own_claim(record, claim)?;
+            if c.terminal.is_some() {
+                return Err(StoreError::AlreadyFinished(claim));
+            }
+            if let Some(g) = record.generation_of(&self.retired, &claim) {
+                if let Some(by) = g.taken_over.get(&claim) {
+                    return Err(StoreError::TakenOver { claim, by: *by });
+                }
+            }
+            let until = now_ms.saturating_add(lease_ms);
+            if until > c.lease_until_ms {
+                let (lsn, loc) = self.append_local(
+                    key,
+                    Some(e.loc),
+                    record,
+                    AppendClass::Reserved,
+                    now_ms,
+                    |_| Delta::Extend {
+                        stamp: claim,
+                        lease_until_ms: until,
+                    },
+                )?;
+                e.loc = loc;
+                e.lsn = lsn;
+            }
+            let lease = record.claim(&claim).map_or(until, |c| c.lease_until_ms);
+            Ok(Pending {
+                lsn: e.lsn,
+                value: lease,
+            })
+        })
+    }
+
+    /// Records that a compensation item was handled.
+    #[allow(clippy::too_many_arguments)]
+    pub fn resolve(
+        &self,
+        now_ms: u64,
+        key: &RecordKey,
+        item: ItemId,
+        by: &str,
+        note: &str,
+        hook_result: Option<String>,
+        provider_ref: Option<String>,
+    ) -> Result<Pending<Resolution>, StoreError> {
+        self.policy(key)?;
+        if self.log.is_poisoned() {
+            return Err(StoreError::Unavailable(Unavailable::LogFailed));
+        }
+        self.settle_clock(now_ms)?;
+        self.with_key(key, |e, record| {
+            let ctx = ItemContext {
+                retired: &self.retired,
+                stable: false,
+            };
+            if !record.items(key, ctx).iter().any(|i| i.id == item) {
+                return Err(StoreError::UnknownItem);
+            }
+            let at = self.clock.stamp(now_ms).map_err(|err| {
+                StoreError::Unavailable(match err {
+                    ClockError::RestartFence { .. } => Unavailable::RestartFence,
+                    ClockError::ReservationPending { .. } => Unavailable::ClockReservation,
+                    ClockError::Exhausted(_) => Unavailable::ClockExhausted,
+                })
+            })?;
+            let resolution = Resolution {
+                item,
+                at,
+                by: by.to_owned(),
+                note: note.to_owned(),
+                hook_result,
+                provider_ref,
+            };
+            let (lsn, loc) = self.append_local(
+                key,
+                Some(e.loc),
+                record,
+                AppendClass::Reserved,
+                now_ms,
+                |_| Delta::Resolve(resolution.clone()),
+            )?;
+            e.loc = loc;
+            e.lsn = lsn;
+            Ok(Pending {
+                lsn,
+                value: resolution,
+            })
+        })
+    }
+
+    /// Reads a key: its record and items (nothing is actionable until replication tracks
+    /// stability). Returns `None` for a key never seen. Wait on the answer like any other.
+    pub fn read(&self, key: &RecordKey) -> Result<Pending<Option<KeyView>>, StoreError> {
+        self.policy(key)?;
+        let digest = key.digest();
+        let Some(mut e) = self.index.get_mut(&digest) else {
+            return Ok(Pending {
+                lsn: 0,
+                value: None,
+            });
+        };
+        let record = match &e.hot {
+            Some(r) => (**r).clone(),
+            None => self.take_record(&mut e, key)?,
+        };
+        let items = record.items(
+            key,
+            ItemContext {
+                retired: &self.retired,
+                stable: false,
+            },
+        );
+        Ok(Pending {
+            lsn: e.lsn,
+            value: Some(KeyView {
+                key: key.clone(),
+                record,
+                items,
+            }),
+        })
+    }
+}
