@@ -606,4 +606,6 @@ fn hot(record: Record) -> Option<Box<Record>> {
 }
 
 #[cfg(test)]
+mod crash_tests;
+#[cfg(test)]
 mod tests;
