@@ -1,1 +1,319 @@
-fn main() {}
+//! The `idem` command line: `demo` walks through what a region guarantees, `inspect` reports
+//! what a data directory holds. (The daemon, `serve`, arrives with the daemon issue.)
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Barrier};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use idem::clock::{wall_clock_ms, RegionId};
+use idem::record::{AttemptToken, ClaimStatus, Fingerprint, Outcome, RecordKey};
+use idem::store::storage::FsStorage;
+use idem::store::{ClaimRequest, Decision, Store, StoreConfig};
+
+#[derive(Parser)]
+#[command(name = "idem", version, about = "Multi-region idempotency-key store")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Walk through a region's guarantees on a real data directory: one execution among
+    /// concurrent identical requests, replays, mismatches, recovery after restart, takeover of
+    /// an expired lease, and a partition between two regions flagged for compensation.
+    Demo {
+        /// Where to keep the demo's data (default: a temporary directory, removed afterwards).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Report what a region's data directory holds: keys, claims by status, compensation items.
+    Inspect {
+        /// The region's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The region id the directory belongs to.
+        #[arg(long)]
+        region: String,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Demo { data_dir } => match data_dir {
+            Some(dir) => demo(&dir),
+            None => {
+                let tmp = tempdir()?;
+                let r = demo(&tmp);
+                let _ = std::fs::remove_dir_all(&tmp);
+                r
+            }
+        },
+        Command::Inspect { data_dir, region } => inspect(&data_dir, &region),
+    }
+}
+
+fn tempdir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("idem-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+fn open(dir: &Path, region: &str, now_ms: u64) -> Result<Store<FsStorage>> {
+    let dir = dir.join(region);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let storage = FsStorage::open(&dir).with_context(|| format!("opening {}", dir.display()))?;
+    let config = StoreConfig::new(RegionId::new(region)?, &["payments"]);
+    Store::open(storage, config, now_ms).with_context(|| format!("recovering {}", dir.display()))
+}
+
+fn charge(key: &str, amount: u32, attempt: u128) -> ClaimRequest {
+    ClaimRequest {
+        key: RecordKey::new("payments", "acct_42", key),
+        fingerprint: Fingerprint::of(format!("POST /charges {{\"amount\":{amount}}}").as_bytes()),
+        attempt: AttemptToken(attempt),
+    }
+}
+
+fn step(n: u32, text: &str) {
+    println!("\n{n}. {text}");
+}
+
+fn demo(dir: &Path) -> Result<()> {
+    println!("idem demo: data in {}", dir.display());
+    let eu1 = Arc::new(open(dir, "eu1", wall_clock_ms())?);
+
+    step(1, "16 clients send the same charge at the same moment");
+    let barrier = Arc::new(Barrier::new(16));
+    let answers: Vec<Decision> = (0..16u128)
+        .map(|i| {
+            let (store, barrier) = (eu1.clone(), barrier.clone());
+            std::thread::spawn(move || -> Result<Decision> {
+                barrier.wait();
+                Ok(store.wait(store.claim(wall_clock_ms(), &charge("order-7", 10, i))?)?)
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a client thread panicked"))?
+        })
+        .collect::<Result<_>>()?;
+    let executes: Vec<_> = answers
+        .iter()
+        .filter_map(|d| match d {
+            Decision::Execute { claim, .. } => Some(*claim),
+            _ => None,
+        })
+        .collect();
+    let in_flight = answers
+        .iter()
+        .filter(|d| matches!(d, Decision::InFlight { .. }))
+        .count();
+    println!(
+        "   -> {} Execute, {in_flight} InFlight (retry later)",
+        executes.len()
+    );
+    let [claim] = executes[..] else {
+        bail!("expected exactly one Execute, got {}", executes.len());
+    };
+
+    step(
+        2,
+        "the owner charges the card and stores the response; a client retries",
+    );
+    let response = Outcome::new(201, r#"{"id":"ch_1","amount":10}"#);
+    let key = charge("order-7", 10, 0).key;
+    eu1.wait(eu1.complete(wall_clock_ms(), &key, claim, response.clone())?)?;
+    match eu1.wait(eu1.claim(wall_clock_ms(), &charge("order-7", 10, 100))?)? {
+        Decision::Replay { outcome, .. } => {
+            println!("   -> Replay: {} {}", outcome.status, body_text(&outcome));
+        }
+        other => bail!("expected a replay, got {other:?}"),
+    }
+
+    step(3, "a client reuses the key for a different charge");
+    let d = eu1.wait(eu1.claim(wall_clock_ms(), &charge("order-7", 99, 101))?)?;
+    println!("   -> {}", summary(&d));
+
+    step(4, "the region restarts: the index is rebuilt from its log");
+    drop(answers);
+    let eu1 = match Arc::try_unwrap(eu1) {
+        Ok(s) => s,
+        Err(_) => bail!("store still shared"),
+    };
+    drop(eu1);
+    let started = Instant::now();
+    let eu1 = open(dir, "eu1", wall_clock_ms())?;
+    println!(
+        "   -> recovered {} key(s) in {:?}",
+        eu1.key_count(),
+        started.elapsed()
+    );
+    let d = eu1.wait(eu1.claim(wall_clock_ms(), &charge("order-7", 10, 102))?)?;
+    println!("   -> the retry after restart: {}", summary(&d));
+    let d = eu1.wait(eu1.claim(wall_clock_ms(), &charge("order-10", 10, 1))?)?;
+    println!("   -> a new key at once: {}", summary(&d));
+    let waited = wait_for_clock(&eu1);
+    println!(
+        "   -> new claims resume once the wall clock passes the recovered reservation ({waited:?}),"
+    );
+    println!("      so no stamp issued before the restart can be issued again");
+
+    step(
+        5,
+        "a partition: us1 cannot reach eu1 and executes order-8 too",
+    );
+    let now = wall_clock_ms();
+    let us1 = open(dir, "us1", now)?;
+    let a = execute(&eu1, now, &charge("order-8", 25, 1))?;
+    let b = execute(&us1, now + 5, &charge("order-8", 25, 2))?;
+    let key8 = charge("order-8", 25, 0).key;
+    eu1.wait(eu1.complete(now + 10, &key8, a, Outcome::new(201, r#"{"id":"ch_eu"}"#))?)?;
+    us1.wait(us1.complete(now + 12, &key8, b, Outcome::new(201, r#"{"id":"ch_us"}"#))?)?;
+    println!("   -> eu1 ran claim {a}, us1 ran claim {b}: the card was charged twice");
+
+    step(6, "the partition heals: the regions exchange their logs");
+    let (eu_region, us_region) = (eu1.region(), us1.region());
+    for m in eu1.log_from(now + 20, eu_region, 1, 10_000)? {
+        us1.wait(us1.merge_remote(now + 20, m)?)?;
+    }
+    for m in us1.log_from(now + 20, us_region, 1, 10_000)? {
+        eu1.wait(eu1.merge_remote(now + 20, m)?)?;
+    }
+    for store in [&eu1, &us1] {
+        let d = store.wait(store.claim(now + 30, &charge("order-8", 25, 3))?)?;
+        println!("   -> {}: {}", store.region(), summary(&d));
+    }
+    for (k, item) in us1.all_items()? {
+        println!(
+            "   -> item {} on {:?}: {:?} of claim {} (winner {}), to compensate once stable",
+            item.id,
+            k,
+            item.kind,
+            item.claim,
+            item.winner.map(|w| w.to_string()).unwrap_or_default()
+        );
+    }
+
+    step(
+        7,
+        "a client crashes mid-request; after its lease runs out another takes over",
+    );
+    let slow = execute(&eu1, now + 40, &charge("order-9", 5, 1))?;
+    let lease_and_drift = 30_000 + 500;
+    let d = eu1.wait(eu1.claim(now + 1_000, &charge("order-9", 5, 2))?)?;
+    println!("   -> while the lease runs: {}", summary(&d));
+    let d = eu1.wait(eu1.claim(now + 40 + lease_and_drift + 1, &charge("order-9", 5, 2))?)?;
+    println!("   -> after it ran out: {}", summary(&d));
+    if let Decision::Execute { took_over, .. } = d {
+        if took_over != Some(slow) {
+            bail!("expected a takeover of {slow}");
+        }
+    }
+    println!("\ndone.");
+    Ok(())
+}
+
+/// Sleeps until the store's restart fence is behind the wall clock; returns how long it took.
+fn wait_for_clock(store: &Store<FsStorage>) -> std::time::Duration {
+    let started = Instant::now();
+    while wall_clock_ms() <= store.clock().restart_fence_ms() {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    started.elapsed()
+}
+
+fn execute(store: &Store<FsStorage>, now: u64, req: &ClaimRequest) -> Result<idem::Stamp> {
+    match store.wait(store.claim(now, req)?)? {
+        Decision::Execute { claim, .. } => Ok(claim),
+        other => bail!("expected Execute, got {other:?}"),
+    }
+}
+
+fn body_text(o: &Outcome) -> String {
+    match &o.body {
+        idem::record::Body::Full(b) | idem::record::Body::Redacted(b) => {
+            String::from_utf8_lossy(b).into_owned()
+        }
+        idem::record::Body::Digest { len, .. } => format!("<{len} bytes, digest only>"),
+    }
+}
+
+fn summary(d: &Decision) -> String {
+    match d {
+        Decision::Execute {
+            claim, took_over, ..
+        } => match took_over {
+            Some(t) => format!("Execute as {claim}, taking over {t}"),
+            None => format!("Execute as {claim}"),
+        },
+        Decision::Replay { claim, outcome, .. } => {
+            format!(
+                "Replay of {claim}: {} {}",
+                outcome.status,
+                body_text(outcome)
+            )
+        }
+        Decision::InFlight {
+            region,
+            lease_expires_at_ms,
+            ..
+        } => format!("InFlight in {region}, lease until {lease_expires_at_ms}"),
+        Decision::Mismatch { claim } => format!("Mismatch: the key belongs to {claim}"),
+        Decision::Unavailable { reason, .. } => format!("Unavailable: {reason}"),
+    }
+}
+
+fn inspect(dir: &Path, region: &str) -> Result<()> {
+    if !dir.is_dir() {
+        bail!("{} is not a directory", dir.display());
+    }
+    let storage = FsStorage::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    let started = Instant::now();
+    let store = Store::open(
+        storage,
+        StoreConfig::new(RegionId::new(region)?, &[]),
+        wall_clock_ms(),
+    )
+    .with_context(|| format!("recovering {}", dir.display()))?;
+    println!(
+        "region {region}: {} keys, recovered in {:?}",
+        store.key_count(),
+        started.elapsed()
+    );
+    let mut by_status = std::collections::BTreeMap::<String, u64>::new();
+    let mut after = None;
+    loop {
+        let chunk = store.snapshot_chunk(after, 4096)?;
+        for (_, _, record) in &chunk.records {
+            for (_, c) in record.claims() {
+                let s: ClaimStatus = c.status();
+                *by_status.entry(format!("{s:?}")).or_default() += 1;
+            }
+        }
+        match chunk.next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    for (status, n) in by_status {
+        println!("  claims {status}: {n}");
+    }
+    let items = store.all_items()?;
+    println!("  compensation items: {}", items.len());
+    for (k, item) in items {
+        println!(
+            "    {} {:?} {:?} claim {}",
+            item.id, k, item.kind, item.claim
+        );
+    }
+    for (origin, mark) in store.marks() {
+        println!("  log of {origin}: held up to seq {mark}");
+    }
+    Ok(())
+}

@@ -37,6 +37,15 @@ pub use stamp::{
     HLC_LOGICAL_BITS, REGION_ID_LEN_MAX,
 };
 
+/// The system's wall clock in Unix milliseconds. For the I/O shell (daemon, CLI, examples)
+/// only: the core never calls it, it takes `now_ms` from its caller.
+pub fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// Default bound on how far a peer's stamp may run ahead of our wall clock.
 pub const MAX_DRIFT_MS_DEFAULT: u64 = 500;
 

@@ -990,6 +990,13 @@ impl<S: Storage> Log<S> {
         }
     }
 
+    /// Whether the frames of a sealed segment end exactly at `loc` (no frame starts there): how
+    /// a hint file's claim to cover a whole segment is checked without reading the segment.
+    pub fn ends_at(&self, loc: Loc) -> Result<bool, LogError> {
+        let mut r = SegReader::new(&self.storage, loc.segment, self.cfg.max_payload_bytes)?;
+        Ok(matches!(r.frame(u64::from(loc.offset))?, Frame::End))
+    }
+
     /// Location of the first frame of the oldest segment: where a full replay starts.
     pub fn start(&self) -> Loc {
         let st = lock(&self.state);

@@ -34,6 +34,7 @@ mod claim;
 pub mod decide;
 pub mod entry;
 pub mod error;
+mod hint;
 pub mod index;
 mod lifecycle;
 pub mod log;
@@ -279,6 +280,7 @@ pub struct Store<S: Storage> {
     retired: Retirements,
     fenced: AtomicBool,
     stats: StoreStats,
+    recovered_from: (usize, usize),
 }
 
 impl<S: Storage> std::fmt::Debug for Store<S> {
@@ -333,6 +335,7 @@ impl<S: Storage> Store<S> {
             retired: Retirements::none(),
             fenced: AtomicBool::new(false),
             stats: StoreStats::default(),
+            recovered_from: (recovered.hinted_segments, recovered.scanned_segments),
         };
         if now_ms > store.clock.restart_fence_ms() {
             store.settle_clock(now_ms)?;
@@ -359,6 +362,18 @@ impl<S: Storage> Store<S> {
     /// The log (for its counters and for drivers that flush it themselves).
     pub fn log(&self) -> &Log<S> {
         &self.log
+    }
+
+    /// Writes the hint file of every sealed segment that has none (a compact summary that lets
+    /// the next restart skip decoding the segment). The daemon calls this after the log rolls;
+    /// recovery does it for segments it had to decode. Returns how many were written.
+    pub fn write_hints(&self) -> Result<usize, StoreError> {
+        recovery::write_missing_hints(&self.log)
+    }
+
+    /// How the last recovery went: (segments restored from hints, segments decoded).
+    pub fn recovery_stats(&self) -> (usize, usize) {
+        self.recovered_from
     }
 
     /// Number of keys in the index.

@@ -1,15 +1,21 @@
 //! Recovery: rebuilds the index, sequence numbers, replication marks and the clock's
-//! high-water mark from the log.
+//! high-water mark from the log, segment by segment: from a segment's hint file where one is
+//! valid, else by decoding its frames (and then writing the hint it lacked, when the segment
+//! can never grow again).
 
-use super::entry::{self, LogEntry};
+use std::ops::ControlFlow;
+
+use super::entry;
+use super::hint::{self, Effect};
 use super::index::{IndexEntry, IndexMap};
-use super::log::Log;
+use super::log::{Loc, Log, SegmentRole, FRAME_HEADER_BYTES};
 use super::replication::Replication;
-use super::storage::Storage;
+use super::storage::{SegmentId, Storage};
 use super::StoreError;
-use crate::clock::RegionId;
+use crate::clock::{hlc_physical_ms, RegionId};
 
 /// What recovery found.
+#[derive(Debug)]
 pub(super) struct Recovered {
     /// Next local sequence number.
     pub next_seq: u64,
@@ -19,6 +25,58 @@ pub(super) struct Recovered {
     pub max_hlc: u64,
     /// Received marks and log checkpoints.
     pub replication: Replication,
+    /// Segments restored from hints, and segments decoded.
+    pub hinted_segments: usize,
+    /// Segments whose frames were decoded.
+    pub scanned_segments: usize,
+}
+
+struct State<'a> {
+    index: &'a IndexMap,
+    region: RegionId,
+    out: Recovered,
+}
+
+impl State<'_> {
+    fn apply(&mut self, effect: &Effect) {
+        match effect {
+            Effect::Record {
+                digest,
+                loc,
+                expires_at_ms,
+                numbered,
+            } => {
+                if let Some((origin, seq, hlc)) = numbered {
+                    let out = &mut self.out;
+                    out.max_hlc = out.max_hlc.max(*hlc);
+                    if *origin == self.region {
+                        out.next_seq = out.next_seq.max(seq + 1);
+                    } else {
+                        out.replication
+                            .received
+                            .entry(*origin)
+                            .or_default()
+                            .insert(*seq);
+                    }
+                    out.replication
+                        .checkpoint(*origin, *seq, *loc, hlc_physical_ms(*hlc));
+                }
+                self.index.insert(
+                    *digest,
+                    IndexEntry {
+                        loc: *loc,
+                        lsn: 0,
+                        expires_at_ms: *expires_at_ms,
+                        hot: None,
+                    },
+                );
+            }
+            Effect::Reserve { until_ms } => {
+                let r = &mut self.out.reservation_ms;
+                *r = Some(r.unwrap_or(0).max(*until_ms));
+            }
+        }
+    }
 }
 
 /// Replays every durable log entry into `index`.
@@ -27,72 +85,108 @@ pub(super) fn replay<S: Storage>(
     index: &IndexMap,
     region: RegionId,
 ) -> Result<Recovered, StoreError> {
-    let mut next_seq = 1u64;
-    let mut reservation: Option<u64> = None;
-    let mut max_hlc = 0u64;
-    let mut repl = Replication::default();
-    log.replay(|loc, payload| -> Result<(), StoreError> {
+    let mut st = State {
+        index,
+        region,
+        out: Recovered {
+            next_seq: 1,
+            reservation_ms: None,
+            max_hlc: 0,
+            replication: Replication::default(),
+            hinted_segments: 0,
+            scanned_segments: 0,
+        },
+    };
+    let durable_segment = log.durable_end().segment;
+    for seg in log.segments() {
+        if seg.role == SegmentRole::Spare {
+            continue;
+        }
+        let sealed = seg.role == SegmentRole::Sealed;
+        if sealed {
+            if let Some(effects) = valid_hint(log, seg.id)? {
+                effects.iter().for_each(|e| st.apply(e));
+                st.out.hinted_segments += 1;
+                continue;
+            }
+        }
+        let (effects, end) = scan_segment(log, seg.id)?;
+        effects.iter().for_each(|e| st.apply(e));
+        st.out.scanned_segments += 1;
+        if sealed && seg.id < durable_segment {
+            if let Some(bytes) = hint::encode(seg.id, end, effects) {
+                // A hint only speeds up the next start; failing to write one is not an error.
+                let _ = log.storage().put_hint(seg.id, &bytes);
+            }
+        }
+    }
+    Ok(st.out)
+}
+
+/// Decodes one segment's frames into their effects; returns them and where the frames end.
+fn scan_segment<S: Storage>(
+    log: &Log<S>,
+    segment: SegmentId,
+) -> Result<(Vec<Effect>, Loc), StoreError> {
+    let mut effects = Vec::new();
+    let start = Loc { segment, offset: 0 };
+    let mut end = start;
+    log.scan_from(start, |loc, payload| -> Result<_, StoreError> {
+        if loc.segment != segment {
+            return Ok(ControlFlow::Break(()));
+        }
         let entry = entry::decode(payload).map_err(|e| {
             StoreError::Corrupt(format!(
                 "segment {} offset {}: {e}",
                 loc.segment, loc.offset
             ))
         })?;
-        match entry {
-            LogEntry::Mutation {
-                mutation,
-                expires_at_ms,
-                ..
-            } => {
-                max_hlc = max_hlc.max(mutation.delta.stamp().hlc);
-                if mutation.origin == region {
-                    next_seq = next_seq.max(mutation.seq + 1);
-                } else {
-                    repl.received
-                        .entry(mutation.origin)
-                        .or_default()
-                        .insert(mutation.seq);
-                }
-                repl.checkpoint(
-                    mutation.origin,
-                    mutation.seq,
-                    loc,
-                    mutation.delta.stamp().physical_ms(),
-                );
-                index.insert(
-                    mutation.key.digest(),
-                    IndexEntry {
-                        loc,
-                        lsn: 0,
-                        expires_at_ms,
-                        hot: None,
-                    },
-                );
-            }
-            LogEntry::Image {
-                key, expires_at_ms, ..
-            } => {
-                index.insert(
-                    key.digest(),
-                    IndexEntry {
-                        loc,
-                        lsn: 0,
-                        expires_at_ms,
-                        hot: None,
-                    },
-                );
-            }
-            LogEntry::Reserve { until_ms } => {
-                reservation = Some(reservation.unwrap_or(0).max(until_ms));
-            }
-            LogEntry::Marks { .. } => {}
-        }
-        Ok(())
+        effects.extend(hint::effect_of(loc, &entry));
+        end = Loc {
+            segment,
+            offset: loc.offset + (payload.len() as u64 + FRAME_HEADER_BYTES) as u32,
+        };
+        Ok(ControlFlow::Continue(()))
     })?;
-    Ok(Recovered {
-        next_seq,
-        reservation_ms: reservation,
-        max_hlc,
-        replication: repl,
-    })
+    Ok((effects, end))
+}
+
+/// Writes the hint of every segment that can never grow again and has none yet. Returns how
+/// many were written.
+pub(super) fn write_missing_hints<S: Storage>(log: &Log<S>) -> Result<usize, StoreError> {
+    let durable_segment = log.durable_end().segment;
+    let mut written = 0;
+    for seg in log.segments() {
+        if seg.role != SegmentRole::Sealed || seg.id >= durable_segment {
+            continue;
+        }
+        if valid_hint(log, seg.id)?.is_some() {
+            continue;
+        }
+        let (effects, end) = scan_segment(log, seg.id)?;
+        if let Some(bytes) = hint::encode(seg.id, end, effects) {
+            log.storage()
+                .put_hint(seg.id, &bytes)
+                .map_err(|e| StoreError::Corrupt(format!("writing hint {}: {e}", seg.id)))?;
+            written += 1;
+        }
+    }
+    Ok(written)
+}
+
+/// A sealed segment's hint, if present, intact and covering the whole segment.
+fn valid_hint<S: Storage>(
+    log: &Log<S>,
+    segment: SegmentId,
+) -> Result<Option<Vec<Effect>>, StoreError> {
+    let Ok(Some(bytes)) = log.storage().get_hint(segment) else {
+        return Ok(None);
+    };
+    let Some((end, effects)) = hint::decode(segment, &bytes) else {
+        return Ok(None);
+    };
+    if end.segment != segment || !log.ends_at(end).unwrap_or(false) {
+        return Ok(None);
+    }
+    Ok(Some(effects))
 }

@@ -28,6 +28,9 @@ pub type SegmentId = u32;
 /// File-name suffix of segment files in an [`FsStorage`] directory.
 pub const SEGMENT_SUFFIX: &str = ".seg";
 
+/// File-name suffix of hint files in an [`FsStorage`] directory.
+pub const HINT_SUFFIX: &str = ".hint";
+
 /// Where log segments live. Object-safe and shareable so the log can hand reads to many threads.
 ///
 /// Differences from a plain file API, and why:
@@ -57,6 +60,13 @@ pub trait Storage: Send + Sync + 'static {
     fn remove(&self, id: SegmentId) -> io::Result<()>;
     /// Makes segment creations and removals durable.
     fn sync_dir(&self) -> io::Result<()>;
+    /// Stores a segment's hint file (a compact summary of a sealed segment, for fast restart),
+    /// atomically and durably: after a crash it is either absent or complete.
+    fn put_hint(&self, id: SegmentId, bytes: &[u8]) -> io::Result<()>;
+    /// A segment's hint file, if one was stored.
+    fn get_hint(&self, id: SegmentId) -> io::Result<Option<Vec<u8>>>;
+    /// Removes a segment's hint file, if any.
+    fn remove_hint(&self, id: SegmentId) -> io::Result<()>;
 }
 
 /// Shared handles are storages too, so a test can keep one and give the log another.
@@ -90,6 +100,15 @@ impl<T: Storage + ?Sized> Storage for Arc<T> {
     }
     fn sync_dir(&self) -> io::Result<()> {
         (**self).sync_dir()
+    }
+    fn put_hint(&self, id: SegmentId, bytes: &[u8]) -> io::Result<()> {
+        (**self).put_hint(id, bytes)
+    }
+    fn get_hint(&self, id: SegmentId) -> io::Result<Option<Vec<u8>>> {
+        (**self).get_hint(id)
+    }
+    fn remove_hint(&self, id: SegmentId) -> io::Result<()> {
+        (**self).remove_hint(id)
     }
 }
 
@@ -147,6 +166,11 @@ impl FsStorage {
     /// The directory holding the segments.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Path of a segment's hint file.
+    pub fn hint_path(&self, id: SegmentId) -> PathBuf {
+        self.dir.join(format!("{id:08x}{HINT_SUFFIX}"))
     }
 
     /// Path of a segment's file; fixed-width hex so that names sort like ids.
@@ -311,6 +335,38 @@ impl Storage for FsStorage {
     fn sync_dir(&self) -> io::Result<()> {
         self.dir_file.sync_all()
     }
+
+    fn put_hint(&self, id: SegmentId, bytes: &[u8]) -> io::Result<()> {
+        // Write aside, sync, rename over, sync the directory: all or nothing after a crash.
+        let path = self.hint_path(id);
+        let tmp = path.with_extension("hint.tmp");
+        {
+            let f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)?;
+            f.write_all_at(bytes, 0)?;
+            f.sync_all()?;
+        }
+        fs::rename(&tmp, &path)?;
+        self.dir_file.sync_all()
+    }
+
+    fn get_hint(&self, id: SegmentId) -> io::Result<Option<Vec<u8>>> {
+        match fs::read(self.hint_path(id)) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn remove_hint(&self, id: SegmentId) -> io::Result<()> {
+        match fs::remove_file(self.hint_path(id)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            r => r,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -416,6 +472,8 @@ struct MemInner {
     fail_next_sync: bool,
     fail_syncs: bool,
     stats: MemStats,
+    /// Hint files: written atomically and durably, so a crash leaves them as they are.
+    hints: BTreeMap<SegmentId, Vec<u8>>,
 }
 
 impl MemInner {
@@ -735,6 +793,20 @@ impl Storage for MemStorage {
         for seg in inner.segments.values_mut() {
             seg.dir_durable = true;
         }
+        Ok(())
+    }
+
+    fn put_hint(&self, id: SegmentId, bytes: &[u8]) -> io::Result<()> {
+        self.inner().hints.insert(id, bytes.to_vec());
+        Ok(())
+    }
+
+    fn get_hint(&self, id: SegmentId) -> io::Result<Option<Vec<u8>>> {
+        Ok(self.inner().hints.get(&id).cloned())
+    }
+
+    fn remove_hint(&self, id: SegmentId) -> io::Result<()> {
+        self.inner().hints.remove(&id);
         Ok(())
     }
 }

@@ -1,0 +1,363 @@
+//! Helpers shared by the bench binaries: request generation, the caller model, a side channel
+//! recording every sample, and a few `/proc` and `statfs` probes. See `docs/perf.md`.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use idem::clock::{RegionId, Stamp};
+use idem::record::{AttemptToken, Fingerprint, Outcome, RecordKey};
+use idem::store::storage::Storage;
+use idem::store::{ClaimRequest, Completion, Decision, Pending, Store, StoreConfig};
+
+/// The one namespace every bench uses.
+pub const NS: &str = "bench";
+/// Size of every outcome body, bytes (the issue's "100-byte outcomes").
+pub const OUTCOME_BYTES: usize = 100;
+
+/// splitmix64: keys and fingerprints only need to be distinct and spread, not secure.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed ^ 0x6a09_e667_f3bc_c908)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    pub fn next_u128(&mut self) -> u128 {
+        (u128::from(self.next_u64()) << 64) | u128::from(self.next_u64())
+    }
+
+    pub fn fill(&mut self, out: &mut [u8]) {
+        for chunk in out.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+/// Wall clock, Unix ms: the store is fed the real time, like the daemon does.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A store config with the library defaults (64 MiB segments, 256 index shards) and the one
+/// bench namespace.
+pub fn config(region: &str) -> StoreConfig {
+    StoreConfig::new(RegionId::new(region).expect("region id"), &[NS])
+}
+
+/// A claim request for a random, distinct key (128 random bits, as 32 hex digits).
+pub fn request(rng: &mut Rng) -> ClaimRequest {
+    let mut fp = [0u8; 32];
+    rng.fill(&mut fp);
+    ClaimRequest {
+        key: RecordKey::new(NS, "principal-1", format!("{:032x}", rng.next_u128())),
+        fingerprint: Fingerprint(fp),
+        attempt: AttemptToken(rng.next_u128()),
+    }
+}
+
+/// `n` requests split round-robin into `parts` vectors (one per driver thread).
+pub fn requests(rng: &mut Rng, n: u64, parts: usize) -> Vec<Vec<ClaimRequest>> {
+    let mut out: Vec<Vec<ClaimRequest>> = (0..parts)
+        .map(|_| Vec::with_capacity((n as usize).div_ceil(parts)))
+        .collect();
+    for i in 0..n {
+        out[(i % parts as u64) as usize].push(request(rng));
+    }
+    out
+}
+
+/// A 200 outcome with a 100-byte body and no headers.
+pub fn outcome(rng: &mut Rng) -> Outcome {
+    let mut body = vec![0u8; OUTCOME_BYTES];
+    rng.fill(&mut body);
+    Outcome::new(200, body)
+}
+
+/// A fresh directory on the file system of the cargo target dir (not tmpfs: fdatasync is real).
+pub fn bench_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("idem-bench-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("bench tempdir")
+}
+
+/// The file-system type of `path`, from statfs (`ext4`, `tmpfs`, ... or the magic number).
+pub fn fs_type(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
+    // SAFETY: statfs writes into the zeroed struct we own; the path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return format!("unknown ({})", std::io::Error::last_os_error());
+    }
+    match st.f_type as i64 {
+        0xEF53 => "ext4".into(),
+        0x0102_1994 => "tmpfs".into(),
+        0x5846_5342 => "xfs".into(),
+        0x9123_683E => "btrfs".into(),
+        0x794c_7630 => "overlayfs".into(),
+        other => format!("magic {other:#x}"),
+    }
+}
+
+/// Resident set size of this process, bytes (VmRSS from /proc/self/status).
+pub fn vm_rss_bytes() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Bytes the allocator has handed out and not got back (glibc mallinfo2: arena + mmapped).
+pub fn heap_in_use() -> u64 {
+    // SAFETY: mallinfo2 only reads allocator statistics.
+    let mi = unsafe { libc::mallinfo2() };
+    (mi.uordblks + mi.hblkhd) as u64
+}
+
+// ---------------------------------------------------------------------------------------------
+// The caller model
+// ---------------------------------------------------------------------------------------------
+
+/// One logical caller: at most one operation outstanding, like an async task awaiting its answer.
+enum Slot {
+    /// Nothing outstanding: the caller's next move is a new claim (if any requests are left).
+    Idle,
+    /// A claim was issued; its answer is not yet durable.
+    Claiming(usize, Pending<Decision>),
+    /// The claim was answered Execute (durably); the caller completes it in the next round.
+    Executing(usize, Stamp),
+    /// A completion was issued; its answer is not yet durable.
+    Completing(Pending<Completion>),
+}
+
+/// Runs claim+complete pairs for every request in `reqs` with `callers` logical callers on the
+/// current thread.
+///
+/// Each round: every caller without an outstanding operation issues its next one (claim, or
+/// complete of the claim it won); then the driver waits once for durability ([`Store::flush`],
+/// group commit shared with the other driver threads); then every answer that is durable is
+/// released to its caller. A pair is counted when its completion's answer is released.
+/// Returns the number of pairs completed.
+pub fn drive<S: Storage>(
+    store: &Store<S>,
+    callers: usize,
+    reqs: &[ClaimRequest],
+    body: &Outcome,
+) -> u64 {
+    let mut slots: Vec<Slot> = (0..callers.max(1)).map(|_| Slot::Idle).collect();
+    let mut next = 0usize;
+    let mut done = 0u64;
+    loop {
+        let mut issued = 0usize;
+        for slot in slots.iter_mut() {
+            *slot = match std::mem::replace(slot, Slot::Idle) {
+                Slot::Idle if next < reqs.len() => {
+                    let p = store.claim(now_ms(), &reqs[next]).expect("claim");
+                    next += 1;
+                    issued += 1;
+                    Slot::Claiming(next - 1, p)
+                }
+                Slot::Idle => Slot::Idle,
+                Slot::Executing(i, stamp) => {
+                    let p = store
+                        .complete(now_ms(), &reqs[i].key, stamp, body.clone())
+                        .expect("complete");
+                    issued += 1;
+                    Slot::Completing(p)
+                }
+                other => other,
+            };
+        }
+        if issued == 0 {
+            return done;
+        }
+        store.flush().expect("flush");
+        for slot in slots.iter_mut() {
+            *slot = match std::mem::replace(slot, Slot::Idle) {
+                Slot::Claiming(i, p) => {
+                    assert!(
+                        p.is_durable(store),
+                        "flush returned before the claim was durable"
+                    );
+                    match p.into_value_unchecked() {
+                        Decision::Execute { claim, .. } => Slot::Executing(i, claim),
+                        other => panic!("a fresh key must be Execute, got {other:?}"),
+                    }
+                }
+                Slot::Completing(p) => {
+                    assert!(
+                        p.is_durable(store),
+                        "flush returned before the completion was durable"
+                    );
+                    let c = p.into_value_unchecked();
+                    assert!(!c.superseded, "completion superseded: {c:?}");
+                    done += 1;
+                    Slot::Idle
+                }
+                other => other,
+            };
+        }
+    }
+}
+
+/// Runs `parts.len()` driver threads (one per part), splitting `callers` evenly among them.
+pub fn drive_threads<S: Storage>(
+    store: &Store<S>,
+    callers: usize,
+    parts: &[Vec<ClaimRequest>],
+    body: &Outcome,
+) -> u64 {
+    let threads = parts.len();
+    if threads == 1 {
+        return drive(store, callers, &parts[0], body);
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = parts
+            .iter()
+            .enumerate()
+            .map(|(t, reqs)| {
+                let mine = callers / threads + usize::from(t < callers % threads);
+                s.spawn(move || drive(store, mine, reqs, body))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("driver")).sum()
+    })
+}
+
+/// Claims and completes every request with a blocking [`Store::wait`] after each operation:
+/// a caller that is its own OS thread.
+pub fn blocking_pairs<S: Storage>(store: &Store<S>, reqs: &[ClaimRequest], body: &Outcome) -> u64 {
+    for r in reqs {
+        let d = store
+            .wait(store.claim(now_ms(), r).expect("claim"))
+            .expect("wait");
+        let Decision::Execute { claim, .. } = d else {
+            panic!("a fresh key must be Execute, got {d:?}");
+        };
+        let c = store
+            .wait(
+                store
+                    .complete(now_ms(), &r.key, claim, body.clone())
+                    .expect("complete"),
+            )
+            .expect("wait");
+        assert!(!c.superseded);
+    }
+    reqs.len() as u64
+}
+
+// ---------------------------------------------------------------------------------------------
+// Side channel: every sample criterion asked for, so the summary can compute its own figures
+// ---------------------------------------------------------------------------------------------
+
+/// One call of an `iter_custom` routine.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sample {
+    /// Elements (pairs, inserts, syncs) done in the call.
+    pub iters: u64,
+    /// Timed part of the call.
+    pub elapsed: Duration,
+    /// Log frames written during the call.
+    pub frames: u64,
+    /// fdatasyncs the log issued during the call.
+    pub syncs: u64,
+    /// Bytes the log wrote during the call.
+    pub bytes: u64,
+}
+
+static SAMPLES: Mutex<BTreeMap<String, Vec<Sample>>> = Mutex::new(BTreeMap::new());
+static LATENCIES: Mutex<BTreeMap<String, Vec<Vec<u64>>>> = Mutex::new(BTreeMap::new());
+
+/// Records one call of a routine.
+pub fn record(id: &str, s: Sample) {
+    SAMPLES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(id.to_owned())
+        .or_default()
+        .push(s);
+}
+
+/// Records the per-operation latencies (ns) of one call.
+pub fn record_latencies(id: &str, ns: Vec<u64>) {
+    LATENCIES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(id.to_owned())
+        .or_default()
+        .push(ns);
+}
+
+/// The last `n` calls of `id` (criterion's measurement samples follow its warm-up calls).
+pub fn samples(id: &str, n: usize) -> Vec<Sample> {
+    let all = SAMPLES.lock().unwrap_or_else(|p| p.into_inner());
+    all.get(id)
+        .map(|v| v[v.len().saturating_sub(n)..].to_vec())
+        .unwrap_or_default()
+}
+
+/// Elements per second: median over the last `n` samples of each sample's rate (criterion's
+/// median of the per-sample times, as a rate).
+pub fn median_rate(id: &str, n: usize) -> Option<f64> {
+    let mut rates: Vec<f64> = samples(id, n)
+        .iter()
+        .filter(|s| s.iters > 0 && !s.elapsed.is_zero())
+        .map(|s| s.iters as f64 / s.elapsed.as_secs_f64())
+        .collect();
+    if rates.is_empty() {
+        return None;
+    }
+    rates.sort_by(f64::total_cmp);
+    let m = rates.len() / 2;
+    Some(if rates.len() % 2 == 1 {
+        rates[m]
+    } else {
+        (rates[m - 1] + rates[m]) / 2.0
+    })
+}
+
+/// Log frames per fdatasync and average frame bytes over the last `n` samples.
+pub fn frames_per_sync(id: &str, n: usize) -> Option<(f64, f64)> {
+    let s = samples(id, n);
+    let frames: u64 = s.iter().map(|x| x.frames).sum();
+    let syncs: u64 = s.iter().map(|x| x.syncs).sum();
+    let bytes: u64 = s.iter().map(|x| x.bytes).sum();
+    (syncs > 0 && frames > 0).then(|| (frames as f64 / syncs as f64, bytes as f64 / frames as f64))
+}
+
+/// Percentiles (ns) of the per-operation latencies of the last `n` calls of `id`.
+pub fn latency_percentiles(id: &str, n: usize, ps: &[f64]) -> Option<(usize, Vec<u64>)> {
+    let all = LATENCIES.lock().unwrap_or_else(|p| p.into_inner());
+    let v = all.get(id)?;
+    let mut ns: Vec<u64> = v[v.len().saturating_sub(n)..]
+        .iter()
+        .flatten()
+        .copied()
+        .collect();
+    if ns.is_empty() {
+        return None;
+    }
+    ns.sort_unstable();
+    let pick = |p: f64| ns[((ns.len() - 1) as f64 * p).round() as usize];
+    Some((ns.len(), ps.iter().map(|&p| pick(p)).collect()))
+}
