@@ -211,7 +211,7 @@ fn demo(dir: &Path) -> Result<()> {
     let d = eu1.wait(eu1.claim(now + 40 + lease_and_drift + 1, &charge("order-9", 5, 2))?)?;
     println!("   -> after it ran out: {}", summary(&d));
     if let Decision::Execute { took_over, .. } = d {
-        if took_over != Some(slow) {
+        if took_over != [slow] {
             bail!("expected a takeover of {slow}");
         }
     }
@@ -248,9 +248,9 @@ fn summary(d: &Decision) -> String {
     match d {
         Decision::Execute {
             claim, took_over, ..
-        } => match took_over {
-            Some(t) => format!("Execute as {claim}, taking over {t}"),
-            None => format!("Execute as {claim}"),
+        } => match took_over.as_slice() {
+            [] => format!("Execute as {claim}"),
+            taken => format!("Execute as {claim}, taking over {taken:?}"),
         },
         Decision::Replay { claim, outcome, .. } => {
             format!(
@@ -289,7 +289,7 @@ fn inspect(dir: &Path, region: &str) -> Result<()> {
     let mut by_status = std::collections::BTreeMap::<String, u64>::new();
     let mut after = None;
     loop {
-        let chunk = store.snapshot_chunk(after, 4096)?;
+        let chunk = store.wait(store.snapshot_chunk(after, 4096)?)?;
         for (_, _, record) in &chunk.records {
             for (_, c) in record.claims() {
                 let s: ClaimStatus = c.status();

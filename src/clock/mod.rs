@@ -154,8 +154,13 @@ impl Clock {
             pending_ms: AtomicU64::new(0),
             restart_fence_ms: floor,
         };
-        // Seed the generator with everything the log proves was seen, so that even a stamp
-        // merged from a peer before the crash is never undercut.
+        // Seed the generator with what the log proves was seen, clamped to the reservation: a
+        // peer's stamp too far ahead must not drag the clock past what it may issue (stamps
+        // issued after the fence are above the reservation anyway, so above every own stamp).
+        let max_hlc_seen = match recovered_reservation_ms {
+            Some(r) => max_hlc_seen.min(hlc_floor_of_ms(r.saturating_add(1)).saturating_sub(1)),
+            None => 0,
+        };
         if max_hlc_seen > 0 {
             if let Ok(ts) = HlcTimestamp::try_from(max_hlc_seen) {
                 clock

@@ -112,8 +112,9 @@ pub struct ClaimFacts {
     pub lease_ms: u64,
     /// The owner's per-origin log sequence number of the mutation that created the claim.
     pub origin_seq: u64,
-    /// The claim this one took over (its lease had run out), if any.
-    pub takes_over: Option<Stamp>,
+    /// The claims this one took over (their leases had run out), ascending, no repeats. Usually
+    /// empty or one; several when earlier claims of the generation all ran out.
+    pub takes_over: Vec<Stamp>,
 }
 
 /// A claim's replicated state: a join-semilattice (facts written once, lease max-merged, one
@@ -184,6 +185,7 @@ impl ClaimState {
                 // Deterministic whatever the arrival order: keep the larger, raise the alarm.
                 if facts > *old {
                     self.facts = Some(facts);
+                    changed = true;
                 }
                 changed |= !self.conflict;
                 self.conflict = true;

@@ -72,27 +72,28 @@ impl Generation {
 }
 
 impl Record {
-    /// The TTL a stamp anchors with: its own, or for a placeholder the smallest TTL among the
-    /// claims that took it over. `None` when nothing says (its claim has not arrived).
-    fn anchor_ttl_ms(&self, stamp: &Stamp, c: &ClaimState) -> Option<u64> {
-        if let Some(f) = &c.facts {
-            return Some(f.ttl_ms);
-        }
-        self.claims()
-            .filter_map(|(_, t)| t.facts.as_ref())
-            .filter(|f| f.takes_over == Some(*stamp))
-            .map(|f| f.ttl_ms)
-            .min()
-    }
-
     /// The generations of this record, oldest first, with their winners.
     pub fn generations(&self, retired: &Retirements) -> Vec<Generation> {
+        // A placeholder anchors with the smallest TTL among the claims that took it over.
+        let mut taker_ttl: BTreeMap<Stamp, u64> = BTreeMap::new();
+        for (_, c) in self.claims() {
+            if let Some(f) = &c.facts {
+                for v in &f.takes_over {
+                    let t = taker_ttl.entry(*v).or_insert(f.ttl_ms);
+                    *t = (*t).min(f.ttl_ms);
+                }
+            }
+        }
         // Partition stamps greedily by anchor + TTL.
         let mut gens: Vec<Generation> = Vec::new();
         let mut gen_of: BTreeMap<Stamp, usize> = BTreeMap::new();
         for (stamp, c) in self.claims() {
-            let Some(ttl) = self.anchor_ttl_ms(stamp, c) else {
-                continue; // later writes of a claim not yet known: invisible until it arrives
+            let ttl = match &c.facts {
+                Some(f) => f.ttl_ms,
+                None => match taker_ttl.get(stamp) {
+                    Some(t) => *t,
+                    None => continue, // later writes of a claim not yet known: invisible for now
+                },
             };
             let opens = gens
                 .last()
@@ -118,16 +119,18 @@ impl Record {
         }
         // Takeovers in force.
         for (taker, c) in self.claims() {
-            let Some(victim) = c.facts.as_ref().and_then(|f| f.takes_over) else {
+            let Some(f) = &c.facts else { continue };
+            let Some(&gt) = gen_of.get(taker) else {
                 continue;
             };
-            let (Some(&gt), Some(&gv)) = (gen_of.get(taker), gen_of.get(&victim)) else {
-                continue;
-            };
-            if gt != gv || c.released() || gens[gt].orphans.contains(taker) {
+            if c.released() || gens[gt].orphans.contains(taker) {
                 continue;
             }
-            gens[gt].taken_over.entry(victim).or_insert(*taker);
+            for victim in &f.takes_over {
+                if gen_of.get(victim) == Some(&gt) {
+                    gens[gt].taken_over.entry(*victim).or_insert(*taker);
+                }
+            }
         }
         for g in &mut gens {
             g.winner = g

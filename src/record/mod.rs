@@ -23,6 +23,25 @@ pub use generation::{Generation, Retirements};
 pub use item::{Item, ItemContext, ItemKind, Resolution};
 pub use key::{AttemptToken, Fingerprint, ItemId, KeyDigest, RecordKey};
 
+/// Absolute bounds every delta must respect, whatever a namespace's policy says: peers are
+/// untrusted, and every delta must fit in one log entry.
+pub mod limits {
+    /// Largest stored outcome (headers and body), bytes.
+    pub const OUTCOME_BYTES_MAX: usize = 8 << 20;
+    /// Most headers on a stored outcome.
+    pub const HEADERS_MAX: usize = 64;
+    /// Longest TTL a claim may carry (30 days), ms.
+    pub const TTL_MS_MAX: u64 = 30 * 24 * 3600 * 1000;
+    /// Longest lease past its claim's stamp a claim may carry or be extended to (7 days), ms.
+    pub const LEASE_MS_MAX: u64 = 7 * 24 * 3600 * 1000;
+    /// Most claims one claim may take over.
+    pub const TAKEOVERS_MAX: usize = 64;
+    /// Longest `by` and `provider_ref` of a resolution, bytes.
+    pub const RESOLUTION_NAME_MAX: usize = 256;
+    /// Longest `note` and `hook_result` of a resolution, bytes.
+    pub const RESOLUTION_TEXT_MAX: usize = 4096;
+}
+
 use crate::clock::Stamp;
 
 /// One replicated change to a record. A record is the join of all its deltas.
@@ -67,24 +86,68 @@ impl Delta {
         }
     }
 
-    /// Checks what merge relies on. Peers are untrusted: a delta that fails is rejected whole.
+    /// Checks what merge relies on, and the absolute [`limits`]. Peers are untrusted: a delta
+    /// that fails is rejected whole.
     pub fn validate(&self) -> Result<(), InvalidDelta> {
         match self {
             Delta::Claim { stamp, facts } => {
-                if facts.ttl_ms == 0 {
-                    return Err(InvalidDelta::ZeroTtl);
+                if facts.ttl_ms == 0 || facts.ttl_ms > limits::TTL_MS_MAX {
+                    return Err(InvalidDelta::Limit("ttl_ms"));
                 }
-                if let Some(victim) = facts.takes_over {
-                    if victim >= *stamp {
+                if facts.lease_ms == 0 || facts.lease_ms > limits::LEASE_MS_MAX {
+                    return Err(InvalidDelta::Limit("lease_ms"));
+                }
+                if facts.takes_over.len() > limits::TAKEOVERS_MAX {
+                    return Err(InvalidDelta::Limit("takes_over"));
+                }
+                if !facts.takes_over.windows(2).all(|w| w[0] < w[1]) {
+                    return Err(InvalidDelta::TakeoversUnordered);
+                }
+                if let Some(victim) = facts.takes_over.last() {
+                    if victim >= stamp {
                         return Err(InvalidDelta::TakeoverNotLater {
                             taker: *stamp,
-                            victim,
+                            victim: *victim,
                         });
                     }
                 }
                 Ok(())
             }
-            Delta::Extend { .. } | Delta::Finish { .. } | Delta::Resolve(_) => Ok(()),
+            Delta::Extend {
+                stamp,
+                lease_until_ms,
+            } => {
+                if *lease_until_ms > stamp.physical_ms().saturating_add(limits::LEASE_MS_MAX) {
+                    return Err(InvalidDelta::Limit("lease_until_ms"));
+                }
+                Ok(())
+            }
+            Delta::Finish { terminal, .. } => match terminal.outcome() {
+                Some(o) if o.size_bytes() > limits::OUTCOME_BYTES_MAX => {
+                    Err(InvalidDelta::Limit("outcome"))
+                }
+                Some(o) if o.headers.len() > limits::HEADERS_MAX => {
+                    Err(InvalidDelta::Limit("headers"))
+                }
+                _ => Ok(()),
+            },
+            Delta::Resolve(r) => {
+                if r.by.len() > limits::RESOLUTION_NAME_MAX
+                    || r.provider_ref
+                        .as_ref()
+                        .is_some_and(|p| p.len() > limits::RESOLUTION_NAME_MAX)
+                {
+                    return Err(InvalidDelta::Limit("resolution name"));
+                }
+                if r.note.len() > limits::RESOLUTION_TEXT_MAX
+                    || r.hook_result
+                        .as_ref()
+                        .is_some_and(|h| h.len() > limits::RESOLUTION_TEXT_MAX)
+                {
+                    return Err(InvalidDelta::Limit("resolution text"));
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -100,9 +163,13 @@ pub enum InvalidDelta {
         /// The claim it names.
         victim: Stamp,
     },
-    /// A claim must carry a positive TTL.
-    #[error("claim carries a zero TTL")]
-    ZeroTtl,
+    /// A claim's takeovers must be listed ascending, without repeats (so equal facts encode
+    /// equally).
+    #[error("takeovers must be ascending and distinct")]
+    TakeoversUnordered,
+    /// A value is outside the absolute limits (see [`limits`]).
+    #[error("{0} outside the absolute limits")]
+    Limit(&'static str),
 }
 
 /// A key's whole replicated state: every claim of every generation, and the resolutions.
@@ -131,8 +198,9 @@ impl Record {
         Ok(match delta {
             Delta::Claim { stamp, facts } => {
                 let mut changed = false;
-                if let Some(victim) = facts.takes_over {
-                    if let std::collections::btree_map::Entry::Vacant(e) = self.claims.entry(victim)
+                for victim in &facts.takes_over {
+                    if let std::collections::btree_map::Entry::Vacant(e) =
+                        self.claims.entry(*victim)
                     {
                         e.insert(ClaimState::default());
                         changed = true;
@@ -166,10 +234,14 @@ impl Record {
                         .or_default()
                         .set_terminal(terminal.clone())
             }
-            Delta::Resolve(r) => self
-                .resolutions
-                .insert((r.item, r.at), r.clone())
-                .is_none_or(|old| old != *r),
+            Delta::Resolve(r) => match self.resolutions.get(&(r.item, r.at)) {
+                // Same rule as merge: keep the larger of two resolutions with one (item, stamp).
+                Some(old) if old >= r => false,
+                _ => {
+                    self.resolutions.insert((r.item, r.at), r.clone());
+                    true
+                }
+            },
         })
     }
 

@@ -11,8 +11,16 @@ use super::storage::Storage;
 use super::{
     hot, ClaimRequest, Decision, NamespacePolicy, Pending, Store, StoreError, Unavailable,
 };
-use crate::clock::{ClockError, Stamp};
+use crate::clock::{hlc_physical_ms, ClockError, Stamp};
 use crate::record::{ClaimFacts, Delta, Record, Terminal};
+
+/// A granted claim: where its entry went, the key's newest expiry, the answer.
+struct Granted {
+    lsn: Lsn,
+    loc: Loc,
+    expires_at_ms: u64,
+    decision: Decision,
+}
 
 impl<S: Storage> Store<S> {
     /// Claims a key. See [`Decision`] for the answers; the answer may be given out once
@@ -32,25 +40,29 @@ impl<S: Storage> Store<S> {
         match self.index.entry(digest) {
             Entry::Vacant(v) => {
                 let mut record = Record::new();
-                let decision = match self.grant(now_ms, req, policy, &mut record, None, None)? {
-                    Ok(x) => x,
-                    Err(u) => return self.unavailable(u),
-                };
-                let (lsn, loc, value) = decision;
+                let g =
+                    match self.grant(now_ms, req, policy, &mut record, None, Vec::new(), None)? {
+                        Ok(g) => g,
+                        Err(u) => return self.unavailable(u),
+                    };
                 v.insert(IndexEntry {
-                    loc,
-                    lsn,
-                    expires_at_ms: self.newest_expiry(&record),
+                    loc: g.loc,
+                    lsn: g.lsn,
+                    expires_at_ms: g.expires_at_ms,
                     hot: Some(Box::new(record)),
                 });
-                Ok(Pending { lsn, value })
+                Ok(Pending {
+                    lsn: g.lsn,
+                    value: g.decision,
+                })
             }
             Entry::Occupied(mut o) => {
                 let e = o.get_mut();
                 let mut record = self.take_record(e, &req.key)?;
                 let result = self.claim_existing(now_ms, req, policy, e, &mut record);
-                if result.is_ok() {
-                    e.expires_at_ms = self.newest_expiry(&record);
+                // After an error or an Unavailable answer the record may hold a claim that was
+                // never appended: drop it, the log is read back next time.
+                if matches!(&result, Ok(p) if !matches!(p.value, Decision::Unavailable { .. })) {
                     e.hot = hot(record);
                 }
                 result
@@ -73,26 +85,19 @@ impl<S: Storage> Store<S> {
                 fingerprint: &req.fingerprint,
                 attempt: req.attempt,
                 now_ms,
+                stamp_ms: now_ms.max(hlc_physical_ms(self.clock.last_hlc())),
                 max_drift_ms: self.clock.config().max_drift_ms,
                 retired: &self.retired,
             },
         );
         if let Some(stale) = planned.release_stale {
-            let (lsn, loc) = self.append_local(
-                &req.key,
-                Some(e.loc),
-                record,
-                AppendClass::Reserved,
-                now_ms,
-                |_| Delta::Finish {
+            self.write_local(e, &req.key, record, AppendClass::Reserved, now_ms, |_| {
+                Delta::Finish {
                     stamp: stale,
                     terminal: Terminal::Released,
-                },
-            )?;
-            e.loc = loc;
-            e.lsn = lsn;
+                }
+            })?;
         }
-        let expires_at_ms = self.newest_expiry(record);
         let value = match planned.plan {
             Plan::New {
                 takes_over,
@@ -103,50 +108,47 @@ impl<S: Storage> Store<S> {
                 policy,
                 record,
                 Some(e.loc),
-                takes_over.map(|t| (t, generation_expires_at_ms)),
+                takes_over,
+                generation_expires_at_ms,
             )? {
-                Ok((lsn, loc, decision)) => {
-                    e.loc = loc;
-                    e.lsn = lsn;
-                    decision
+                Ok(g) => {
+                    e.loc = g.loc;
+                    e.lsn = g.lsn;
+                    e.expires_at_ms = g.expires_at_ms;
+                    g.decision
                 }
                 Err(u) => return self.unavailable(u),
             },
             Plan::Resume(claim) => {
                 let lease_until_ms = now_ms + policy.lease_ms();
-                let (lsn, loc) = self.append_local(
-                    &req.key,
-                    Some(e.loc),
-                    record,
-                    AppendClass::Reserved,
-                    now_ms,
-                    |_| Delta::Extend {
+                self.write_local(e, &req.key, record, AppendClass::Reserved, now_ms, |_| {
+                    Delta::Extend {
                         stamp: claim,
                         lease_until_ms,
-                    },
-                )?;
-                e.loc = loc;
-                e.lsn = lsn;
+                    }
+                })?;
                 self.stats.executes.fetch_add(1, Ordering::Relaxed);
                 let c = record.claim(&claim);
                 Decision::Execute {
                     claim,
-                    lease_until_ms: c.map(|c| c.lease_until_ms).unwrap_or(lease_until_ms),
-                    took_over: c.and_then(|c| c.facts.as_ref()).and_then(|f| f.takes_over),
+                    lease_until_ms: c.map_or(lease_until_ms, |c| c.lease_until_ms),
+                    took_over: c
+                        .and_then(|c| c.facts.as_ref())
+                        .map(|f| f.takes_over.clone())
+                        .unwrap_or_default(),
                     resumed: true,
-                    expires_at_ms,
+                    expires_at_ms: e.expires_at_ms,
                 }
             }
             Plan::Replay(claim) => {
                 self.stats.replays.fetch_add(1, Ordering::Relaxed);
-                let terminal = record.claim(&claim).and_then(|c| c.terminal.as_ref());
-                match terminal {
+                match record.claim(&claim).and_then(|c| c.terminal.as_ref()) {
                     Some(t @ (Terminal::Completed(o) | Terminal::Indeterminate(o))) => {
                         Decision::Replay {
                             claim,
                             outcome: o.clone(),
                             indeterminate: matches!(t, Terminal::Indeterminate(_)),
-                            expires_at_ms,
+                            expires_at_ms: e.expires_at_ms,
                         }
                     }
                     _ => return Err(StoreError::Corrupt("replay of an unfinished claim".into())),
@@ -168,8 +170,9 @@ impl<S: Storage> Store<S> {
         Ok(Pending { lsn: e.lsn, value })
     }
 
-    /// Grants a new claim: fence check, stamp, append. `Ok(Err(_))` is an Unavailable answer.
-    #[allow(clippy::type_complexity)]
+    /// Grants a new claim: fence check, stamp, append. `Ok(Err(_))` is an Unavailable answer;
+    /// after any error `record` must be dropped (it may hold the unwritten claim).
+    #[allow(clippy::too_many_arguments)]
     fn grant(
         &self,
         now_ms: u64,
@@ -177,8 +180,9 @@ impl<S: Storage> Store<S> {
         policy: &NamespacePolicy,
         record: &mut Record,
         prev: Option<Loc>,
-        takeover: Option<(Stamp, Option<u64>)>,
-    ) -> Result<Result<(Lsn, Loc, Decision), Unavailable>, StoreError> {
+        takes_over: Vec<Stamp>,
+        generation_expires_at_ms: Option<u64>,
+    ) -> Result<Result<Granted, Unavailable>, StoreError> {
         if self.is_fenced() {
             return Ok(Err(Unavailable::Fenced));
         }
@@ -190,15 +194,14 @@ impl<S: Storage> Store<S> {
             }
             Err(ClockError::Exhausted(_)) => return Ok(Err(Unavailable::ClockExhausted)),
         };
-        // A takeover is in force only within its victim's generation: if the new stamp lies
+        // A takeover is in force only within its victims' generation: if the new stamp lies
         // past that generation's expiry, it simply opens the next generation.
-        let takes_over = takeover.and_then(|(victim, expiry)| {
-            expiry
-                .is_none_or(|x| stamp.physical_ms() < x)
-                .then_some(victim)
-        });
+        let takes_over = match generation_expires_at_ms {
+            Some(x) if stamp.physical_ms() >= x => Vec::new(),
+            _ => takes_over,
+        };
         let lease_ms = policy.lease_ms();
-        let before = record.clone();
+        let took_over = takes_over.clone();
         let appended =
             self.append_local(&req.key, prev, record, AppendClass::Normal, now_ms, |seq| {
                 Delta::Claim {
@@ -213,31 +216,26 @@ impl<S: Storage> Store<S> {
                     },
                 }
             });
-        let (lsn, loc) = match appended {
+        let (lsn, loc, expires_at_ms) = match appended {
             Ok(x) => x,
-            Err(StoreError::Unavailable(u)) => {
-                *record = before;
-                return Ok(Err(u));
-            }
-            Err(e) => {
-                *record = before;
-                return Err(e);
-            }
+            Err(StoreError::Unavailable(u)) => return Ok(Err(u)),
+            Err(e) => return Err(e),
         };
         self.stats.executes.fetch_add(1, Ordering::Relaxed);
-        if takes_over.is_some() {
+        if !took_over.is_empty() {
             self.stats.takeovers.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(Ok((
+        Ok(Ok(Granted {
             lsn,
             loc,
-            Decision::Execute {
+            expires_at_ms,
+            decision: Decision::Execute {
                 claim: stamp,
                 lease_until_ms: stamp.physical_ms() + lease_ms,
-                took_over: takes_over,
+                took_over,
                 resumed: false,
-                expires_at_ms: self.newest_expiry(record),
+                expires_at_ms,
             },
-        )))
+        }))
     }
 }

@@ -72,10 +72,17 @@ struct Expect {
     merged: Vec<Mutation>,
     /// Our own claims to finish later: (key, stamp).
     open: Vec<(u64, Stamp)>,
+    /// Claim requests whose answer never came back (dropped at a crash): a client re-sends
+    /// them with the same attempt token.
+    unanswered: Vec<ClaimRequest>,
+    /// Re-sent requests answered with the claim they had been granted.
+    resumed: usize,
+    /// The claim each attempt token was granted, if any.
+    granted: BTreeMap<u128, Stamp>,
 }
 
 enum Waiting {
-    Claim(u64, Fingerprint, Pending<Decision>),
+    Claim(u64, Fingerprint, ClaimRequest, Pending<Decision>),
     Finish(Stamp, Terminal, Pending<Completion>),
     Extend(Stamp, Pending<u64>),
     Merge(Mutation, Pending<Merged>),
@@ -93,6 +100,7 @@ struct Exercised {
     acked_claims: usize,
     acked_terminals: usize,
     acked_merges: usize,
+    resumed: usize,
     takeovers: u64,
     dropped_writes: u64,
     torn_writes: u64,
@@ -109,7 +117,7 @@ fn run(seed: u64, broken: bool) -> Result<Exercised, String> {
     for round in 0..3 {
         let store = Store::open(disk.clone(), config("a", broken), now)
             .map_err(|e| format!("round {round}: reopen failed: {e}"))?;
-        verify(&store, &ex, round)?;
+        verify(&store, &ex, round, now)?;
         now = now.max(store.clock().restart_fence_ms() + 1);
         let mut waiting: Vec<Waiting> = Vec::new();
         for _ in 0..(20 + rng.below(60)) {
@@ -119,20 +127,35 @@ fn run(seed: u64, broken: bool) -> Result<Exercised, String> {
             }
             match rng.below(10) {
                 0..=3 => {
-                    let k = rng.below(KEYS);
-                    let fp = fingerprint(rng.below(2));
-                    let r = ClaimRequest {
-                        key: key(k),
-                        fingerprint: fp,
-                        attempt: AttemptToken(rng.next() as u128),
+                    let resend = !ex.unanswered.is_empty() && rng.below(3) == 0;
+                    let r = if resend {
+                        let i = rng.below(ex.unanswered.len() as u64) as usize;
+                        ex.unanswered.swap_remove(i)
+                    } else {
+                        ClaimRequest {
+                            key: key(rng.below(KEYS)),
+                            fingerprint: fingerprint(rng.below(2)),
+                            attempt: AttemptToken(rng.next() as u128),
+                        }
                     };
+                    let k: u64 = r.key.key[1..].parse().expect("k<n>");
+                    let fp = r.fingerprint;
+                    if let Some(c) = ex.granted.get(&r.attempt.0) {
+                        // A re-sent token whose claim meanwhile lost is released by the store:
+                        // its caller never got the answer, so never executed.
+                        ex.issued_terminals
+                            .entry(*c)
+                            .or_default()
+                            .insert(terminal_bytes(&Terminal::Released));
+                    }
                     match store.claim(now, &r) {
                         Ok(p) => {
                             if let Decision::Execute { claim, .. } = p.peek() {
                                 ex.issued_claims.insert(*claim, (k, fp));
                                 ex.open.push((k, *claim));
+                                ex.granted.insert(r.attempt.0, *claim);
                             }
-                            waiting.push(Waiting::Claim(k, fp, p));
+                            waiting.push(Waiting::Claim(k, fp, r, p));
                         }
                         Err(e) => return Err(format!("claim failed: {e}")),
                     }
@@ -214,7 +237,15 @@ fn run(seed: u64, broken: bool) -> Result<Exercised, String> {
                     // Acknowledge some of what is waiting.
                     let n = rng.below(waiting.len() as u64 + 1) as usize;
                     for w in waiting.drain(..n) {
-                        acknowledge(&store, &mut ex, w)?;
+                        match w {
+                            // The answer is durable but the reply is lost on its way: the
+                            // client will re-send the same attempt token.
+                            Waiting::Claim(_, _, r, p) if rng.below(4) == 0 => {
+                                store.wait(p).map_err(|e| format!("wait failed: {e}"))?;
+                                ex.unanswered.push(r);
+                            }
+                            w => acknowledge(&store, &mut ex, w)?,
+                        }
                     }
                 }
             }
@@ -226,7 +257,11 @@ fn run(seed: u64, broken: bool) -> Result<Exercised, String> {
             let _ = store.flush();
             disk.set_fail_syncs(false);
         }
-        drop(waiting);
+        for w in waiting {
+            if let Waiting::Claim(_, _, r, _) = w {
+                ex.unanswered.push(r);
+            }
+        }
         seen.takeovers += store.stats().takeovers.load(Ordering::Relaxed);
         let report = disk.crash(seed.wrapping_mul(31).wrapping_add(round));
         seen.dropped_writes += report.dropped_writes;
@@ -235,23 +270,32 @@ fn run(seed: u64, broken: bool) -> Result<Exercised, String> {
         now += rng.below(2_000);
     }
     let store = Store::open(disk, config("a", broken), now).map_err(|e| e.to_string())?;
-    verify(&store, &ex, 3)?;
+    verify(&store, &ex, 3, now)?;
     seen.acked_claims = ex.claims.len();
     seen.acked_terminals = ex.terminals.len();
     seen.acked_merges = ex.merged.len();
+    seen.resumed = ex.resumed;
     Ok(seen)
 }
 
 fn acknowledge(store: &Store<MemStorage>, ex: &mut Expect, w: Waiting) -> Result<(), String> {
     match w {
-        Waiting::Claim(k, fp, p) => match store.wait(p) {
+        Waiting::Claim(k, fp, _, p) => match store.wait(p) {
             Ok(Decision::Execute {
                 claim,
                 lease_until_ms,
+                resumed,
                 ..
             }) => {
+                if resumed {
+                    ex.resumed += 1;
+                    if ex.issued_claims.get(&claim) != Some(&(k, fp)) {
+                        return Err(format!("resumed a claim {claim:?} never issued for it"));
+                    }
+                }
                 ex.claims.insert(claim, (k, fp));
-                ex.leases.insert(claim, lease_until_ms);
+                let l = ex.leases.entry(claim).or_insert(0);
+                *l = (*l).max(lease_until_ms);
             }
             Ok(Decision::Replay { claim, outcome, .. }) => {
                 ex.terminals
@@ -279,12 +323,12 @@ fn acknowledge(store: &Store<MemStorage>, ex: &mut Expect, w: Waiting) -> Result
     Ok(())
 }
 
-fn fence_now(store: &Store<MemStorage>) -> u64 {
-    store.clock().restart_fence_ms() + 1
+fn fence_now(store: &Store<MemStorage>, now: u64) -> u64 {
+    now.max(store.clock().restart_fence_ms() + 1)
 }
 
 /// Checks a freshly recovered store against what was acknowledged and issued.
-fn verify(store: &Store<MemStorage>, ex: &Expect, round: u64) -> Result<(), String> {
+fn verify(store: &Store<MemStorage>, ex: &Expect, round: u64, now: u64) -> Result<(), String> {
     let mut found: BTreeMap<Stamp, crate::record::ClaimState> = BTreeMap::new();
     for k in 0..KEYS {
         let view = store
@@ -340,7 +384,7 @@ fn verify(store: &Store<MemStorage>, ex: &Expect, round: u64) -> Result<(), Stri
     // Every acknowledged peer mutation is still here: merging it again is a no-op.
     for m in &ex.merged {
         let again = store
-            .merge_remote(fence_now(store), m.clone())
+            .merge_remote(fence_now(store, now), m.clone())
             .map_err(|e| e.to_string())?;
         if again.peek().new {
             return Err(format!(
@@ -350,7 +394,7 @@ fn verify(store: &Store<MemStorage>, ex: &Expect, round: u64) -> Result<(), Stri
         }
     }
     // No acknowledged claim in flight under a live lease may be granted again.
-    let fence = store.clock().restart_fence_ms() + 1;
+    let fence = fence_now(store, now);
     for (s, (k, fp)) in &ex.claims {
         let live = found
             .get(s)
@@ -370,28 +414,34 @@ fn verify(store: &Store<MemStorage>, ex: &Expect, round: u64) -> Result<(), Stri
                 "round {round}: second Execute {claim:?} while acknowledged {s:?} is in flight"
             ));
         }
-        // Stamps after recovery exceed every acknowledged one.
-        break;
     }
+    // Stamps after recovery exceed every acknowledged one.
     let probe = ClaimRequest {
         key: RecordKey::new("pay", "p", format!("fresh-{round}")),
         fingerprint: fingerprint(9),
         attempt: AttemptToken(1),
     };
-    let d = store.claim(fence, &probe).map_err(|e| e.to_string())?;
-    if let Decision::Execute { claim, .. } = store.wait(d).map_err(|e| e.to_string())? {
-        if let Some(max) = ex
-            .claims
-            .keys()
-            .filter(|s| s.region == store.region())
-            .max()
-        {
-            if claim <= *max {
-                return Err(format!(
-                    "round {round}: stamp {claim:?} reissued below {max:?}"
-                ));
+    let mut answer = store.wait(store.claim(fence, &probe).map_err(|e| e.to_string())?);
+    if let Ok(Decision::Unavailable { .. }) = answer {
+        store.flush().map_err(|e| e.to_string())?;
+        answer = store.wait(store.claim(fence + 1, &probe).map_err(|e| e.to_string())?);
+    }
+    match answer.map_err(|e| e.to_string())? {
+        Decision::Execute { claim, .. } => {
+            if let Some(max) = ex
+                .claims
+                .keys()
+                .filter(|s| s.region == store.region())
+                .max()
+            {
+                if claim <= *max {
+                    return Err(format!(
+                        "round {round}: stamp {claim:?} reissued below {max:?}"
+                    ));
+                }
             }
         }
+        other => return Err(format!("round {round}: a fresh key got {other:?}")),
     }
     Ok(())
 }
@@ -405,6 +455,7 @@ fn acknowledged_operations_survive_any_crash_and_nothing_is_invented() {
                 total.acked_claims += e.acked_claims;
                 total.acked_terminals += e.acked_terminals;
                 total.acked_merges += e.acked_merges;
+                total.resumed += e.resumed;
                 total.takeovers += e.takeovers;
                 total.dropped_writes += e.dropped_writes;
                 total.torn_writes += e.torn_writes;
@@ -414,10 +465,11 @@ fn acknowledged_operations_survive_any_crash_and_nothing_is_invented() {
     }
     eprintln!("crash tests exercised: {total:?}");
     // The runs must have exercised what they claim to test.
-    assert!(total.acked_claims > 1_000, "{total:?}");
+    assert!(total.acked_claims > 800, "{total:?}");
     assert!(total.acked_terminals > 500, "{total:?}");
     assert!(total.acked_merges > 500, "{total:?}");
     assert!(total.takeovers > 20, "{total:?}");
+    assert!(total.resumed > 10, "{total:?}");
     assert!(total.dropped_writes > 100, "{total:?}");
     assert!(total.torn_writes > 50, "{total:?}");
 }

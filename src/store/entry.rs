@@ -61,13 +61,73 @@ pub enum LogEntry {
     },
 }
 
+/// The same layout as [`LogEntry::Mutation`], borrowing instead of owning, so the hot path
+/// encodes a mutation without cloning its key and delta. Variant order must match `LogEntry`.
+#[derive(Serialize)]
+enum LogEntryRef<'a> {
+    Mutation {
+        mutation: MutationRef<'a>,
+        prev: Option<Loc>,
+        expires_at_ms: u64,
+    },
+}
+
+#[derive(Serialize)]
+struct MutationRef<'a> {
+    origin: RegionId,
+    seq: u64,
+    key: &'a RecordKey,
+    delta: &'a Delta,
+}
+
+/// Why an entry could not be encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    /// Larger than [`ENTRY_BYTES_MAX`]: it could never be read back.
+    #[error("log entry of {0} bytes exceeds the {ENTRY_BYTES_MAX}-byte limit")]
+    TooLarge(usize),
+    /// bincode refused it.
+    #[error("encoding a log entry: {0}")]
+    Bincode(#[from] bincode::error::EncodeError),
+}
+
 fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<ENTRY_BYTES_MAX>()
 }
 
+fn checked(bytes: Vec<u8>) -> Result<Vec<u8>, EncodeError> {
+    // bincode enforces its limit only when decoding: refuse here what could never be read back.
+    if bytes.len() > ENTRY_BYTES_MAX {
+        return Err(EncodeError::TooLarge(bytes.len()));
+    }
+    Ok(bytes)
+}
+
 /// Encodes an entry.
-pub fn encode(entry: &LogEntry) -> Result<Vec<u8>, bincode::error::EncodeError> {
-    bincode::serde::encode_to_vec(entry, config())
+pub fn encode(entry: &LogEntry) -> Result<Vec<u8>, EncodeError> {
+    checked(bincode::serde::encode_to_vec(entry, config())?)
+}
+
+/// Encodes a mutation entry from borrowed parts; the bytes equal those of the owned entry.
+pub fn encode_mutation(
+    origin: RegionId,
+    seq: u64,
+    key: &RecordKey,
+    delta: &Delta,
+    prev: Option<Loc>,
+    expires_at_ms: u64,
+) -> Result<Vec<u8>, EncodeError> {
+    let entry = LogEntryRef::Mutation {
+        mutation: MutationRef {
+            origin,
+            seq,
+            key,
+            delta,
+        },
+        prev,
+        expires_at_ms,
+    };
+    checked(bincode::serde::encode_to_vec(&entry, config())?)
 }
 
 /// Decodes an entry; trailing bytes are an error.
@@ -100,6 +160,43 @@ mod tests {
                 .collect();
             let _ = decode(&bytes);
         }
+    }
+
+    #[test]
+    fn borrowed_and_owned_mutations_encode_alike() {
+        use crate::clock::Stamp;
+        use crate::record::Terminal;
+        let region = RegionId::new("a").unwrap();
+        let key = RecordKey::new("ns", "p", "k");
+        let delta = Delta::Finish {
+            stamp: Stamp::new(7, region),
+            terminal: Terminal::Released,
+        };
+        let prev = Some(Loc {
+            segment: 1,
+            offset: 8,
+        });
+        let owned = LogEntry::Mutation {
+            mutation: Mutation {
+                origin: region,
+                seq: 3,
+                key: key.clone(),
+                delta: delta.clone(),
+            },
+            prev,
+            expires_at_ms: 99,
+        };
+        let borrowed = encode_mutation(region, 3, &key, &delta, prev, 99).unwrap();
+        assert_eq!(borrowed, encode(&owned).unwrap());
+        assert_eq!(decode(&borrowed).unwrap(), owned);
+    }
+
+    #[test]
+    fn oversized_entries_are_refused_before_they_are_written() {
+        let e = LogEntry::Marks {
+            marks: vec![(RegionId::new("a").unwrap(), 1); ENTRY_BYTES_MAX / 2],
+        };
+        assert!(matches!(encode(&e), Err(EncodeError::TooLarge(_))));
     }
 
     #[test]

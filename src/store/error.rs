@@ -74,6 +74,13 @@ pub enum StoreError {
         /// The namespace's limit.
         max: usize,
     },
+    /// A value is outside the absolute limits every delta must respect (see
+    /// [`crate::record::limits`]).
+    #[error("{0}")]
+    Invalid(String),
+    /// An entry could not be encoded (a record or outcome too large to store).
+    #[error(transparent)]
+    Encode(#[from] super::entry::EncodeError),
     /// A lease extension longer than the namespace allows.
     #[error("lease of {asked_ms} ms asked; namespace allows at most {max_ms} ms")]
     LeaseTooLong {

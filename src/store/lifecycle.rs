@@ -74,40 +74,30 @@ impl<S: Storage> Store<S> {
         claim: Stamp,
         terminal: Terminal,
     ) -> Result<Pending<Completion>, StoreError> {
-        let region = self.region;
         self.with_key(key, |e, record| {
             let c = self.own_claim(record, claim)?;
             match &c.terminal {
                 Some(t) if *t == terminal => {}
                 Some(_) => return Err(StoreError::AlreadyFinished(claim)),
-                None => {
-                    let (lsn, loc) = self.append_local(
-                        key,
-                        Some(e.loc),
-                        record,
-                        AppendClass::Reserved,
-                        now_ms,
-                        |_| Delta::Finish {
-                            stamp: claim,
-                            terminal: terminal.clone(),
-                        },
-                    )?;
-                    e.loc = loc;
-                    e.lsn = lsn;
-                }
+                None => self.write_local(e, key, record, AppendClass::Reserved, now_ms, |_| {
+                    Delta::Finish {
+                        stamp: claim,
+                        terminal: terminal.clone(),
+                    }
+                })?,
             }
-            debug_assert_eq!(claim.region, region);
-            let superseded = record
-                .generation_of(&self.retired, &claim)
-                .is_none_or(|g| g.winner != Some(claim));
             let status = record
                 .claim(&claim)
                 .map_or(ClaimStatus::InFlight, |c| c.status());
+            let superseded = status != ClaimStatus::Released
+                && record
+                    .generation_of(&self.retired, &claim)
+                    .is_none_or(|g| g.winner != Some(claim));
             Ok(Pending {
                 lsn: e.lsn,
                 value: Completion {
                     terminal: status,
-                    superseded: superseded && status != ClaimStatus::Released,
+                    superseded,
                 },
             })
         })
@@ -142,19 +132,12 @@ impl<S: Storage> Store<S> {
             }
             let until = now_ms.saturating_add(lease_ms);
             if until > c.lease_until_ms {
-                let (lsn, loc) = self.append_local(
-                    key,
-                    Some(e.loc),
-                    record,
-                    AppendClass::Reserved,
-                    now_ms,
-                    |_| Delta::Extend {
+                self.write_local(e, key, record, AppendClass::Reserved, now_ms, |_| {
+                    Delta::Extend {
                         stamp: claim,
                         lease_until_ms: until,
-                    },
-                )?;
-                e.loc = loc;
-                e.lsn = lsn;
+                    }
+                })?;
             }
             let lease = record.claim(&claim).map_or(until, |c| c.lease_until_ms);
             Ok(Pending {
@@ -180,6 +163,17 @@ impl<S: Storage> Store<S> {
         if self.log.is_poisoned() {
             return Err(StoreError::Unavailable(Unavailable::LogFailed));
         }
+        let check = Resolution {
+            item,
+            at: crate::clock::Stamp::new(0, self.region),
+            by: by.to_owned(),
+            note: note.to_owned(),
+            hook_result,
+            provider_ref,
+        };
+        Delta::Resolve(check.clone())
+            .validate()
+            .map_err(|e| StoreError::Invalid(e.to_string()))?;
         self.settle_clock(now_ms)?;
         self.with_key(key, |e, record| {
             let ctx = ItemContext {
@@ -196,26 +190,12 @@ impl<S: Storage> Store<S> {
                     ClockError::Exhausted(_) => Unavailable::ClockExhausted,
                 })
             })?;
-            let resolution = Resolution {
-                item,
-                at,
-                by: by.to_owned(),
-                note: note.to_owned(),
-                hook_result,
-                provider_ref,
-            };
-            let (lsn, loc) = self.append_local(
-                key,
-                Some(e.loc),
-                record,
-                AppendClass::Reserved,
-                now_ms,
-                |_| Delta::Resolve(resolution.clone()),
-            )?;
-            e.loc = loc;
-            e.lsn = lsn;
+            let resolution = Resolution { at, ..check };
+            self.write_local(e, key, record, AppendClass::Reserved, now_ms, |_| {
+                Delta::Resolve(resolution.clone())
+            })?;
             Ok(Pending {
-                lsn,
+                lsn: e.lsn,
                 value: resolution,
             })
         })

@@ -54,7 +54,8 @@ use crate::record::{
     AttemptToken, ClaimStatus, Delta, Fingerprint, Item, KeyDigest, Outcome, Record, RecordKey,
     Retirements,
 };
-use entry::{LogEntry, Mutation};
+use entry::LogEntry;
+pub use entry::Mutation;
 pub use error::{StoreError, Unavailable};
 use index::{IndexEntry, IndexMap};
 use log::{AppendClass, Loc, Log, LogConfig, LogError, Lsn};
@@ -122,8 +123,8 @@ pub enum Decision {
         claim: Stamp,
         /// When its lease ends (Unix ms) unless extended.
         lease_until_ms: u64,
-        /// The claim whose lease ran out and which this one replaces, if any.
-        took_over: Option<Stamp>,
+        /// Claims whose leases ran out and which this one replaces (usually none or one).
+        took_over: Vec<Stamp>,
         /// True when this is the claim you already held (you re-sent its attempt token).
         resumed: bool,
         /// When the key expires (Unix ms).
@@ -273,9 +274,9 @@ pub struct Store<S: Storage> {
     clock: Clock,
     log: Log<S>,
     index: IndexMap,
-    /// Next local sequence number; held while a local entry is encoded and appended, so
-    /// numbers follow log order.
-    next_seq: Mutex<u64>,
+    /// Local sequence numbers; held while a local entry is encoded and appended, so numbers
+    /// follow log order.
+    local: Mutex<LocalSeq>,
     replication: Mutex<Replication>,
     retired: Retirements,
     fenced: AtomicBool,
@@ -313,7 +314,12 @@ impl<S: Storage> Store<S> {
                 )));
             }
         }
-        let log = Log::open(storage, config.log.clone())?;
+        let mut log_config = config.log.clone();
+        // An entry the store could not decode must never be appended.
+        log_config.max_payload_bytes = log_config
+            .max_payload_bytes
+            .min(entry::ENTRY_BYTES_MAX as u32);
+        let log = Log::open(storage, log_config)?;
         let index = index::new_index(config.index_shards);
         let region = config.region;
         let recovered = recovery::replay(&log, &index, region)?;
@@ -330,7 +336,7 @@ impl<S: Storage> Store<S> {
             clock,
             log,
             index,
-            next_seq: Mutex::new(recovered.next_seq),
+            local: Mutex::new(LocalSeq::new(recovered.next_seq)),
             replication: Mutex::new(recovered.replication),
             retired: Retirements::none(),
             fenced: AtomicBool::new(false),
@@ -530,13 +536,17 @@ impl<S: Storage> Store<S> {
         }
         let (record, hops) = self.load(e.loc, key)?;
         if hops > IMAGE_AFTER_HOPS {
-            let bytes = entry::encode(&LogEntry::Image {
+            // An image too large for one entry is skipped: the chain stays long, reads stay
+            // correct.
+            let image = entry::encode(&LogEntry::Image {
                 key: key.clone(),
                 record: record.clone(),
                 expires_at_ms: e.expires_at_ms,
-            })
-            .map_err(|err| StoreError::Corrupt(err.to_string()))?;
-            if let Ok((lsn, loc)) = self.log.append(&bytes, AppendClass::Normal) {
+            });
+            if let Some((lsn, loc)) = image
+                .ok()
+                .and_then(|bytes| self.log.append(&bytes, AppendClass::Normal).ok())
+            {
                 e.loc = loc;
                 e.lsn = e.lsn.max(lsn);
                 self.stats.images.fetch_add(1, Ordering::Relaxed);
@@ -554,7 +564,9 @@ impl<S: Storage> Store<S> {
     }
 
     /// Appends a local mutation: numbers it, applies it to `record`, encodes and appends it.
-    /// On error nothing was appended and `record` may hold the delta: the caller drops it.
+    /// Returns where it went and the key's newest expiry after it. On error nothing was
+    /// appended and `record` may hold the delta: the caller must drop the record (the log is the
+    /// truth; the next reader reads it back).
     fn append_local(
         &self,
         key: &RecordKey,
@@ -563,34 +575,48 @@ impl<S: Storage> Store<S> {
         class: AppendClass,
         now_ms: u64,
         make: impl FnOnce(u64) -> Delta,
-    ) -> Result<(Lsn, Loc), StoreError> {
-        let mut next = lock(&self.next_seq);
-        let seq = *next;
+    ) -> Result<(Lsn, Loc, u64), StoreError> {
+        let mut local = lock(&self.local);
+        let seq = local.next;
         let delta = make(seq);
         record.apply(&delta)?;
-        let entry = LogEntry::Mutation {
-            mutation: Mutation {
-                origin: self.region,
-                seq,
-                key: key.clone(),
-                delta,
-            },
-            prev,
-            expires_at_ms: self.newest_expiry(record),
-        };
-        let bytes = entry::encode(&entry).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let expires_at_ms = self.newest_expiry(record);
+        let bytes = entry::encode_mutation(self.region, seq, key, &delta, prev, expires_at_ms)?;
         let (lsn, loc) = self
             .log
             .append(&bytes, class)
             .map_err(|e| self.log_error(e))?;
-        *next = seq + 1;
-        drop(next);
-        lock(&self.replication).checkpoint(self.region, seq, loc, now_ms);
-        Ok((lsn, loc))
+        local.appended(seq, lsn);
+        drop(local);
+        if seq % SEQ_CHECKPOINT_EVERY == 0 || seq == 1 {
+            // Local numbers follow log order: the first of each bucket is its smallest position.
+            lock(&self.replication).checkpoint(self.region, seq, loc, now_ms);
+        }
+        Ok((lsn, loc, expires_at_ms))
     }
 
-    /// Runs `f` on the record of an existing key under its index lock, then caches or drops the
-    /// record depending on whether a claim is still in flight.
+    /// [`Store::append_local`] for an existing key: chains the entry to the key's previous one
+    /// and points the index entry at it.
+    fn write_local(
+        &self,
+        e: &mut IndexEntry,
+        key: &RecordKey,
+        record: &mut Record,
+        class: AppendClass,
+        now_ms: u64,
+        make: impl FnOnce(u64) -> Delta,
+    ) -> Result<(), StoreError> {
+        let (lsn, loc, expires_at_ms) =
+            self.append_local(key, Some(e.loc), record, class, now_ms, make)?;
+        e.loc = loc;
+        e.lsn = lsn;
+        e.expires_at_ms = expires_at_ms;
+        Ok(())
+    }
+
+    /// Runs `f` on the record of an existing key under its index lock, then caches the record
+    /// if a claim is still in flight. After an error the cached record is dropped: the log,
+    /// which holds only what was appended, is read back next time.
     fn with_key<T>(
         &self,
         key: &RecordKey,
@@ -601,12 +627,64 @@ impl<S: Storage> Store<S> {
             return Err(StoreError::UnknownKey);
         };
         let mut record = self.take_record(&mut e, key)?;
-        let before = record.clone();
         let result = f(&mut e, &mut record);
-        let record = if result.is_ok() { record } else { before };
-        e.expires_at_ms = self.newest_expiry(&record);
-        e.hot = hot(record);
+        if result.is_ok() {
+            e.hot = hot(record);
+        }
         result
+    }
+}
+
+/// Local sequence numbers: the next one, and the log positions of recent ones, so the durable
+/// prefix of this region's own log can be reported.
+#[derive(Debug)]
+struct LocalSeq {
+    next: u64,
+    /// (seq, lsn) of recent appends, oldest first. Appends happen under this lock, so both
+    /// columns ascend together.
+    recent: std::collections::VecDeque<(u64, Lsn)>,
+    /// The newest (seq, lsn) pushed out of `recent` when it was full.
+    dropped: Option<(u64, Lsn)>,
+    /// The largest seq known durable.
+    durable: u64,
+}
+
+impl LocalSeq {
+    const RECENT_MAX: usize = 4096;
+
+    fn new(next: u64) -> Self {
+        Self {
+            next,
+            recent: std::collections::VecDeque::new(),
+            durable: next - 1,
+            dropped: None,
+        }
+    }
+
+    fn appended(&mut self, seq: u64, lsn: Lsn) {
+        self.next = seq + 1;
+        if self.recent.len() >= Self::RECENT_MAX {
+            self.dropped = self.recent.pop_front();
+        }
+        self.recent.push_back((seq, lsn));
+    }
+
+    /// The largest local seq whose entry is durable, given the durable lsn.
+    fn durable_mark(&mut self, durable_lsn: Lsn) -> u64 {
+        if let Some((seq, lsn)) = self.dropped {
+            if lsn <= durable_lsn {
+                self.durable = self.durable.max(seq);
+                self.dropped = None;
+            }
+        }
+        while let Some(&(seq, lsn)) = self.recent.front() {
+            if lsn > durable_lsn {
+                break;
+            }
+            self.durable = self.durable.max(seq);
+            self.recent.pop_front();
+        }
+        self.durable
     }
 }
 

@@ -52,11 +52,7 @@ impl State<'_> {
                     if *origin == self.region {
                         out.next_seq = out.next_seq.max(seq + 1);
                     } else {
-                        out.replication
-                            .received
-                            .entry(*origin)
-                            .or_default()
-                            .insert(*seq);
+                        out.replication.recovered(*origin, *seq);
                     }
                     out.replication
                         .checkpoint(*origin, *seq, *loc, hlc_physical_ms(*hlc));

@@ -1,7 +1,8 @@
 //! The store's side of replication: merging peers' mutations, per-origin marks and log reads,
 //! and key-ordered snapshot chunks.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::ops::ControlFlow;
 use std::sync::atomic::Ordering;
 
 use dashmap::mapref::entry::Entry;
@@ -46,7 +47,12 @@ pub(super) struct Replication {
     /// numbers, newest time one was written, Unix ms). Remote numbers may arrive out of order,
     /// hence the smallest position per bucket.
     pub(super) buckets: BTreeMap<RegionId, BTreeMap<u64, (Loc, u64)>>,
+    /// Every (origin, seq) appended here, durable or not: duplicates are skipped against it.
     pub(super) received: BTreeMap<RegionId, SeqSet>,
+    /// The durable part of `received`: what marks report.
+    pub(super) durable: BTreeMap<RegionId, SeqSet>,
+    /// Appended but not known durable yet: (origin, seq, lsn), in append order.
+    pending: VecDeque<(RegionId, u64, Lsn)>,
 }
 
 impl Replication {
@@ -60,33 +66,75 @@ impl Replication {
         b.0 = b.0.min(loc);
         b.1 = b.1.max(ms);
     }
+
+    /// Records a recovered (hence durable) remote number.
+    pub(super) fn recovered(&mut self, origin: RegionId, seq: u64) {
+        self.received.entry(origin).or_default().insert(seq);
+        self.durable.entry(origin).or_default().insert(seq);
+    }
+
+    fn appended(&mut self, origin: RegionId, seq: u64, lsn: Lsn) {
+        self.received.entry(origin).or_default().insert(seq);
+        self.pending.push_back((origin, seq, lsn));
+    }
+
+    /// Moves what became durable into the durable sets.
+    fn settle(&mut self, durable_lsn: Lsn) {
+        while let Some(&(origin, seq, lsn)) = self.pending.front() {
+            if lsn > durable_lsn {
+                break;
+            }
+            self.durable.entry(origin).or_default().insert(seq);
+            self.pending.pop_front();
+        }
+    }
+
+    /// Whether (origin, seq) is here, and if so whether it is known durable.
+    fn holds(&self, origin: RegionId, seq: u64) -> Option<bool> {
+        if !self.received.get(&origin).is_some_and(|s| s.contains(seq)) {
+            return None;
+        }
+        Some(self.durable.get(&origin).is_some_and(|s| s.contains(seq)))
+    }
 }
 
+/// Most claims one record may hold: beyond it a peer's new claim is refused (a record that
+/// large is a bug or an attack, and every decision on the key reads it whole).
+pub const CLAIMS_PER_RECORD_MAX: usize = 1024;
+
 impl<S: Storage> Store<S> {
-    /// Merges a peer's mutation (applied on receipt: merges commute). The mutation is stored
-    /// under its (origin, seq) so this region can serve it to others; a mutation already here
-    /// is skipped. Peers are untrusted: the mutation is validated before anything is written.
-    pub fn merge_remote(
-        &self,
-        now_ms: u64,
-        mutation: Mutation,
-    ) -> Result<Pending<Merged>, StoreError> {
+    /// Checks a peer's mutation before anything is written: peers are untrusted.
+    fn validate_remote(&self, m: &Mutation) -> Result<(), StoreError> {
         let invalid = |reason: String| StoreError::InvalidMutation {
-            origin: mutation.origin,
-            seq: mutation.seq,
+            origin: m.origin,
+            seq: m.seq,
             reason,
         };
-        if mutation.origin == self.region {
+        if m.origin == self.region {
             return Err(invalid("a peer sent this region's own mutation".into()));
         }
-        if mutation.seq == 0 {
+        if m.seq == 0 {
             return Err(invalid("sequence numbers start at 1".into()));
         }
-        mutation
-            .delta
-            .validate()
-            .map_err(|e| invalid(e.to_string()))?;
-        let k = &mutation.key;
+        m.delta.validate().map_err(|e| invalid(e.to_string()))?;
+        // Only a claim's owner writes its chain, and a region numbers only its own mutations.
+        let author = match &m.delta {
+            Delta::Claim { stamp, facts } => {
+                if facts.origin_seq != m.seq {
+                    return Err(invalid("claim's origin_seq differs from its seq".into()));
+                }
+                stamp.region
+            }
+            Delta::Extend { stamp, .. } | Delta::Finish { stamp, .. } => stamp.region,
+            Delta::Resolve(r) => r.at.region,
+        };
+        if author != m.origin {
+            return Err(invalid(format!(
+                "a mutation of {author}'s claim or resolution numbered by {}",
+                m.origin
+            )));
+        }
+        let k = &m.key;
         if k.namespace.is_empty()
             || k.namespace.len() > policy::NAMESPACE_LEN_MAX
             || k.key.is_empty()
@@ -95,24 +143,30 @@ impl<S: Storage> Store<S> {
         {
             return Err(invalid("key outside the absolute limits".into()));
         }
-        if let Delta::Finish { terminal, .. } = &mutation.delta {
-            if terminal
-                .outcome()
-                .is_some_and(|o| o.size_bytes() > policy::OUTCOME_BYTES_ABSOLUTE_MAX)
-            {
-                return Err(invalid("outcome over the absolute limit".into()));
-            }
-        }
+        Ok(())
+    }
+
+    /// Merges a peer's mutation (applied on receipt: merges commute). The mutation is stored
+    /// under its (origin, seq) so this region can serve it to others; a mutation already here
+    /// is skipped. Peers are untrusted: the mutation is validated before anything is written.
+    pub fn merge_remote(
+        &self,
+        now_ms: u64,
+        mutation: Mutation,
+    ) -> Result<Pending<Merged>, StoreError> {
+        self.validate_remote(&mutation)?;
         if self.log.is_poisoned() {
             return Err(StoreError::Unavailable(Unavailable::LogFailed));
         }
-        if lock(&self.replication)
-            .received
-            .get(&mutation.origin)
-            .is_some_and(|s| s.contains(mutation.seq))
-        {
+        let digest = mutation.key.digest();
+        // The key's entry lock serializes deliveries of the same (origin, seq): check for a
+        // duplicate under it.
+        let slot = self.index.entry(digest);
+        let held = lock(&self.replication).holds(mutation.origin, mutation.seq);
+        if let Some(durable) = held {
             return Ok(Pending {
-                lsn: 0,
+                // Not yet durable: the answer waits for everything appended so far.
+                lsn: if durable { 0 } else { self.log.appended_lsn() },
                 value: Merged {
                     new: false,
                     changed: false,
@@ -127,8 +181,7 @@ impl<S: Storage> Store<S> {
         if drift_rejected {
             self.stats.drift_rejected.fetch_add(1, Ordering::Relaxed);
         }
-        let digest = mutation.key.digest();
-        let mut slot = match self.index.entry(digest) {
+        let mut slot = match slot {
             Entry::Occupied(o) => o.into_ref(),
             Entry::Vacant(v) => {
                 // A key never seen here: build its record from this one delta and insert the
@@ -136,7 +189,7 @@ impl<S: Storage> Store<S> {
                 let mut record = Record::new();
                 let changed = record.apply(&mutation.delta)?;
                 let expires_at_ms = self.newest_expiry(&record);
-                let (lsn, loc) = self.append_remote(mutation, None, expires_at_ms, now_ms)?;
+                let (lsn, loc) = self.append_remote(&mutation, None, expires_at_ms, now_ms)?;
                 v.insert(IndexEntry {
                     loc,
                     lsn,
@@ -155,71 +208,71 @@ impl<S: Storage> Store<S> {
         };
         let e = slot.value_mut();
         let mut record = self.take_record(e, &mutation.key)?;
-        let before = record.clone();
-        let changed = record.apply(&mutation.delta)?;
-        let expires_at_ms = self.newest_expiry(&record);
-        match self.append_remote(mutation, Some(e.loc), expires_at_ms, now_ms) {
-            Ok((lsn, loc)) => {
-                e.loc = loc;
-                e.lsn = lsn;
-                e.expires_at_ms = expires_at_ms;
+        if let Delta::Claim { stamp, .. } = &mutation.delta {
+            if record.claim(stamp).is_none() && record.claim_count() >= CLAIMS_PER_RECORD_MAX {
                 e.hot = hot(record);
-                Ok(Pending {
-                    lsn,
-                    value: Merged {
-                        new: true,
-                        changed,
-                        drift_rejected,
-                    },
-                })
-            }
-            Err(err) => {
-                e.hot = hot(before);
-                Err(err)
+                return Err(StoreError::InvalidMutation {
+                    origin: mutation.origin,
+                    seq: mutation.seq,
+                    reason: format!("the key already holds {CLAIMS_PER_RECORD_MAX} claims"),
+                });
             }
         }
+        let changed = record.apply(&mutation.delta)?;
+        let expires_at_ms = self.newest_expiry(&record);
+        // On error the record is dropped (it may hold the unwritten delta); the log is read
+        // back next time.
+        let (lsn, loc) = self.append_remote(&mutation, Some(e.loc), expires_at_ms, now_ms)?;
+        e.loc = loc;
+        e.lsn = lsn;
+        e.expires_at_ms = expires_at_ms;
+        e.hot = hot(record);
+        Ok(Pending {
+            lsn,
+            value: Merged {
+                new: true,
+                changed,
+                drift_rejected,
+            },
+        })
     }
 
     fn append_remote(
         &self,
-        mutation: Mutation,
+        m: &Mutation,
         prev: Option<Loc>,
         expires_at_ms: u64,
         now_ms: u64,
     ) -> Result<(Lsn, Loc), StoreError> {
-        let (origin, seq) = (mutation.origin, mutation.seq);
-        let entry = LogEntry::Mutation {
-            mutation,
-            prev,
-            expires_at_ms,
-        };
-        let bytes = entry::encode(&entry).map_err(|err| StoreError::Corrupt(err.to_string()))?;
+        let bytes = entry::encode_mutation(m.origin, m.seq, &m.key, &m.delta, prev, expires_at_ms)?;
         let (lsn, loc) = self
             .log
             .append(&bytes, AppendClass::Normal)
             .map_err(|err| self.log_error(err))?;
         let mut repl = lock(&self.replication);
-        repl.received.entry(origin).or_default().insert(seq);
-        repl.checkpoint(origin, seq, loc, now_ms);
+        repl.appended(m.origin, m.seq, lsn);
+        repl.checkpoint(m.origin, m.seq, loc, now_ms);
         Ok((lsn, loc))
     }
 
-    /// Per origin, the contiguous prefix of its log held here (this region's own: the last
-    /// sequence number appended).
+    /// Per origin, the contiguous prefix of its log held here *durably* (for this region's own
+    /// log: the last durable sequence number). What a digest exchange advertises.
     pub fn marks(&self) -> BTreeMap<RegionId, u64> {
-        let mut out: BTreeMap<RegionId, u64> = lock(&self.replication)
-            .received
-            .iter()
-            .map(|(r, s)| (*r, s.mark))
-            .collect();
-        out.insert(self.region, lock(&self.next_seq).saturating_sub(1));
+        let durable_lsn = self.log.durable_lsn();
+        let mut out: BTreeMap<RegionId, u64> = {
+            let mut repl = lock(&self.replication);
+            repl.settle(durable_lsn);
+            repl.durable.iter().map(|(r, s)| (*r, s.mark)).collect()
+        };
+        let own = lock(&self.local).durable_mark(durable_lsn);
+        out.insert(self.region, own);
         out
     }
 
-    /// Durable mutations of `origin` from sequence number `from_seq` on, at most `max` of them,
-    /// in sequence order. Numbers a peer delivered out of order may leave gaps in the answer:
-    /// ask again from the first gap. Any region serves any origin's log, so partial partitions heal.
-    /// Mutations older than the log retention are not served ([`StoreError::LogTruncated`]).
+    /// Durable mutations of `origin` with sequence numbers in `from_seq..from_seq + max`, in
+    /// sequence order (numbers this region does not hold are simply absent). Any region serves
+    /// any origin's log, so partial partitions heal. Mutations older than the log retention are
+    /// not served ([`StoreError::LogTruncated`]).
     pub fn log_from(
         &self,
         now_ms: u64,
@@ -228,14 +281,25 @@ impl<S: Storage> Store<S> {
         max: usize,
     ) -> Result<Vec<Mutation>, StoreError> {
         let from_seq = from_seq.max(1);
+        let until = from_seq.saturating_add(max as u64);
         let start = {
             let repl = lock(&self.replication);
             let Some(buckets) = repl.buckets.get(&origin) else {
                 return Ok(Vec::new());
             };
+            // A bucket is past retention when it, and the bucket after it (written later, so
+            // no older than any of its entries), were last written before the horizon. Local
+            // buckets record only their first entry's time, hence the look at the next one.
             let horizon = now_ms.saturating_sub(self.log_retention_ms);
-            if let Some((b, _)) = buckets.iter().find(|(_, (_, ms))| *ms >= horizon) {
-                let first_retained = (b * SEQ_CHECKPOINT_EVERY).max(1);
+            let times: Vec<(u64, u64)> = buckets.iter().map(|(b, (_, ms))| (*b, *ms)).collect();
+            let first_retained = times
+                .iter()
+                .enumerate()
+                .find(|(i, (_, ms))| {
+                    *ms >= horizon || times.get(i + 1).is_none_or(|(_, next)| *next >= horizon)
+                })
+                .map(|(_, (b, _))| (b * SEQ_CHECKPOINT_EVERY).max(1));
+            if let Some(first_retained) = first_retained {
                 if from_seq < first_retained {
                     return Err(StoreError::LogTruncated {
                         origin,
@@ -243,6 +307,7 @@ impl<S: Storage> Store<S> {
                     });
                 }
             }
+            // Numbers may lie anywhere after the smallest position of any later bucket.
             buckets
                 .range(from_seq / SEQ_CHECKPOINT_EVERY..)
                 .map(|(_, (loc, _))| *loc)
@@ -251,7 +316,7 @@ impl<S: Storage> Store<S> {
         let Some(start) = start else {
             return Ok(Vec::new());
         };
-        let mut out = Vec::new();
+        let mut out = BTreeMap::new();
         self.log
             .scan_from(start, |loc, payload| -> Result<_, StoreError> {
                 let entry = entry::decode(payload).map_err(|e| {
@@ -261,32 +326,32 @@ impl<S: Storage> Store<S> {
                     ))
                 })?;
                 if let LogEntry::Mutation { mutation, .. } = entry {
-                    if mutation.origin == origin && mutation.seq >= from_seq {
-                        out.push(mutation);
-                        if out.len() >= max {
-                            return Ok(std::ops::ControlFlow::Break(()));
+                    if mutation.origin == origin && (from_seq..until).contains(&mutation.seq) {
+                        out.insert(mutation.seq, mutation);
+                        if out.len() as u64 >= until - from_seq {
+                            return Ok(ControlFlow::Break(()));
                         }
                     }
                 }
-                Ok(std::ops::ControlFlow::Continue(()))
+                Ok(ControlFlow::Continue(()))
             })?;
-        out.sort_by_key(|m| m.seq);
-        out.dedup_by_key(|m| m.seq);
-        Ok(out)
+        Ok(out.into_values().collect())
     }
 
     /// One chunk of a key-ordered snapshot stream: up to `max_keys` records with digests after
-    /// `after`, in digest order. Resumable: pass the returned `next` back in.
+    /// `after`, in digest order. Resumable: pass the returned `next` back in. Like any answer,
+    /// it may leave the process only once durable (it may hold entries just appended).
     pub fn snapshot_chunk(
         &self,
         after: Option<KeyDigest>,
         max_keys: usize,
-    ) -> Result<SnapshotChunk, StoreError> {
+    ) -> Result<Pending<SnapshotChunk>, StoreError> {
         let max_keys = max_keys.max(1);
         let shards = self.index.shards().len();
         let mut shard = after.map_or(0, |d| index::shard_of(&self.index, &d));
         let mut records = Vec::new();
         let mut cursor = after;
+        let mut lsn = 0;
         while shard < shards && records.len() < max_keys {
             for digest in index::shard_keys_after(&self.index, shard, cursor.as_ref()) {
                 if records.len() >= max_keys {
@@ -296,6 +361,7 @@ impl<S: Storage> Store<S> {
                     continue;
                 };
                 let (loc, hot_record) = (e.loc, e.hot.as_deref().cloned());
+                lsn = lsn.max(e.lsn);
                 drop(e);
                 let (key, record) = match hot_record {
                     Some(r) if !r.is_empty() => (self.key_at(loc)?, r),
@@ -318,7 +384,10 @@ impl<S: Storage> Store<S> {
         } else {
             records.last().map(|(d, _, _)| *d)
         };
-        Ok(SnapshotChunk { records, next })
+        Ok(Pending {
+            lsn,
+            value: SnapshotChunk { records, next },
+        })
     }
 
     fn key_at(&self, loc: Loc) -> Result<RecordKey, StoreError> {
@@ -335,7 +404,7 @@ impl<S: Storage> Store<S> {
         let mut out = Vec::new();
         let mut after = None;
         loop {
-            let chunk = self.snapshot_chunk(after, 1024)?;
+            let chunk = self.wait(self.snapshot_chunk(after, 1024)?)?;
             for (_, key, record) in &chunk.records {
                 let ctx = ItemContext {
                     retired: &self.retired,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::storage::MemStorage;
 use super::*;
 use crate::clock::HLC_EPOCH_UNIX_MS;
-use crate::record::{Body, ClaimFacts};
+use crate::record::{Body, ClaimFacts, ItemId, Resolution};
 
 const T0: u64 = 1_900_000_000_000;
 
@@ -160,7 +160,7 @@ fn a_lease_that_ran_out_is_taken_over_and_the_old_token_no_longer_revives_it() {
         Decision::Execute {
             claim, took_over, ..
         } => {
-            assert_eq!(took_over, Some(c));
+            assert_eq!(took_over, vec![c]);
             claim
         }
         other => panic!("{other:?}"),
@@ -570,7 +570,7 @@ fn peer_mutations_are_validated_before_anything_is_written() {
                 ttl_ms: 1,
                 lease_ms: 1,
                 origin_seq: 1,
-                takes_over: Some(Stamp::new(9, region("b"))),
+                takes_over: vec![Stamp::new(9, region("b"))],
             },
         },
     };
@@ -632,7 +632,7 @@ fn snapshot_chunks_walk_every_key_once_in_digest_order() {
     let mut seen = Vec::new();
     let mut after = None;
     loop {
-        let chunk = s.snapshot_chunk(after, 37).unwrap();
+        let chunk = s.wait(s.snapshot_chunk(after, 37).unwrap()).unwrap();
         assert!(chunk.records.len() <= 37);
         seen.extend(chunk.records.iter().map(|(d, k, r)| {
             assert_eq!(k.digest(), *d);
@@ -706,13 +706,23 @@ fn no_stamp_is_reused_across_restarts() {
     assert!(now > HLC_EPOCH_UNIX_MS);
 }
 
-fn state_of(s: &Store<MemStorage>, keys: usize) -> Vec<String> {
+/// Everything a store holds: marks and every key's record, through the snapshot stream.
+fn state_of(s: &Store<MemStorage>) -> Vec<String> {
     let mut out = vec![format!("{} keys, marks {:?}", s.key_count(), s.marks())];
-    for i in 0..keys {
-        let v = s.wait(s.read(&key(&format!("k{i}"))).unwrap()).unwrap();
-        out.push(format!("{:?}", v.map(|v| (v.record, v.items))));
+    let mut after = None;
+    loop {
+        let chunk = s.wait(s.snapshot_chunk(after, 64).unwrap()).unwrap();
+        out.extend(
+            chunk
+                .records
+                .iter()
+                .map(|(d, k, r)| format!("{d:?} {k:?} {r:?}")),
+        );
+        match chunk.next {
+            Some(n) => after = Some(n),
+            None => return out,
+        }
     }
-    out
 }
 
 #[test]
@@ -748,7 +758,8 @@ fn hint_files_restore_the_same_state_as_decoding_the_log() {
         hinted >= 3 && scanned >= 1,
         "{hinted} hinted, {scanned} scanned"
     );
-    let a = state_of(&with_hints, 50);
+    let a = state_of(&with_hints);
+    assert!(a.len() > 250, "own and peer keys: {}", a.len());
     drop(with_hints);
     // Without hints: decode everything.
     for id in disk.list().unwrap() {
@@ -756,7 +767,7 @@ fn hint_files_restore_the_same_state_as_decoding_the_log() {
     }
     let decoded = Store::open(disk.clone(), cfg.clone(), T0 + 2_000).unwrap();
     assert_eq!(decoded.recovery_stats().0, 0);
-    assert_eq!(a, state_of(&decoded, 50));
+    assert_eq!(a, state_of(&decoded));
     drop(decoded);
     // A damaged hint is ignored, not trusted.
     let first = disk.list().unwrap()[0];
@@ -767,5 +778,180 @@ fn hint_files_restore_the_same_state_as_decoding_the_log() {
     bad[10] ^= 0xff;
     disk.put_hint(first, &bad).unwrap();
     let damaged = Store::open(disk, cfg, T0 + 3_000).unwrap();
-    assert_eq!(a, state_of(&damaged, 50));
+    let (hinted_after, _) = damaged.recovery_stats();
+    assert_eq!(hinted_after, hinted - 1, "the damaged hint was not trusted");
+    assert_eq!(a, state_of(&damaged));
+}
+
+fn peer_claim(origin: &str, seq: u64, k: &str, ms: u64, fp: &str) -> Mutation {
+    Mutation {
+        origin: region(origin),
+        seq,
+        key: key(k),
+        delta: Delta::Claim {
+            stamp: Stamp::new(crate::clock::hlc_floor_of_ms(ms), region(origin)),
+            facts: ClaimFacts {
+                fingerprint: Fingerprint::of(fp.as_bytes()),
+                attempt: AttemptToken(seq as u128),
+                ttl_ms: 86_400_000,
+                lease_ms: 30_000,
+                origin_seq: seq,
+                takes_over: Vec::new(),
+            },
+        },
+    }
+}
+
+#[test]
+fn a_completed_later_claim_is_replayed_rather_than_run_again_after_an_earlier_lease_ran_out() {
+    let s = open(&MemStorage::new(), T0);
+    let mine = execute(&s, T0, &req("k", "b", 1));
+    // A partitioned peer claimed the same key a little later and completed it.
+    let theirs = peer_claim("b", 1, "k", T0 + 5, "b");
+    let their_stamp = theirs.delta.stamp();
+    s.wait(s.merge_remote(T0 + 10, theirs).unwrap()).unwrap();
+    let done = Mutation {
+        origin: region("b"),
+        seq: 2,
+        key: key("k"),
+        delta: Delta::Finish {
+            stamp: their_stamp,
+            terminal: crate::record::Terminal::Completed(Outcome::new(200, "theirs")),
+        },
+    };
+    s.wait(s.merge_remote(T0 + 10, done).unwrap()).unwrap();
+    // Our claim's lease runs out: a retry must replay their outcome, not run again.
+    match claim(&s, T0 + 31_000, &req("k", "b", 2)) {
+        Decision::Replay { claim, .. } => assert_eq!(claim, their_stamp),
+        other => panic!("{other:?} (our claim was {mine:?})"),
+    }
+}
+
+#[test]
+fn a_peer_stamp_far_ahead_does_not_stall_new_claims_after_a_restart() {
+    let disk = MemStorage::new();
+    {
+        let s = open(&disk, T0);
+        let ahead = peer_claim("b", 1, "far", T0 + 3_600_000, "x");
+        let merged = s.wait(s.merge_remote(T0, ahead).unwrap()).unwrap();
+        assert!(merged.drift_rejected);
+    }
+    let s = open(&disk, T0 + 1_000);
+    execute(&s, T0 + 1_000, &req("k", "b", 1));
+}
+
+#[test]
+fn peers_cannot_write_facts_of_claims_they_do_not_own() {
+    let s = open(&MemStorage::new(), T0);
+    let c = execute(&s, T0, &req("k", "b", 1));
+    let forged = [
+        Delta::Finish {
+            stamp: c,
+            terminal: crate::record::Terminal::Released,
+        },
+        Delta::Extend {
+            stamp: c,
+            lease_until_ms: T0 + 60_000,
+        },
+    ];
+    for (i, delta) in forged.into_iter().enumerate() {
+        let m = Mutation {
+            origin: region("b"),
+            seq: i as u64 + 1,
+            key: key("k"),
+            delta,
+        };
+        assert!(matches!(
+            s.merge_remote(T0, m),
+            Err(StoreError::InvalidMutation { .. })
+        ));
+    }
+    let mut wrong_seq = peer_claim("b", 1, "k2", T0, "x");
+    if let Delta::Claim { facts, .. } = &mut wrong_seq.delta {
+        facts.origin_seq = 7;
+    }
+    assert!(s.merge_remote(T0, wrong_seq).is_err());
+    assert!(matches!(
+        claim(&s, T0 + 1, &req("k", "b", 2)),
+        Decision::InFlight { .. }
+    ));
+}
+
+#[test]
+fn oversized_peer_resolutions_and_local_notes_are_refused() {
+    let s = open(&MemStorage::new(), T0);
+    let m = Mutation {
+        origin: region("b"),
+        seq: 1,
+        key: key("k"),
+        delta: Delta::Resolve(Resolution {
+            item: ItemId([0; 16]),
+            at: Stamp::new(crate::clock::hlc_floor_of_ms(T0), region("b")),
+            by: "ops".into(),
+            note: "x".repeat(10 << 20),
+            hook_result: None,
+            provider_ref: None,
+        }),
+    };
+    assert!(matches!(
+        s.merge_remote(T0, m),
+        Err(StoreError::InvalidMutation { .. })
+    ));
+    let c = execute(&s, T0, &req("k", "b", 1));
+    let item = ItemId::of(&key("k"), &c);
+    assert!(matches!(
+        s.resolve(T0, &key("k"), item, "ops", &"x".repeat(5_000), None, None),
+        Err(StoreError::Invalid(_))
+    ));
+    // The store still reopens: nothing unreadable was written.
+    drop(s);
+}
+
+#[test]
+fn out_of_order_deliveries_are_served_in_sequence_order() {
+    let s = open(&MemStorage::new(), T0);
+    for seq in (11..=30).chain(1..=10) {
+        let m = peer_claim("b", seq, &format!("k{seq}"), T0, "x");
+        s.wait(s.merge_remote(T0, m).unwrap()).unwrap();
+    }
+    let first: Vec<u64> = s
+        .log_from(T0, region("b"), 1, 10)
+        .unwrap()
+        .iter()
+        .map(|m| m.seq)
+        .collect();
+    assert_eq!(first, (1..=10).collect::<Vec<_>>());
+    let next: Vec<u64> = s
+        .log_from(T0, region("b"), 11, 100)
+        .unwrap()
+        .iter()
+        .map(|m| m.seq)
+        .collect();
+    assert_eq!(next, (11..=30).collect::<Vec<_>>());
+    assert_eq!(s.marks()[&region("b")], 30);
+}
+
+#[test]
+fn marks_and_duplicate_merges_never_run_ahead_of_durability() {
+    let s = open(&MemStorage::new(), T0);
+    let m = peer_claim("b", 1, "k", T0, "x");
+    let first = s.merge_remote(T0, m.clone()).unwrap();
+    assert_eq!(
+        s.marks().get(&region("b")).copied().unwrap_or(0),
+        0,
+        "not durable yet"
+    );
+    let dup = s.merge_remote(T0, m.clone()).unwrap();
+    assert!(!dup.peek().new);
+    assert!(
+        !dup.is_durable(&s),
+        "a duplicate of a pending merge waits for it"
+    );
+    s.wait(first).unwrap();
+    assert!(dup.is_durable(&s));
+    assert_eq!(s.marks()[&region("b")], 1);
+    let own = s.claim(T0, &req("mine", "b", 1)).unwrap();
+    assert_eq!(s.marks()[&region("a")], 0);
+    s.wait(own).unwrap();
+    assert_eq!(s.marks()[&region("a")], 1);
 }
