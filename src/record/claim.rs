@@ -21,6 +21,19 @@ pub enum Body {
     Redacted(Vec<u8>),
 }
 
+impl Body {
+    /// The digest form of a body (a digest stays as it is).
+    pub fn digest_of(body: &Body) -> Body {
+        match body {
+            Body::Full(b) | Body::Redacted(b) => Body::Digest {
+                len: b.len() as u64,
+                blake3: *blake3::hash(b).as_bytes(),
+            },
+            d @ Body::Digest { .. } => d.clone(),
+        }
+    }
+}
+
 /// A stored response: status, allow-listed headers and body.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Outcome {

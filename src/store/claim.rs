@@ -6,10 +6,11 @@ use dashmap::mapref::entry::Entry;
 
 use super::decide::{self, Ask, Plan};
 use super::index::IndexEntry;
-use super::log::{AppendClass, Loc, Lsn};
+use super::log::{AppendClass, Loc, Log, LogError, Lsn};
 use super::storage::Storage;
 use super::{
-    hot, ClaimRequest, Decision, NamespacePolicy, Pending, Store, StoreError, Unavailable,
+    hot, lock, reserve, ClaimRequest, Decision, NamespacePolicy, Pending, Store, StoreError,
+    Unavailable,
 };
 use crate::clock::{hlc_physical_ms, ClockError, Stamp};
 use crate::record::{ClaimFacts, Delta, Record, Terminal};
@@ -36,6 +37,7 @@ impl<S: Storage> Store<S> {
                 other => Err(other),
             };
         }
+        self.expire_promises(now_ms);
         let digest = req.key.digest();
         match self.index.entry(digest) {
             Entry::Vacant(v) => {
@@ -97,6 +99,7 @@ impl<S: Storage> Store<S> {
                     terminal: Terminal::Released,
                 }
             })?;
+            self.keep_no_promise(&stale);
         }
         let value = match planned.plan {
             Plan::New {
@@ -129,6 +132,9 @@ impl<S: Storage> Store<S> {
                 })?;
                 self.stats.executes.fetch_add(1, Ordering::Relaxed);
                 let c = record.claim(&claim);
+                if let Some(c) = c {
+                    lock(&self.promises).extend(&claim, c.lease_until_ms);
+                }
                 Decision::Execute {
                     claim,
                     lease_until_ms: c.map_or(lease_until_ms, |c| c.lease_until_ms),
@@ -202,6 +208,17 @@ impl<S: Storage> Store<S> {
         };
         let lease_ms = policy.lease_ms();
         let took_over = takes_over.clone();
+        // Promise the space of the completion before granting: a full disk refuses the claim,
+        // never its completion.
+        let promise = Log::<S>::frame_bytes(reserve::completion_bytes(
+            policy.config().outcome_bytes_max,
+            &req.key,
+        ));
+        match self.log.reserve_space(promise) {
+            Ok(()) => {}
+            Err(LogError::NoSpace) => return Ok(Err(Unavailable::DiskFull)),
+            Err(e) => return Err(self.log_error(e)),
+        }
         let appended =
             self.append_local(&req.key, prev, record, AppendClass::Normal, now_ms, |seq| {
                 Delta::Claim {
@@ -218,9 +235,18 @@ impl<S: Storage> Store<S> {
             });
         let (lsn, loc, expires_at_ms) = match appended {
             Ok(x) => x,
-            Err(StoreError::Unavailable(u)) => return Ok(Err(u)),
-            Err(e) => return Err(e),
+            Err(e) => {
+                self.log.release_space(promise);
+                return match e {
+                    StoreError::Unavailable(u) => Ok(Err(u)),
+                    e => Err(e),
+                };
+            }
         };
+        lock(&self.promises).add(stamp, stamp.physical_ms() + lease_ms, promise);
+        for victim in &took_over {
+            self.keep_no_promise(victim);
+        }
         self.stats.executes.fetch_add(1, Ordering::Relaxed);
         if !took_over.is_empty() {
             self.stats.takeovers.fetch_add(1, Ordering::Relaxed);

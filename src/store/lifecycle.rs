@@ -48,9 +48,18 @@ impl<S: Storage> Store<S> {
                 max,
             });
         }
+        let shaped = |o: Outcome| {
+            let mut o = policy.shape_outcome(o);
+            if o.size_bytes() > max {
+                // Redaction can lengthen a body: keep its digest rather than exceed the space
+                // promised to the completion.
+                o.body = crate::record::Body::digest_of(&o.body);
+            }
+            o
+        };
         let terminal = match policy.disposition(outcome.status) {
-            Disposition::Store => Terminal::Completed(policy.shape_outcome(outcome)),
-            Disposition::Indeterminate => Terminal::Indeterminate(policy.shape_outcome(outcome)),
+            Disposition::Store => Terminal::Completed(shaped(outcome)),
+            Disposition::Indeterminate => Terminal::Indeterminate(shaped(outcome)),
             Disposition::Release => Terminal::Released,
         };
         self.finish(now_ms, key, claim, terminal)
@@ -79,12 +88,15 @@ impl<S: Storage> Store<S> {
             match &c.terminal {
                 Some(t) if *t == terminal => {}
                 Some(_) => return Err(StoreError::AlreadyFinished(claim)),
-                None => self.write_local(e, key, record, AppendClass::Reserved, now_ms, |_| {
-                    Delta::Finish {
-                        stamp: claim,
-                        terminal: terminal.clone(),
-                    }
-                })?,
+                None => {
+                    self.write_local(e, key, record, AppendClass::Reserved, now_ms, |_| {
+                        Delta::Finish {
+                            stamp: claim,
+                            terminal: terminal.clone(),
+                        }
+                    })?;
+                    self.keep_no_promise(&claim);
+                }
             }
             let status = record
                 .claim(&claim)
@@ -138,6 +150,7 @@ impl<S: Storage> Store<S> {
                         lease_until_ms: until,
                     }
                 })?;
+                super::lock(&self.promises).extend(&claim, until);
             }
             let lease = record.claim(&claim).map_or(until, |c| c.lease_until_ms);
             Ok(Pending {

@@ -23,6 +23,19 @@
 //! may already have dropped the dirty pages and marked them clean, so a retry that "succeeds" would
 //! acknowledge data that is not on disk. Restarting (which runs recovery) is the only way on.
 //!
+//! # Space for work already promised
+//!
+//! Segments are preallocated, so "the disk is full" shows up as a failure to create the next
+//! segment, never in the middle of a write. The log keeps the *preallocated free space* (the rest of
+//! the active segment plus every spare segment, oldest first) large enough for what it promised:
+//! [`Log::reserve_space`] promises bytes of future [`AppendClass::Reserved`] appends and creates
+//! spare segments until they are covered (or fails with [`LogError::NoSpace`] and promises
+//! nothing); [`Log::release_space`] returns a promise. A [`AppendClass::Normal`] append is refused
+//! when, after it, the free space would no longer cover the outstanding promises plus
+//! [`LogConfig::reserve_bytes`] and no further segment can be created. Because a frame never spans
+//! two segments, each segment is counted without the largest promised frame's worth of bytes, which
+//! is the most a roll can leave unused (see [`Log::reserve_space`]).
+//!
 //! # Lsn
 //!
 //! An [`Lsn`] counts frames appended through this `Log` value: the first append after
@@ -30,7 +43,7 @@
 //! every open; frames found at open are all durable and have no Lsn. Use [`Loc`] for anything that
 //! must survive a restart; use Lsn only to ask "is this append durable yet".
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -89,8 +102,10 @@ pub struct LogConfig {
     pub segment_bytes: u64,
     /// Largest payload accepted; bounds memory when reading a frame whose header is damaged.
     pub max_payload_bytes: u32,
-    /// Bytes at the end of the active segment that only [`AppendClass::Reserved`] appends may use
-    /// once the next segment could not be preallocated.
+    /// Preallocated bytes that only [`AppendClass::Reserved`] appends may use, on top of the
+    /// outstanding [`Log::reserve_space`] promises: a floor for small finishing writes that hold
+    /// no promise of their own (clock reservations, lease extensions, releases). Best effort: such
+    /// writes beyond the floor eat into the promises of others.
     pub reserve_bytes: u64,
     /// PLANTED BUG for crash tests, never set it otherwise: the log acknowledges a flush after
     /// writing but *before* syncing its last segment (the sync is deferred to the next flush), so a
@@ -247,6 +262,12 @@ pub struct LogStats {
     pub bytes_written: u64,
     /// Segments created.
     pub segments_created: u64,
+    /// Bytes promised by [`Log::reserve_space`] and not yet released.
+    pub reserved_bytes: u64,
+    /// Preallocated empty segments waiting to become active.
+    pub spares: u64,
+    /// Preallocated bytes not yet used: the rest of the active segment plus the spares.
+    pub free_bytes: u64,
 }
 
 /// Frames buffered for one segment, contiguous from `offset`.
@@ -270,19 +291,6 @@ impl Chunk {
         let len = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]) as usize;
         self.data.get(rel + 8..rel + 8 + len)
     }
-}
-
-/// State of the preallocated next segment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Spare {
-    /// None yet; the next flush (or a roll) creates one.
-    None,
-    /// A thread is creating it outside the lock; appends that must roll wait.
-    Creating,
-    /// Created, preallocated and its directory entry synced.
-    Ready(SegmentId),
-    /// Creation failed (normally ENOSPC): the reserve rule applies until a retry succeeds.
-    Failed,
 }
 
 /// Per-segment bookkeeping.
@@ -309,14 +317,73 @@ struct State {
     active_size: u64,
     /// Where the next frame goes in the active segment.
     end: u64,
-    spare: Spare,
+    /// Preallocated, empty segments (each `segment_bytes` long, directory entry synced), next to
+    /// become active first. Ids increase along the queue and exceed `active`.
+    spares: VecDeque<SegmentId>,
+    /// A thread is creating a spare outside the lock; whoever needs one meanwhile waits.
+    creating: bool,
+    /// The last attempt to create a spare failed (normally ENOSPC): until a retry succeeds,
+    /// appends and reservations that need one more segment get [`LogError::NoSpace`] at once.
+    grow_failed: bool,
     spare_retry_in: u32,
     next_id: SegmentId,
+    /// Bytes promised by [`Log::reserve_space`], outstanding.
+    reserved: u64,
+    /// Outstanding promises by size (capped at the largest frame): size -> count. The largest
+    /// size bounds what a roll can leave unused at the end of a segment.
+    promises: BTreeMap<u64, u64>,
     segs: BTreeMap<SegmentId, SegMeta>,
     /// Test knob only: a segment written but not yet synced by an acknowledged flush.
     deferred_sync: Option<SegmentId>,
     /// Buffer reused for the next chunk, to avoid reallocating on every flush.
     recycled: Vec<u8>,
+}
+
+/// Bytes of a segment with `free` bytes left that frames of at most `slack + 1` bytes are sure to
+/// fill: frames are placed in order and a roll happens only when the next one does not fit, so a
+/// roll leaves at most `slack` bytes unused.
+fn usable(free: u64, slack: u64) -> u64 {
+    free.saturating_sub(slack)
+}
+
+impl State {
+    /// The most a roll can leave unused at a segment's end while the promised frames come in.
+    fn slack(&self) -> u64 {
+        self.promises
+            .keys()
+            .next_back()
+            .map_or(0, |&f| f.saturating_sub(1))
+    }
+
+    /// Preallocated free space promised frames are sure to fit in (`seg`: size of a spare).
+    fn guaranteed(&self, seg: u64, slack: u64) -> u64 {
+        let active = usable(self.active_size.saturating_sub(self.end), slack);
+        let spares = (self.spares.len() as u64).saturating_mul(usable(seg, slack));
+        active.saturating_add(spares)
+    }
+
+    /// [`State::guaranteed`] once a frame of `frame` bytes is placed; `None` if placing it needs
+    /// a segment that does not exist yet.
+    fn guaranteed_after(&self, frame: u64, seg: u64, slack: u64) -> Option<u64> {
+        if self.end + frame <= self.active_size {
+            let active = usable(self.active_size - self.end - frame, slack);
+            let spares = (self.spares.len() as u64).saturating_mul(usable(seg, slack));
+            Some(active.saturating_add(spares))
+        } else if self.spares.is_empty() {
+            None
+        } else {
+            let active = usable(seg.saturating_sub(frame), slack);
+            let spares = (self.spares.len() as u64 - 1).saturating_mul(usable(seg, slack));
+            Some(active.saturating_add(spares))
+        }
+    }
+
+    /// Preallocated bytes not yet used, counted plainly.
+    fn free_bytes(&self, seg: u64) -> u64 {
+        self.active_size
+            .saturating_sub(self.end)
+            .saturating_add((self.spares.len() as u64).saturating_mul(seg))
+    }
 }
 
 /// The write-ahead log. Share it by reference or `Arc`; every method takes `&self`.
@@ -459,7 +526,8 @@ impl<S: Storage> Log<S> {
     /// Opens the log, recovering after a crash, and makes it ready for appends.
     ///
     /// Recovery: the last segment holding a valid first frame is the tail (later segments are
-    /// empty spares or torn first writes, and are removed). The tail is scanned to its first
+    /// empty spares, as many as promises had called for, or torn first writes: all are removed,
+    /// and promises are made afresh by whoever holds claims after the restart). The tail is scanned to its first
     /// invalid frame, cut there and re-preallocated so that zeroes follow the valid data, and
     /// synced, before any append is accepted. Earlier segments are not read here: [`Log::replay`]
     /// checks them and reports damage as [`LogError::Corrupt`].
@@ -568,9 +636,13 @@ impl<S: Storage> Log<S> {
                 active,
                 active_size,
                 end,
-                spare: Spare::None,
+                spares: VecDeque::new(),
+                creating: false,
+                grow_failed: false,
                 spare_retry_in: 0,
                 next_id,
+                reserved: 0,
+                promises: BTreeMap::new(),
                 segs,
                 deferred_sync: None,
                 recycled: Vec::new(),
@@ -592,7 +664,7 @@ impl<S: Storage> Log<S> {
             bytes_written: AtomicU64::new(0),
             segments_created: AtomicU64::new(created),
         };
-        log.ensure_spare(true);
+        log.ensure_spares(true);
         Ok(log)
     }
 
@@ -639,7 +711,18 @@ impl<S: Storage> Log<S> {
 
     /// Counters for benches: `frames_written / syncs` is the group-commit factor.
     pub fn stats(&self) -> LogStats {
+        let (reserved_bytes, spares, free_bytes) = {
+            let st = lock(&self.state);
+            (
+                st.reserved,
+                st.spares.len() as u64,
+                st.free_bytes(self.cfg.segment_bytes),
+            )
+        };
         LogStats {
+            reserved_bytes,
+            spares,
+            free_bytes,
             syncs: self.syncs.load(Ordering::Relaxed),
             flushes: self.flushes.load(Ordering::Relaxed),
             frames_written: self.frames_written.load(Ordering::Relaxed),
@@ -659,11 +742,13 @@ impl<S: Storage> Log<S> {
     /// Buffers a frame and returns its Lsn and future location; durable only after a flush
     /// covering the Lsn.
     ///
-    /// Normally no system call happens here. The slow path: when the frame does not fit and no
-    /// spare segment is ready, the append creates one itself (or waits for the thread creating
-    /// it). If the disk is full (the spare could not be created), `Normal` appends may not use
-    /// the last `reserve_bytes` of the active segment and get [`LogError::NoSpace`]; `Reserved`
-    /// appends may, up to the segment's end.
+    /// Normally no system call happens here: rolling into the next spare segment is a switch in
+    /// memory. The slow path: when the frame needs a segment that does not exist yet, the append
+    /// creates one (or waits for the thread creating one). A `Normal` append is refused with
+    /// [`LogError::NoSpace`] when the preallocated free space left after it would not cover the
+    /// outstanding [`Log::reserve_space`] promises plus [`LogConfig::reserve_bytes`] and no further
+    /// segment can be created. A `Reserved` append may use any preallocated space; the caller
+    /// holding a promise for it releases the promise afterwards ([`Log::release_space`]).
     pub fn append(&self, payload: &[u8], class: AppendClass) -> Result<(Lsn, Loc), LogError> {
         if payload.is_empty() {
             return Err(LogError::EmptyPayload);
@@ -674,52 +759,28 @@ impl<S: Storage> Log<S> {
                 max: self.cfg.max_payload_bytes,
             });
         }
-        let frame_len = FRAME_HEADER_BYTES + payload.len() as u64;
+        let frame_len = Self::frame_bytes(payload.len());
+        let seg = self.cfg.segment_bytes;
         let mut st = lock(&self.state);
         loop {
             self.check_poison()?;
-            let limit = match (st.spare, class) {
-                (Spare::Failed, AppendClass::Normal) => {
-                    st.active_size.saturating_sub(self.cfg.reserve_bytes)
+            let fits = st.end + frame_len <= st.active_size;
+            let ok = match class {
+                AppendClass::Reserved => fits || !st.spares.is_empty(),
+                AppendClass::Normal => {
+                    let needed = st.reserved.saturating_add(self.cfg.reserve_bytes);
+                    st.guaranteed_after(frame_len, seg, st.slack())
+                        .is_some_and(|g| g >= needed)
                 }
-                _ => st.active_size,
             };
-            if st.end + frame_len <= limit {
+            if ok {
+                if !fits {
+                    Self::roll(&mut st);
+                }
                 break;
             }
-            match st.spare {
-                Spare::Ready(id) => Self::roll(&mut st, id),
-                Spare::Creating => {
-                    st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
-                }
-                Spare::Failed => return Err(LogError::NoSpace),
-                Spare::None => {
-                    // Slow path under the lock: rare (the flusher normally keeps a spare ready).
-                    let id = st.next_id;
-                    st.next_id = id.checked_add(1).ok_or(LogError::NoSpace)?;
-                    match Self::create_segment(&self.storage, id, self.cfg.segment_bytes) {
-                        Ok(()) => {
-                            self.segments_created.fetch_add(1, Ordering::Relaxed);
-                            st.segs.insert(
-                                id,
-                                SegMeta {
-                                    size: self.cfg.segment_bytes,
-                                    last: None,
-                                    end: Some(0),
-                                },
-                            );
-                            Self::roll(&mut st, id);
-                        }
-                        Err(e) => {
-                            st.spare = Spare::Failed;
-                            st.spare_retry_in = SPARE_RETRY_FLUSHES;
-                            if !is_no_space(&e) {
-                                return Err(io_err(|| format!("creating segment {id}"))(e));
-                            }
-                        }
-                    }
-                }
-            }
+            // Rare: the flusher normally keeps enough spares ready.
+            st = self.grow(st, false)?;
         }
         let loc = Loc {
             segment: st.active,
@@ -756,11 +817,13 @@ impl<S: Storage> Log<S> {
         Ok((lsn, loc))
     }
 
-    fn roll(st: &mut State, id: SegmentId) {
-        st.spare = Spare::None;
-        st.active = id;
-        st.active_size = st.segs.get(&id).map_or(0, |m| m.size);
-        st.end = 0;
+    /// Makes the oldest spare the active segment: no system call.
+    fn roll(st: &mut State) {
+        if let Some(id) = st.spares.pop_front() {
+            st.active = id;
+            st.active_size = st.segs.get(&id).map_or(0, |m| m.size);
+            st.end = 0;
+        }
     }
 
     /// Writes and syncs everything appended so far; returns the durable Lsn.
@@ -847,17 +910,15 @@ impl<S: Storage> Log<S> {
         }
         self.cv.notify_all();
         outcome?;
-        let need_spare = match st.spare {
-            Spare::None => true,
-            Spare::Failed => {
-                st.spare_retry_in = st.spare_retry_in.saturating_sub(1);
-                st.spare_retry_in == 0
-            }
-            _ => false,
+        let due = if st.grow_failed {
+            st.spare_retry_in = st.spare_retry_in.saturating_sub(1);
+            st.spare_retry_in == 0
+        } else {
+            true
         };
-        if need_spare {
+        if due && !st.creating && self.wants_spare(&st) {
             drop(st);
-            self.ensure_spare(true);
+            self.ensure_spares(true);
             st = lock(&self.state);
         }
         Ok(st)
@@ -903,30 +964,69 @@ impl<S: Storage> Log<S> {
             .map_err(io_err(|| format!("syncing segment {seg}")))
     }
 
-    /// Creates the spare segment if there is none (or, with `retry_failed`, if the last attempt
-    /// failed). Runs outside the lock; appends that need to roll meanwhile wait for it.
-    fn ensure_spare(&self, retry_failed: bool) {
-        let id = {
-            let mut st = lock(&self.state);
-            match st.spare {
-                Spare::None => {}
-                Spare::Failed if retry_failed => {}
-                _ => return,
-            }
-            if self.is_poisoned() {
+    /// Whether the background should create another spare: none is left, or the preallocated
+    /// free space covers the promises with less than half a segment to spare for `Normal`
+    /// appends (which would then have to create one themselves).
+    fn wants_spare(&self, st: &State) -> bool {
+        let seg = self.cfg.segment_bytes;
+        let target = st
+            .reserved
+            .saturating_add(self.cfg.reserve_bytes)
+            .saturating_add(seg / 2);
+        st.spares.is_empty() || st.guaranteed(seg, st.slack()) < target
+    }
+
+    /// Creates spares outside the lock while [`Log::wants_spare`] says so (a few at most per call,
+    /// the rest is left to the next flush), unless another thread is creating one. Retries after a
+    /// failed attempt only with `retry_failed`. Failures are remembered in the state; appends and
+    /// reservations that then need a segment get [`LogError::NoSpace`].
+    fn ensure_spares(&self, retry_failed: bool) {
+        const MAX_PER_CALL: usize = 4;
+        let mut st = lock(&self.state);
+        for _ in 0..MAX_PER_CALL {
+            if self.is_poisoned() || st.creating || !self.wants_spare(&st) {
                 return;
             }
-            let id = st.next_id;
-            let Some(next) = id.checked_add(1) else {
-                st.spare = Spare::Failed;
+            if st.grow_failed && !retry_failed {
                 return;
-            };
-            st.next_id = next;
-            st.spare = Spare::Creating;
-            id
+            }
+            match self.grow(st, true) {
+                Ok(g) => st = g,
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// One step towards one more spare segment: if a thread is creating one, waits for it;
+    /// otherwise creates one, preallocated, outside the lock and appends it to the spares (ids
+    /// increase: one creation runs at a time). The caller re-checks what it needed.
+    ///
+    /// Fails with [`LogError::NoSpace`] when creation fails for lack of space, or failed lately and
+    /// `retry_failed` is off (no system call then); other storage errors are [`LogError::Io`].
+    fn grow<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        retry_failed: bool,
+    ) -> Result<MutexGuard<'a, State>, LogError> {
+        if st.creating {
+            return Ok(self.cv.wait(st).unwrap_or_else(PoisonError::into_inner));
+        }
+        if st.grow_failed && !retry_failed {
+            return Err(LogError::NoSpace);
+        }
+        let id = st.next_id;
+        let Some(next) = id.checked_add(1) else {
+            st.grow_failed = true;
+            st.spare_retry_in = SPARE_RETRY_FLUSHES;
+            return Err(LogError::NoSpace);
         };
+        st.next_id = next;
+        st.creating = true;
+        drop(st);
         let res = Self::create_segment(&self.storage, id, self.cfg.segment_bytes);
         let mut st = lock(&self.state);
+        st.creating = false;
+        self.cv.notify_all();
         match res {
             Ok(()) => {
                 self.segments_created.fetch_add(1, Ordering::Relaxed);
@@ -938,16 +1038,91 @@ impl<S: Storage> Log<S> {
                         end: Some(0),
                     },
                 );
-                st.spare = Spare::Ready(id);
+                st.spares.push_back(id);
+                st.grow_failed = false;
+                Ok(st)
             }
-            Err(_) => {
-                // Usually ENOSPC. Other errors are treated alike: without a spare the log keeps
-                // going inside the active segment and the reserve rule protects completions.
-                st.spare = Spare::Failed;
+            Err(e) => {
+                // Usually ENOSPC. Other errors are remembered alike: without another segment the
+                // log goes on in the space it has, and the promises keep theirs.
+                st.grow_failed = true;
                 st.spare_retry_in = SPARE_RETRY_FLUSHES;
+                if is_no_space(&e) {
+                    Err(LogError::NoSpace)
+                } else {
+                    Err(io_err(|| format!("creating segment {id}"))(e))
+                }
             }
         }
-        self.cv.notify_all();
+    }
+
+    /// Bytes a payload of `payload_len` bytes takes in the log, frame header included: what
+    /// [`Log::reserve_space`] must be given for one future append of it.
+    pub const fn frame_bytes(payload_len: usize) -> u64 {
+        FRAME_HEADER_BYTES + payload_len as u64
+    }
+
+    /// Promises that `bytes` more of [`AppendClass::Reserved`] appends will find preallocated
+    /// space, even once the disk is full; `Normal` appends can no longer take that space.
+    ///
+    /// Reserve once per future frame, with at least its [`Log::frame_bytes`]: the largest
+    /// outstanding promise is taken as the largest promised frame, which bounds the space a roll
+    /// can leave unused at a segment's end (so each segment counts `largest - 1` bytes less).
+    /// Larger amounts are fine (counted as frames of at most the largest payload); splitting one
+    /// frame over several calls is not.
+    ///
+    /// No system call unless the preallocated free space does not cover all promises plus
+    /// [`LogConfig::reserve_bytes`]: then spare segments are created, synchronously, one segment
+    /// at a time. If that fails for lack of space (or failed lately and no retry is due), returns
+    /// [`LogError::NoSpace`] and promises nothing; segments created on the way stay as spares for
+    /// later appends.
+    pub fn reserve_space(&self, bytes: u64) -> Result<(), LogError> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        let key = bytes.min(Self::frame_bytes(self.cfg.max_payload_bytes as usize));
+        let seg = self.cfg.segment_bytes;
+        let mut st = lock(&self.state);
+        loop {
+            self.check_poison()?;
+            let slack = st.slack().max(key - 1);
+            let needed = st
+                .reserved
+                .saturating_add(bytes)
+                .saturating_add(self.cfg.reserve_bytes);
+            if st.guaranteed(seg, slack) >= needed {
+                st.reserved += bytes;
+                *st.promises.entry(key).or_insert(0) += 1;
+                return Ok(());
+            }
+            st = self.grow(st, false)?;
+        }
+    }
+
+    /// Returns a promise made by [`Log::reserve_space`] with the same `bytes`: after the append it
+    /// was for, or when that append will never come (claim finished otherwise, or abandoned).
+    pub fn release_space(&self, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        let key = bytes.min(Self::frame_bytes(self.cfg.max_payload_bytes as usize));
+        let mut st = lock(&self.state);
+        debug_assert!(
+            bytes <= st.reserved,
+            "releasing {bytes} bytes, only {} promised",
+            st.reserved
+        );
+        st.reserved = st.reserved.saturating_sub(bytes);
+        if let Some(n) = st.promises.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                st.promises.remove(&key);
+            }
+        }
+        if st.reserved == 0 {
+            // Releases that did not match a promise's size leave stale sizes behind; drop them.
+            st.promises.clear();
+        }
     }
 
     /// The payload of the frame at `loc`, durable or not: from the in-memory buffer if it has not
@@ -1110,7 +1285,7 @@ impl<S: Storage> Log<S> {
             .map(|(&id, m)| {
                 let role = if id == st.active {
                     SegmentRole::Active
-                } else if st.spare == Spare::Ready(id) {
+                } else if id > st.active {
                     SegmentRole::Spare
                 } else {
                     SegmentRole::Sealed
@@ -1131,7 +1306,7 @@ impl<S: Storage> Log<S> {
             .collect()
     }
 
-    /// Deletes a sealed segment (garbage collection), and retries preallocating a spare since
+    /// Deletes a sealed segment (garbage collection), and retries preallocating spares since
     /// space was freed. Frames in it become unreadable; a scan running over it may fail.
     pub fn remove_segment(&self, id: SegmentId) -> Result<(), LogError> {
         self.check_poison()?;
@@ -1143,7 +1318,7 @@ impl<S: Storage> Log<S> {
                     reason: "it is the active segment",
                 });
             }
-            if st.spare == Spare::Ready(id) || id > st.active {
+            if id > st.active {
                 return Err(LogError::SegmentBusy {
                     segment: id,
                     reason: "it is the spare segment",
@@ -1166,7 +1341,7 @@ impl<S: Storage> Log<S> {
         self.storage.sync_dir().map_err(io_err(|| {
             format!("syncing the directory after removing {id}")
         }))?;
-        self.ensure_spare(true);
+        self.ensure_spares(true);
         Ok(())
     }
 }
@@ -1628,5 +1803,307 @@ mod tests {
             other => panic!("expected Corrupt, got {other:?}"),
         }
         assert!(matches!(log.read(victim), Err(LogError::Corrupt { .. })));
+    }
+
+    /// A frame of `FRAME` bytes: what a completion of a granted claim writes in these tests.
+    const W: usize = 92;
+    const FRAME: u64 = FRAME_HEADER_BYTES + W as u64;
+    /// A Normal frame of 64 bytes: new work.
+    const N: usize = 56;
+
+    /// Appends Normal frames (flushing now and then, so the background tops up spares) until the
+    /// log refuses one with NoSpace; returns how many it took.
+    fn fill_with_normal<S: Storage>(log: &Log<S>) -> usize {
+        let mut n = 0;
+        loop {
+            match log.append(&payload(n as u64, N - 8), AppendClass::Normal) {
+                Ok(_) => n += 1,
+                Err(LogError::NoSpace) => return n,
+                Err(e) => panic!("{e}"),
+            }
+            if n % 4 == 0 {
+                log.flush().unwrap();
+            }
+            assert!(n < 100_000, "never filled");
+        }
+    }
+
+    #[test]
+    fn promised_space_survives_a_full_disk() {
+        let cfg = small_cfg(); // 1024-byte segments, 256-byte floor
+        let storage = MemStorage::new();
+        storage.set_capacity(Some(5 * 1024));
+        let log = Log::open(storage.clone(), cfg.clone()).unwrap();
+        // Grant 20 claims: one promise per completion frame.
+        for _ in 0..20 {
+            log.reserve_space(FRAME).unwrap();
+        }
+        let s = log.stats();
+        assert_eq!(s.reserved_bytes, 20 * FRAME);
+        assert!(s.free_bytes >= 20 * FRAME + cfg.reserve_bytes, "{s:?}");
+        // New claims fill the disk and are refused first.
+        let normal = fill_with_normal(&log);
+        assert!(normal > 20, "{normal}");
+        assert!(
+            storage.used_bytes() + cfg.segment_bytes > 5 * 1024,
+            "refused only once no segment can be created"
+        );
+        let s = log.stats();
+        let promised = 20 * FRAME + cfg.reserve_bytes;
+        assert!(s.free_bytes >= promised, "promises kept: {s:?}");
+        // Refused at the right point: at most one frame plus the roll allowance per segment more.
+        let slack = (FRAME - 1) * (s.spares + 1);
+        assert!(s.free_bytes < promised + 64 + slack, "{s:?}");
+        // A new promise is refused too, and takes nothing.
+        assert!(matches!(log.reserve_space(FRAME), Err(LogError::NoSpace)));
+        assert_eq!(log.stats().reserved_bytes, 20 * FRAME);
+        // Every granted claim completes.
+        for i in 0..20 {
+            log.append(&payload(1_000 + i, W - 8), AppendClass::Reserved)
+                .unwrap();
+            log.release_space(FRAME);
+            if i % 3 == 0 {
+                log.flush().unwrap();
+            }
+        }
+        assert_eq!(log.stats().reserved_bytes, 0);
+        // The floor is left for the store's own small finishing writes.
+        let mut floor = 0;
+        while log
+            .append(&payload(2_000 + floor, N - 8), AppendClass::Reserved)
+            .is_ok()
+        {
+            floor += 1;
+        }
+        assert!(floor >= 3, "{floor}");
+        let total = log.flush().unwrap();
+        assert_eq!(total, normal as u64 + 20 + floor);
+        drop(log);
+        let log = Log::open(storage, cfg).unwrap();
+        assert_eq!(replay_all(&log).unwrap().len() as u64, total);
+    }
+
+    #[test]
+    fn promises_beyond_the_disk_are_refused_and_release_returns_space() {
+        let cfg = small_cfg();
+        let storage = MemStorage::new();
+        storage.set_capacity(Some(3 * 1024));
+        let log = Log::open(storage.clone(), cfg.clone()).unwrap();
+        let mut granted = 0u64;
+        while log.reserve_space(FRAME).is_ok() {
+            granted += 1;
+            assert!(granted < 1000);
+        }
+        // Three segments of 1024 bytes, each counted without 99 bytes of roll allowance, hold
+        // 25 promised frames besides the floor.
+        assert_eq!(granted, 25);
+        assert_eq!(log.stats().reserved_bytes, granted * FRAME);
+        assert!(matches!(log.reserve_space(10_000), Err(LogError::NoSpace)));
+        assert_eq!(log.stats().reserved_bytes, granted * FRAME);
+        // Everything is promised: new work is refused outright.
+        assert!(matches!(
+            log.append(&[1; N - 8], AppendClass::Normal),
+            Err(LogError::NoSpace)
+        ));
+        // Ten claims are abandoned: their space is free for new work again.
+        for _ in 0..10 {
+            log.release_space(FRAME);
+        }
+        granted -= 10;
+        let normal = fill_with_normal(&log);
+        assert!(normal >= 10, "{normal}");
+        for i in 0..granted {
+            log.append(&payload(i, W - 8), AppendClass::Reserved)
+                .unwrap();
+            log.release_space(FRAME);
+        }
+        assert_eq!(log.flush().unwrap(), normal as u64 + granted);
+    }
+
+    #[test]
+    fn promises_spread_over_several_spares_and_survive_reopen() {
+        let cfg = small_cfg();
+        let storage = MemStorage::new();
+        let log = Log::open(storage.clone(), cfg.clone()).unwrap();
+        for _ in 0..60 {
+            log.reserve_space(FRAME).unwrap();
+        }
+        let spares: Vec<SegmentId> = log
+            .segments()
+            .iter()
+            .filter(|s| s.role == SegmentRole::Spare)
+            .map(|s| s.id)
+            .collect();
+        assert!(spares.len() >= 6, "{spares:?}");
+        assert!(spares.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(log.stats().spares, spares.len() as u64);
+        // Clean close with several empty spares: they are dropped at open.
+        drop(log);
+        let log = Log::open(storage.clone(), cfg.clone()).unwrap();
+        assert!(replay_all(&log).unwrap().is_empty());
+        assert_eq!(log.stats().reserved_bytes, 0);
+        // Promise again, then roll through the spares with both kinds of appends.
+        for _ in 0..60 {
+            log.reserve_space(FRAME).unwrap();
+        }
+        let mut written = Vec::new();
+        for i in 0..60u64 {
+            let p = payload(i, W - 8);
+            written.push((log.append(&p, AppendClass::Reserved).unwrap().1, p));
+            log.release_space(FRAME);
+            let p = payload(100 + i, N - 8);
+            written.push((log.append(&p, AppendClass::Normal).unwrap().1, p));
+            if i % 7 == 0 {
+                log.flush().unwrap();
+            }
+        }
+        log.flush().unwrap();
+        assert!(written.windows(2).all(|w| w[0].0 < w[1].0));
+        let segs: std::collections::BTreeSet<_> = written.iter().map(|(l, _)| l.segment).collect();
+        assert!(segs.len() >= 9, "{segs:?}");
+        assert_eq!(replay_all(&log).unwrap(), written);
+        drop(log);
+        let log = Log::open(storage, cfg).unwrap();
+        assert_eq!(replay_all(&log).unwrap(), written);
+    }
+
+    #[test]
+    fn crash_with_several_spares_keeps_acknowledged_frames() {
+        let cfg = small_cfg();
+        for seed in 0..48u64 {
+            let storage = MemStorage::new();
+            let log = Log::open(storage.clone(), cfg.clone()).unwrap();
+            let mut appended = Vec::new();
+            let mut acked = 0;
+            for i in 0..40u64 {
+                if i % 5 == 0 {
+                    // Promises grow ahead of the appends: several spares stay ahead.
+                    for _ in 0..10 {
+                        log.reserve_space(FRAME).unwrap();
+                    }
+                }
+                let p = crash_payload(seed, i, W as u8 - 8);
+                log.append(&p, AppendClass::Reserved).unwrap();
+                log.release_space(FRAME);
+                appended.push(p);
+                if (i + seed) % 6 == 0 {
+                    acked = log.flush().unwrap() as usize;
+                }
+            }
+            assert!(log.stats().spares >= 3, "{:?}", log.stats());
+            if seed % 2 == 0 {
+                storage.fail_next_sync();
+                if let Ok(d) = log.flush() {
+                    acked = d as usize;
+                }
+                storage.set_fail_syncs(false);
+            }
+            drop(log);
+            storage.crash(seed);
+            let log = Log::open(storage.clone(), cfg.clone()).unwrap();
+            let replayed: Vec<Vec<u8>> = replay_all(&log)
+                .unwrap()
+                .into_iter()
+                .map(|(_, p)| p)
+                .collect();
+            assert!(
+                replayed.len() >= acked,
+                "seed {seed}: lost acknowledged frames"
+            );
+            assert_eq!(&replayed[..], &appended[..replayed.len()], "seed {seed}");
+            // And the recovered log goes on, promises included.
+            for _ in 0..30 {
+                log.reserve_space(FRAME).unwrap();
+            }
+            let mut more = Vec::new();
+            for i in 0..30u64 {
+                let p = crash_payload(seed + 1_000, i, W as u8 - 8);
+                log.append(&p, AppendClass::Reserved).unwrap();
+                log.release_space(FRAME);
+                more.push(p);
+            }
+            log.flush().unwrap();
+            drop(log);
+            storage.crash(seed ^ 0xabc);
+            let log = Log::open(storage.clone(), cfg.clone()).unwrap();
+            let after: Vec<Vec<u8>> = replay_all(&log)
+                .unwrap()
+                .into_iter()
+                .map(|(_, p)| p)
+                .collect();
+            let mut expect = replayed;
+            expect.extend(more);
+            assert_eq!(after, expect, "seed {seed}");
+        }
+    }
+
+    /// Grants race with new work while the disk fills: no promised append ever fails, even
+    /// without a floor and with frames that leave space unused at every segment's end.
+    #[test]
+    fn concurrent_promises_hold_when_the_disk_fills() {
+        let cfg = LogConfig {
+            reserve_bytes: 0,
+            ..small_cfg()
+        };
+        const PAYLOAD: usize = 190; // 198-byte frames: 5 fit a segment, 34 bytes left over
+        const BATCH: u64 = 4;
+        let frame = Log::<MemStorage>::frame_bytes(PAYLOAD);
+        for round in 0..4u64 {
+            let storage = MemStorage::new();
+            storage.set_capacity(Some(12 * 1024));
+            let log = Arc::new(Log::open(storage.clone(), cfg.clone()).unwrap());
+            let handles: Vec<_> = (0..8u64)
+                .map(|t| {
+                    let log = Arc::clone(&log);
+                    std::thread::spawn(move || {
+                        let (mut done, mut refused) = (0u64, 0u64);
+                        for i in 0..100u64 {
+                            // Grant a few claims: promise each completion, then log the claim.
+                            let mut granted = 0;
+                            for _ in 0..BATCH {
+                                if log.reserve_space(frame).is_err() {
+                                    refused += 1;
+                                    continue;
+                                }
+                                let len = 8 + ((t + i + round) as usize * 37) % 150;
+                                match log.append(&payload(t, len), AppendClass::Normal) {
+                                    Ok(_) => granted += 1,
+                                    Err(LogError::NoSpace) => {
+                                        log.release_space(frame);
+                                        refused += 1;
+                                    }
+                                    Err(e) => panic!("{e}"),
+                                }
+                                std::thread::yield_now();
+                            }
+                            // Complete them.
+                            let mut lsn = 0;
+                            for _ in 0..granted {
+                                let p = payload(t * 10_000 + i, PAYLOAD - 8);
+                                lsn = log
+                                    .append(&p, AppendClass::Reserved)
+                                    .expect("a promised completion must succeed")
+                                    .0;
+                                log.release_space(frame);
+                                done += 1;
+                            }
+                            if lsn > 0 {
+                                log.wait_durable(lsn).unwrap();
+                            }
+                        }
+                        (done, refused)
+                    })
+                })
+                .collect();
+            let (mut done, mut refused) = (0, 0);
+            for h in handles {
+                let (d, r) = h.join().unwrap();
+                done += d;
+                refused += r;
+            }
+            assert!(done > 0 && refused > 0, "{done} done, {refused} refused");
+            assert_eq!(log.stats().reserved_bytes, 0);
+            assert_eq!(log.flush().unwrap(), 2 * done);
+        }
     }
 }

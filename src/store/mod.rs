@@ -41,6 +41,7 @@ pub mod log;
 pub mod policy;
 mod recovery;
 mod replication;
+mod reserve;
 pub mod storage;
 
 use std::collections::BTreeMap;
@@ -282,6 +283,8 @@ pub struct Store<S: Storage> {
     fenced: AtomicBool,
     stats: StoreStats,
     recovered_from: (usize, usize),
+    /// Disk space promised to granted claims (see [`reserve`]).
+    promises: Mutex<reserve::Promises>,
 }
 
 impl<S: Storage> std::fmt::Debug for Store<S> {
@@ -342,6 +345,7 @@ impl<S: Storage> Store<S> {
             fenced: AtomicBool::new(false),
             stats: StoreStats::default(),
             recovered_from: (recovered.hinted_segments, recovered.scanned_segments),
+            promises: Mutex::new(reserve::Promises::default()),
         };
         if now_ms > store.clock.restart_fence_ms() {
             store.settle_clock(now_ms)?;
@@ -375,6 +379,35 @@ impl<S: Storage> Store<S> {
     /// recovery does it for segments it had to decode. Returns how many were written.
     pub fn write_hints(&self) -> Result<usize, StoreError> {
         recovery::write_missing_hints(&self.log)
+    }
+
+    /// Claims holding a disk-space promise for their completion.
+    pub fn promised_claims(&self) -> usize {
+        lock(&self.promises).len()
+    }
+
+    /// Returns the promise of one of this region's claims (finished, taken over or abandoned).
+    fn keep_no_promise(&self, claim: &Stamp) {
+        if claim.region == self.region {
+            if let Some(bytes) = lock(&self.promises).take(claim) {
+                self.log.release_space(bytes);
+            }
+        }
+    }
+
+    /// Returns the promises of claims whose lease ran out (by our clock plus the max drift).
+    fn expire_promises(&self, now_ms: u64) {
+        let before = now_ms.saturating_sub(self.clock.config().max_drift_ms);
+        let expired = {
+            let mut p = lock(&self.promises);
+            if !p.any_expired(before) {
+                return;
+            }
+            p.expire(before)
+        };
+        for bytes in expired {
+            self.log.release_space(bytes);
+        }
     }
 
     /// How the last recovery went: (segments restored from hints, segments decoded).

@@ -436,6 +436,7 @@ fn a_full_disk_refuses_new_claims_first_and_granted_claims_still_finish() {
             (k.clone(), execute(&s, T0, &req(&k, "b", 1)))
         })
         .collect();
+    assert_eq!(s.promised_claims(), 20);
     disk.set_capacity(Some(disk.used_bytes()));
     let mut refused = false;
     for i in 0..50_000 {
@@ -452,9 +453,34 @@ fn a_full_disk_refuses_new_claims_first_and_granted_claims_still_finish() {
         }
     }
     assert!(refused, "new claims are refused once the disk is full");
+    // Every granted claim completes with an outcome as large as the namespace allows.
+    let max = s.namespace("pay").unwrap().config().outcome_bytes_max;
     for (k, c) in granted {
-        complete(&s, T0 + 2, &k, c, "done");
+        let big = Outcome::new(200, vec![b'x'; max]);
+        s.wait(s.complete(T0 + 2, &key(&k), c, big).unwrap())
+            .unwrap();
     }
+}
+
+#[test]
+fn promises_of_abandoned_claims_are_returned_when_their_lease_runs_out() {
+    let s = open(&MemStorage::new(), T0);
+    execute(&s, T0, &req("gone", "b", 1));
+    let c = execute(&s, T0, &req("done", "b", 1));
+    complete(&s, T0 + 1, "done", c, "ok");
+    assert_eq!(s.promised_claims(), 1);
+    execute(&s, T0 + 30_000, &req("other", "b", 1));
+    assert_eq!(
+        s.promised_claims(),
+        2,
+        "the lease (plus drift) has not run out yet"
+    );
+    execute(&s, T0 + 31_000, &req("later", "b", 1));
+    assert_eq!(
+        s.promised_claims(),
+        2,
+        "gone's promise returned, later's taken"
+    );
 }
 
 #[test]
