@@ -142,6 +142,34 @@ impl Record {
         gens
     }
 
+    /// Expiry (Unix ms) of the newest generation, without building the generations: what the
+    /// index keeps per key, computed on every write. Same partition rule as
+    /// [`Record::generations`] (a test checks they agree).
+    pub fn newest_expiry_ms(&self) -> Option<u64> {
+        let placeholders = self.claims().any(|(_, c)| c.facts.is_none());
+        let mut expiry: Option<u64> = None;
+        for (stamp, c) in self.claims() {
+            let ttl = match &c.facts {
+                Some(f) => f.ttl_ms,
+                None if placeholders => match self
+                    .claims()
+                    .filter_map(|(_, t)| t.facts.as_ref())
+                    .filter(|f| f.takes_over.contains(stamp))
+                    .map(|f| f.ttl_ms)
+                    .min()
+                {
+                    Some(t) => t,
+                    None => continue,
+                },
+                None => continue,
+            };
+            if expiry.is_none_or(|x| stamp.physical_ms() >= x) {
+                expiry = Some(stamp.physical_ms().saturating_add(ttl));
+            }
+        }
+        expiry
+    }
+
     /// The generation holding `stamp`, if the stamp is in the record.
     pub fn generation_of(&self, retired: &Retirements, stamp: &Stamp) -> Option<Generation> {
         self.generations(retired)

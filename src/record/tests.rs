@@ -531,6 +531,10 @@ proptest! {
         let other = build(&shuffled(&deltas, seed, dup_every));
         prop_assert_eq!(&in_order, &other);
         prop_assert_eq!(derived(&in_order), derived(&other));
+        prop_assert_eq!(
+            in_order.newest_expiry_ms(),
+            in_order.generations(&Retirements::none()).last().map(|g| g.expires_at_ms)
+        );
         // A record rebuilt from its own deltas (a snapshot stream) is the same record.
         prop_assert_eq!(&build(&in_order.to_deltas()), &in_order);
     }

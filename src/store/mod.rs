@@ -589,11 +589,7 @@ impl<S: Storage> Store<S> {
     }
 
     fn newest_expiry(&self, record: &Record) -> u64 {
-        record
-            .generations(&self.retired)
-            .last()
-            .map(|g| g.expires_at_ms)
-            .unwrap_or(0)
+        record.newest_expiry_ms().unwrap_or(0)
     }
 
     /// Appends a local mutation: numbers it, applies it to `record`, encodes and appends it.
