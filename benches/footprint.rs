@@ -7,12 +7,12 @@ mod common;
 
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use common::Rng;
 use idem::record::KeyDigest;
 use idem::store::index::IndexEntry;
-use idem::store::storage::FsStorage;
+use idem::store::storage::{FsStorage, SEGMENT_SUFFIX};
 use idem::store::Store;
 
 /// Requests generated (and dropped) per chunk, so the generator's memory stays small.
@@ -25,6 +25,36 @@ fn open(dir: &Path) -> Store<FsStorage> {
         common::now_ms(),
     )
     .expect("open store")
+}
+
+fn timed_open(dir: &Path, n: u64) -> (Store<FsStorage>, Duration) {
+    let t = Instant::now();
+    let store = open(dir);
+    let d = t.elapsed();
+    assert_eq!(store.key_count() as u64, n);
+    (store, d)
+}
+
+fn report(what: &str, store: &Store<FsStorage>, t: Duration) {
+    let (hinted, decoded) = store.recovery_stats();
+    println!(
+        "restart (Store::open), {what}: {:.3} s ({hinted} segments from hints, {decoded} decoded)",
+        t.as_secs_f64()
+    );
+}
+
+/// Copies the segment files (not the hint files) and syncs them, so they can be evicted.
+fn copy_segments(from: &Path, to: &Path) {
+    for e in std::fs::read_dir(from).expect("read dir").flatten() {
+        let name = e.file_name();
+        if name.to_string_lossy().ends_with(SEGMENT_SUFFIX) {
+            let dst = to.join(&name);
+            std::fs::copy(e.path(), &dst).expect("copy segment");
+            std::fs::File::open(&dst)
+                .and_then(|f| f.sync_all())
+                .expect("sync copy");
+        }
+    }
 }
 
 fn mib(b: i64) -> f64 {
@@ -103,28 +133,30 @@ fn main() {
     drop(store);
     let heap3 = common::heap_in_use();
 
-    let t = Instant::now();
-    let store = open(dir.path());
-    let warm = t.elapsed();
-    assert_eq!(store.key_count() as u64, n);
+    // A copy of the log to restart from a cold page cache without hint files.
+    let cold_dir = common::bench_dir();
+    copy_segments(dir.path(), cold_dir.path());
+    evict(cold_dir.path());
+
+    let (store, t) = timed_open(dir.path(), n);
     let heap4 = common::heap_in_use();
+    report("warm page cache, no hint files", &store, t);
     println!(
-        "restart (Store::open, page cache warm): {:.3} s; index after restart: heap {:+.1} MiB = {:.1} B/key",
-        warm.as_secs_f64(),
+        "index after restart: heap {:+.1} MiB = {:.1} B/key",
         mib(heap4 as i64 - heap3 as i64),
         (heap4 as f64 - heap3 as f64) / n as f64
     );
     drop(store);
-
+    let (store, t) = timed_open(dir.path(), n);
+    report("warm page cache, hint files", &store, t);
+    drop(store);
     evict(dir.path());
-    let t = Instant::now();
-    let store = open(dir.path());
-    let cold = t.elapsed();
-    assert_eq!(store.key_count() as u64, n);
-    println!(
-        "restart (Store::open, segment pages evicted with fadvise DONTNEED): {:.3} s",
-        cold.as_secs_f64()
-    );
+    let (store, t) = timed_open(dir.path(), n);
+    report("cold page cache, hint files", &store, t);
+    drop(store);
+    let (store, t) = timed_open(cold_dir.path(), n);
+    report("cold page cache, no hint files", &store, t);
+    drop(store);
     println!(
         "VmRSS at the end: {:.1} MiB",
         mib(common::vm_rss_bytes() as i64)

@@ -345,6 +345,15 @@ pub fn frames_per_sync(id: &str, n: usize) -> Option<(f64, f64)> {
     (syncs > 0 && frames > 0).then(|| (frames as f64 / syncs as f64, bytes as f64 / frames as f64))
 }
 
+/// Timed microseconds per fdatasync over the last `n` samples (for one caller: the latency of
+/// an operation; with more, the interval between group commits).
+pub fn time_per_sync(id: &str, n: usize) -> Option<f64> {
+    let s = samples(id, n);
+    let syncs: u64 = s.iter().map(|x| x.syncs).sum();
+    let secs: f64 = s.iter().map(|x| x.elapsed.as_secs_f64()).sum();
+    (syncs > 0).then(|| secs * 1e6 / syncs as f64)
+}
+
 /// Percentiles (ns) of the per-operation latencies of the last `n` calls of `id`.
 pub fn latency_percentiles(id: &str, n: usize, ps: &[f64]) -> Option<(usize, Vec<u64>)> {
     let all = LATENCIES.lock().unwrap_or_else(|p| p.into_inner());
@@ -360,4 +369,107 @@ pub fn latency_percentiles(id: &str, n: usize, ps: &[f64]) -> Option<(usize, Vec
     ns.sort_unstable();
     let pick = |p: f64| ns[((ns.len() - 1) as f64 * p).round() as usize];
     Some((ns.len(), ps.iter().map(|&p| pick(p)).collect()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Interference: CPU used by other processes while a bench ran
+// ---------------------------------------------------------------------------------------------
+
+/// Clock ticks: user and system time of all CPUs (from /proc/stat; interrupts excluded), of
+/// this process, and of kernel threads (the block layer and the journal work for our I/O too).
+#[derive(Debug, Clone, Copy)]
+pub struct CpuSnapshot {
+    busy: u64,
+    own: u64,
+    kernel_threads: u64,
+    at: std::time::Instant,
+}
+
+/// Fields of /proc/PID/stat after the command name: (ppid, utime + stime).
+fn proc_stat(path: &Path) -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string(path).ok()?;
+    // The command name may hold spaces: fields resume after the last ')'.
+    let f: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
+    // f[0] is field 3 (state); ppid is field 4, utime 14, stime 15.
+    let ppid = f.get(1)?.parse().ok()?;
+    Some((
+        ppid,
+        f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?,
+    ))
+}
+
+/// Takes a [`CpuSnapshot`].
+pub fn cpu_snapshot() -> CpuSnapshot {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let busy = stat
+        .lines()
+        .next()
+        .map(|l| {
+            // cpu user nice system idle ...
+            l.split_whitespace()
+                .skip(1)
+                .take(3)
+                .filter_map(|x| x.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    let own = proc_stat(Path::new("/proc/self/stat")).map_or(0, |(_, t)| t);
+    let mut kernel_threads = 0;
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let name = e.file_name();
+            let Some(pid) = name.to_str().and_then(|n| n.parse::<u64>().ok()) else {
+                continue;
+            };
+            if let Some((ppid, t)) = proc_stat(&e.path().join("stat")) {
+                if pid == 2 || ppid == 2 {
+                    kernel_threads += t;
+                }
+            }
+        }
+    }
+    CpuSnapshot {
+        busy,
+        own,
+        kernel_threads,
+        at: std::time::Instant::now(),
+    }
+}
+
+/// Cores' worth of CPU that other user processes used between two snapshots (this process and
+/// kernel threads excluded).
+pub fn other_cpu(a: &CpuSnapshot, b: &CpuSnapshot) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let secs = (b.at - a.at).as_secs_f64().max(1e-3);
+    let other = b.busy.saturating_sub(a.busy) as f64
+        - b.own.saturating_sub(a.own) as f64
+        - b.kernel_threads.saturating_sub(a.kernel_threads) as f64;
+    (other / hz / secs).max(0.0)
+}
+
+/// Waits (at most `max`) until other processes use under 0.1 cores for two seconds in a row.
+/// Returns how long it waited and whether the machine became quiet.
+pub fn wait_quiet(max: Duration) -> (Duration, bool) {
+    let start = std::time::Instant::now();
+    loop {
+        let a = cpu_snapshot();
+        std::thread::sleep(Duration::from_secs(2));
+        if other_cpu(&a, &cpu_snapshot()) < 0.1 {
+            return (start.elapsed(), true);
+        }
+        if start.elapsed() >= max {
+            return (start.elapsed(), false);
+        }
+    }
+}
+
+/// /proc/loadavg's first three fields.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
