@@ -18,7 +18,7 @@ use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use dashmap::DashMap;
 use idem::clock::RegionId;
 use idem::store::entry::Mutation;
-use idem::store::storage::{FsStorage, MemStorage, Storage};
+use idem::store::storage::{FsStorage, Storage, VolatileStorage};
 use idem::store::Store;
 
 /// Samples per benchmark (criterion's minimum): every figure is a median of these.
@@ -61,8 +61,13 @@ fn open_fs(dir: &Path, region: &str) -> Store<FsStorage> {
     .expect("open store")
 }
 
-fn open_mem(region: &str) -> Store<MemStorage> {
-    Store::open(MemStorage::new(), common::config(region), common::now_ms()).expect("open store")
+fn open_mem(region: &str) -> Store<VolatileStorage> {
+    Store::open(
+        VolatileStorage::new(),
+        common::config(region),
+        common::now_ms(),
+    )
+    .expect("open store")
 }
 
 /// Runs one sample of `iters` pairs (fresh keys) on `store`; only the pairs are timed.

@@ -93,13 +93,14 @@ impl<S: Storage> Store<S> {
             },
         );
         if let Some(stale) = planned.release_stale {
+            let lease = record.claim(&stale).map_or(0, |c| c.lease_until_ms);
             self.write_local(e, &req.key, record, AppendClass::Reserved, now_ms, |_| {
                 Delta::Finish {
                     stamp: stale,
                     terminal: Terminal::Released,
                 }
             })?;
-            self.keep_no_promise(&stale);
+            self.return_promise(&req.key, &stale, lease);
         }
         let value = match planned.plan {
             Plan::New {
@@ -124,6 +125,7 @@ impl<S: Storage> Store<S> {
             },
             Plan::Resume(claim) => {
                 let lease_until_ms = now_ms + policy.lease_ms();
+                let old_lease = record.claim(&claim).map_or(0, |c| c.lease_until_ms);
                 self.write_local(e, &req.key, record, AppendClass::Reserved, now_ms, |_| {
                     Delta::Extend {
                         stamp: claim,
@@ -133,7 +135,7 @@ impl<S: Storage> Store<S> {
                 self.stats.executes.fetch_add(1, Ordering::Relaxed);
                 let c = record.claim(&claim);
                 if let Some(c) = c {
-                    lock(&self.promises).extend(&claim, c.lease_until_ms);
+                    self.move_promise(&req.key, &claim, old_lease, c.lease_until_ms);
                 }
                 Decision::Execute {
                     claim,
@@ -214,6 +216,7 @@ impl<S: Storage> Store<S> {
             policy.config().outcome_bytes_max,
             &req.key,
         ));
+        debug_assert_eq!(Some(promise), self.promise_of(&req.key, &stamp));
         match self.log.reserve_space(promise) {
             Ok(()) => {}
             Err(LogError::NoSpace) => return Ok(Err(Unavailable::DiskFull)),
@@ -243,10 +246,8 @@ impl<S: Storage> Store<S> {
                 };
             }
         };
-        lock(&self.promises).add(stamp, stamp.physical_ms() + lease_ms, promise);
-        for victim in &took_over {
-            self.keep_no_promise(victim);
-        }
+        // Victims' promises (if ours) expired with their leases, before any takeover is allowed.
+        lock(&self.promises).add(stamp.physical_ms() + lease_ms, promise);
         self.stats.executes.fetch_add(1, Ordering::Relaxed);
         if !took_over.is_empty() {
             self.stats.takeovers.fetch_add(1, Ordering::Relaxed);

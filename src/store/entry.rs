@@ -108,15 +108,21 @@ pub fn encode(entry: &LogEntry) -> Result<Vec<u8>, EncodeError> {
     checked(bincode::serde::encode_to_vec(entry, config())?)
 }
 
-/// Encodes a mutation entry from borrowed parts; the bytes equal those of the owned entry.
-pub fn encode_mutation(
+/// Encodes a mutation entry from borrowed parts (the bytes equal those of the owned entry)
+/// into a per-thread scratch buffer, and hands them to `f`: the hot path neither clones the
+/// key and delta nor allocates an output buffer per entry.
+pub fn with_encoded_mutation<R>(
     origin: RegionId,
     seq: u64,
     key: &RecordKey,
     delta: &Delta,
     prev: Option<Loc>,
     expires_at_ms: u64,
-) -> Result<Vec<u8>, EncodeError> {
+    f: impl FnOnce(&[u8]) -> R,
+) -> Result<R, EncodeError> {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
     let entry = LogEntryRef::Mutation {
         mutation: MutationRef {
             origin,
@@ -127,7 +133,37 @@ pub fn encode_mutation(
         prev,
         expires_at_ms,
     };
-    checked(bincode::serde::encode_to_vec(&entry, config())?)
+    SCRATCH.with(|cell| {
+        // A re-entrant use (never expected) falls back to a fresh buffer.
+        let mut fresh = Vec::new();
+        let mut guard = cell.try_borrow_mut().ok();
+        let buf = guard.as_deref_mut().unwrap_or(&mut fresh);
+        buf.clear();
+        bincode::serde::encode_into_std_write(&entry, buf, config())?;
+        if buf.len() > ENTRY_BYTES_MAX {
+            let len = buf.len();
+            // Do not keep a huge buffer around for the thread's lifetime.
+            *buf = Vec::new();
+            return Err(EncodeError::TooLarge(len));
+        }
+        let out = f(buf);
+        if buf.capacity() > 1 << 20 {
+            *buf = Vec::new();
+        }
+        Ok(out)
+    })
+}
+
+/// Encodes a mutation entry from borrowed parts; the bytes equal those of the owned entry.
+pub fn encode_mutation(
+    origin: RegionId,
+    seq: u64,
+    key: &RecordKey,
+    delta: &Delta,
+    prev: Option<Loc>,
+    expires_at_ms: u64,
+) -> Result<Vec<u8>, EncodeError> {
+    with_encoded_mutation(origin, seq, key, delta, prev, expires_at_ms, |b| b.to_vec())
 }
 
 /// Decodes an entry; trailing bytes are an error.

@@ -89,19 +89,22 @@ impl<S: Storage> Store<S> {
                 Some(t) if *t == terminal => {}
                 Some(_) => return Err(StoreError::AlreadyFinished(claim)),
                 None => {
+                    let lease = c.lease_until_ms;
                     self.write_local(e, key, record, AppendClass::Reserved, now_ms, |_| {
                         Delta::Finish {
                             stamp: claim,
                             terminal: terminal.clone(),
                         }
                     })?;
-                    self.keep_no_promise(&claim);
+                    self.return_promise(key, &claim, lease);
                 }
             }
             let status = record
                 .claim(&claim)
                 .map_or(ClaimStatus::InFlight, |c| c.status());
+            // A lone claim wins its generation: skip deriving the generations (the common case).
             let superseded = status != ClaimStatus::Released
+                && record.claim_count() > 1
                 && record
                     .generation_of(&self.retired, &claim)
                     .is_none_or(|g| g.winner != Some(claim));
@@ -143,14 +146,15 @@ impl<S: Storage> Store<S> {
                 }
             }
             let until = now_ms.saturating_add(lease_ms);
-            if until > c.lease_until_ms {
+            let old_lease = c.lease_until_ms;
+            if until > old_lease {
                 self.write_local(e, key, record, AppendClass::Reserved, now_ms, |_| {
                     Delta::Extend {
                         stamp: claim,
                         lease_until_ms: until,
                     }
                 })?;
-                super::lock(&self.promises).extend(&claim, until);
+                self.move_promise(key, &claim, old_lease, until);
             }
             let lease = record.claim(&claim).map_or(until, |c| c.lease_until_ms);
             Ok(Pending {

@@ -220,6 +220,16 @@ impl<T> Pending<T> {
         self.value
     }
 
+    /// The answer if it is durable now, else the pending answer back (for drivers that flush
+    /// the log themselves).
+    pub fn try_into_value<S: Storage>(self, store: &Store<S>) -> Result<T, Self> {
+        if self.is_durable(store) {
+            Ok(self.value)
+        } else {
+            Err(self)
+        }
+    }
+
     /// A look at the answer before it is durable (for logging; never to answer a caller).
     pub fn peek(&self) -> &T {
         &self.value
@@ -381,16 +391,41 @@ impl<S: Storage> Store<S> {
         recovery::write_missing_hints(&self.log)
     }
 
-    /// Claims holding a disk-space promise for their completion.
-    pub fn promised_claims(&self) -> usize {
-        lock(&self.promises).len()
+    /// Bytes of disk promised to granted claims' completions and not yet returned.
+    pub fn promised_bytes(&self) -> u64 {
+        lock(&self.promises).bytes()
     }
 
-    /// Returns the promise of one of this region's claims (finished, taken over or abandoned).
-    fn keep_no_promise(&self, claim: &Stamp) {
-        if claim.region == self.region {
-            if let Some(bytes) = lock(&self.promises).take(claim) {
+    /// The promise a claim of `key` holds: claims stamped in this incarnation hold one for
+    /// their completion (see [`reserve`]).
+    fn promise_of(&self, key: &RecordKey, claim: &Stamp) -> Option<u64> {
+        if claim.region != self.region || claim.physical_ms() <= self.clock.restart_fence_ms() {
+            return None;
+        }
+        let policy = self.namespaces.get(&key.namespace)?;
+        Some(Log::<S>::frame_bytes(reserve::completion_bytes(
+            policy.config().outcome_bytes_max,
+            key,
+        )))
+    }
+
+    /// Returns the promise of one of this region's claims that finished here.
+    fn return_promise(&self, key: &RecordKey, claim: &Stamp, lease_until_ms: u64) {
+        if let Some(bytes) = self.promise_of(key, claim) {
+            if let Some(bytes) = lock(&self.promises).take(lease_until_ms, bytes) {
                 self.log.release_space(bytes);
+            }
+        }
+    }
+
+    /// Moves a claim's promise to its new lease end; a claim whose promise had expired gets a
+    /// new one if the disk allows (best effort: the claim is granted already).
+    fn move_promise(&self, key: &RecordKey, claim: &Stamp, old_ms: u64, new_ms: u64) {
+        if let Some(bytes) = self.promise_of(key, claim) {
+            if !lock(&self.promises).extend(old_ms, new_ms, bytes)
+                && self.log.reserve_space(bytes).is_ok()
+            {
+                lock(&self.promises).add(new_ms, bytes);
             }
         }
     }
@@ -398,15 +433,9 @@ impl<S: Storage> Store<S> {
     /// Returns the promises of claims whose lease ran out (by our clock plus the max drift).
     fn expire_promises(&self, now_ms: u64) {
         let before = now_ms.saturating_sub(self.clock.config().max_drift_ms);
-        let expired = {
-            let mut p = lock(&self.promises);
-            if !p.any_expired(before) {
-                return;
-            }
-            p.expire(before)
-        };
-        for bytes in expired {
-            self.log.release_space(bytes);
+        let expired = lock(&self.promises).expire(before);
+        if expired > 0 {
+            self.log.release_space(expired);
         }
     }
 
@@ -610,11 +639,16 @@ impl<S: Storage> Store<S> {
         let delta = make(seq);
         record.apply(&delta)?;
         let expires_at_ms = self.newest_expiry(record);
-        let bytes = entry::encode_mutation(self.region, seq, key, &delta, prev, expires_at_ms)?;
-        let (lsn, loc) = self
-            .log
-            .append(&bytes, class)
-            .map_err(|e| self.log_error(e))?;
+        let (lsn, loc) = entry::with_encoded_mutation(
+            self.region,
+            seq,
+            key,
+            &delta,
+            prev,
+            expires_at_ms,
+            |bytes| self.log.append(bytes, class),
+        )?
+        .map_err(|e| self.log_error(e))?;
         local.appended(seq, lsn);
         drop(local);
         if seq % SEQ_CHECKPOINT_EVERY == 0 || seq == 1 {

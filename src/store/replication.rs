@@ -174,6 +174,9 @@ impl<S: Storage> Store<S> {
                 },
             });
         }
+        // Keep the reservation current, or every peer stamp past a stale one would look too far
+        // ahead on a region that has not claimed anything for a while.
+        self.settle_clock(now_ms)?;
         let drift_rejected = matches!(
             self.clock.observe(now_ms, mutation.delta.stamp()),
             Observed::TooFarAhead { .. }
@@ -244,11 +247,16 @@ impl<S: Storage> Store<S> {
         expires_at_ms: u64,
         now_ms: u64,
     ) -> Result<(Lsn, Loc), StoreError> {
-        let bytes = entry::encode_mutation(m.origin, m.seq, &m.key, &m.delta, prev, expires_at_ms)?;
-        let (lsn, loc) = self
-            .log
-            .append(&bytes, AppendClass::Normal)
-            .map_err(|err| self.log_error(err))?;
+        let (lsn, loc) = entry::with_encoded_mutation(
+            m.origin,
+            m.seq,
+            &m.key,
+            &m.delta,
+            prev,
+            expires_at_ms,
+            |bytes| self.log.append(bytes, AppendClass::Normal),
+        )?
+        .map_err(|err| self.log_error(err))?;
         let mut repl = lock(&self.replication);
         repl.appended(m.origin, m.seq, lsn);
         repl.checkpoint(m.origin, m.seq, loc, now_ms);

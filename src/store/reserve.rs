@@ -2,15 +2,18 @@
 //!
 //! Granting a claim reserves, in the log, room for the largest completion entry the
 //! namespace allows (`outcome_bytes_max` plus framing). The promise is returned when the claim
-//! finishes here, when this region takes it over, or when its lease has run out (by the clock
-//! plus the max drift) and nobody finished it: a client that vanished must not hold space
-//! forever. A late completion after that draws from the log's small general reserve, best
-//! effort. Promises live in memory only: after a restart, claims granted before it finish from
-//! the general reserve too.
+//! finishes here, or once its lease has run out (by the clock plus the max drift): a client
+//! that vanished must not hold space forever, and a claim can only be taken over after that
+//! point. A late completion after that draws from the log's small general reserve, best effort.
+//!
+//! Promises are accounted per second of lease end, not per claim: a claim's promise is found
+//! again from its lease end, which the store always has at hand, so the hot path costs one map
+//! update and no allocation. Only claims stamped in this incarnation of the region hold
+//! promises (promises live in memory): claims granted before a restart finish from the general
+//! reserve.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeMap;
 
-use crate::clock::Stamp;
 use crate::record::{limits, RecordKey};
 
 /// Bytes to promise for a claim's completion entry: the outcome limit, the key, up to the
@@ -20,85 +23,86 @@ pub(super) fn completion_bytes(outcome_bytes_max: usize, key: &RecordKey) -> usi
     outcome_bytes_max + key_len + limits::HEADERS_MAX * 20 + 512
 }
 
-/// The outstanding promises, by claim and by when their lease ends.
+/// Outstanding promises, as bytes per second of lease end.
 #[derive(Debug, Default)]
 pub(super) struct Promises {
-    by_claim: HashMap<Stamp, (u64, u64)>,
-    by_lease: BTreeSet<(u64, Stamp)>,
+    by_second: BTreeMap<u64, u64>,
+    /// Seconds before this one are expired: their promises went back to the log.
+    swept_before: u64,
+    count: usize,
+}
+
+fn second(lease_until_ms: u64) -> u64 {
+    lease_until_ms / 1000
 }
 
 impl Promises {
-    /// Records a promise of `bytes` for `claim`, whose lease ends at `lease_until_ms`.
-    pub(super) fn add(&mut self, claim: Stamp, lease_until_ms: u64, bytes: u64) {
-        if let Some((old_lease, old_bytes)) = self.by_claim.insert(claim, (lease_until_ms, bytes)) {
-            // Never two promises for one claim: keep the accounting exact.
-            debug_assert_eq!(old_bytes, bytes);
-            self.by_lease.remove(&(old_lease, claim));
-        }
-        self.by_lease.insert((lease_until_ms, claim));
+    /// Records a promise of `bytes` for a claim whose lease ends at `lease_until_ms`.
+    pub(super) fn add(&mut self, lease_until_ms: u64, bytes: u64) {
+        let s = second(lease_until_ms).max(self.swept_before);
+        *self.by_second.entry(s).or_insert(0) += bytes;
+        self.count += 1;
     }
 
-    /// Takes the promise of `claim`, if any: its bytes go back to the log.
-    pub(super) fn take(&mut self, claim: &Stamp) -> Option<u64> {
-        let (lease, bytes) = self.by_claim.remove(claim)?;
-        self.by_lease.remove(&(lease, *claim));
+    /// Takes back the promise of a claim whose lease ends at `lease_until_ms`, if it still
+    /// holds one; its bytes go back to the log.
+    pub(super) fn take(&mut self, lease_until_ms: u64, bytes: u64) -> Option<u64> {
+        let s = second(lease_until_ms).max(self.swept_before);
+        let held = self.by_second.get_mut(&s)?;
+        if *held < bytes {
+            return None;
+        }
+        *held -= bytes;
+        if *held == 0 {
+            self.by_second.remove(&s);
+        }
+        self.count = self.count.saturating_sub(1);
         Some(bytes)
     }
 
-    /// Moves a promise's lease end (an extension or a resume).
-    pub(super) fn extend(&mut self, claim: &Stamp, lease_until_ms: u64) {
-        if let Some((lease, _)) = self.by_claim.get_mut(claim) {
-            if lease_until_ms > *lease {
-                self.by_lease.remove(&(*lease, *claim));
-                *lease = lease_until_ms;
-                self.by_lease.insert((lease_until_ms, *claim));
-            }
+    /// Moves a claim's promise to its new lease end (an extension or a resume). Returns false
+    /// if the claim held no promise any more (it had expired).
+    pub(super) fn extend(&mut self, old_until_ms: u64, new_until_ms: u64, bytes: u64) -> bool {
+        if self.take(old_until_ms, bytes).is_none() {
+            return false;
         }
+        self.add(new_until_ms, bytes);
+        true
     }
 
-    /// Takes every promise whose lease ended before `before_ms`; returns their total bytes.
-    pub(super) fn expire(&mut self, before_ms: u64) -> Vec<u64> {
-        let mut out = Vec::new();
-        while let Some(&(lease, claim)) = self.by_lease.first() {
-            if lease >= before_ms {
-                break;
-            }
-            self.by_lease.pop_first();
-            if let Some((_, bytes)) = self.by_claim.remove(&claim) {
-                out.push(bytes);
-            }
+    /// Expires every promise whose lease ended before `before_ms`; returns their total bytes.
+    pub(super) fn expire(&mut self, before_ms: u64) -> u64 {
+        let horizon = second(before_ms);
+        if horizon <= self.swept_before {
+            return 0;
         }
-        out
+        let keep = self.by_second.split_off(&horizon);
+        let expired: u64 = std::mem::replace(&mut self.by_second, keep).values().sum();
+        self.swept_before = horizon;
+        expired
     }
 
-    /// Whether any promise's lease ended before `before_ms` (cheap: the hot path asks often).
-    pub(super) fn any_expired(&self, before_ms: u64) -> bool {
-        self.by_lease.first().is_some_and(|(l, _)| *l < before_ms)
-    }
-
-    /// Outstanding promises.
-    pub(super) fn len(&self) -> usize {
-        self.by_claim.len()
+    /// Bytes promised and not yet returned.
+    pub(super) fn bytes(&self) -> u64 {
+        self.by_second.values().sum()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::RegionId;
 
     #[test]
-    fn promises_expire_extend_and_are_taken_once() {
-        let r = RegionId::new("a").unwrap();
-        let (a, b) = (Stamp::new(1, r), Stamp::new(2, r));
+    fn promises_expire_move_and_are_taken_once() {
         let mut p = Promises::default();
-        p.add(a, 100, 10);
-        p.add(b, 200, 20);
-        p.extend(&a, 300);
-        assert!(!p.any_expired(150));
-        assert_eq!(p.expire(250), vec![20]);
-        assert_eq!(p.take(&b), None);
-        assert_eq!(p.take(&a), Some(10));
-        assert_eq!(p.len(), 0);
+        p.add(10_500, 10);
+        p.add(20_000, 20);
+        assert!(p.extend(10_500, 30_000, 10));
+        assert_eq!(p.expire(25_000), 20, "only the promise whose lease ended");
+        assert_eq!(p.take(20_000, 20), None, "expired: nothing to return");
+        assert_eq!(p.take(30_000, 10), Some(10));
+        assert_eq!(p.take(30_000, 10), None, "taken once");
+        assert_eq!(p.bytes(), 0);
+        assert!(!p.extend(30_000, 40_000, 10));
     }
 }

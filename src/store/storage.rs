@@ -314,7 +314,8 @@ impl Storage for FsStorage {
 
     fn allocate(&self, id: SegmentId, len: u64) -> io::Result<()> {
         let f = self.file(id)?;
-        if f.metadata()?.len() >= len {
+        let old = f.metadata()?.len();
+        if old >= len {
             return Ok(());
         }
         fallocate(&f, len)
@@ -793,6 +794,140 @@ impl Storage for MemStorage {
         for seg in inner.segments.values_mut() {
             seg.dir_durable = true;
         }
+        Ok(())
+    }
+
+    fn put_hint(&self, id: SegmentId, bytes: &[u8]) -> io::Result<()> {
+        self.inner().hints.insert(id, bytes.to_vec());
+        Ok(())
+    }
+
+    fn get_hint(&self, id: SegmentId) -> io::Result<Option<Vec<u8>>> {
+        Ok(self.inner().hints.get(&id).cloned())
+    }
+
+    fn remove_hint(&self, id: SegmentId) -> io::Result<()> {
+        self.inner().hints.remove(&id);
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// VolatileStorage
+// ---------------------------------------------------------------------------------------------
+
+/// In-memory storage with no durability and no fault model: for a store that must not touch the
+/// disk (development, embedded caches, the in-memory benchmarks). A crash loses everything, so
+/// never use it where acknowledged data must survive; [`MemStorage`] is the one that models
+/// crashes.
+#[derive(Debug, Clone, Default)]
+pub struct VolatileStorage {
+    inner: Arc<Mutex<VolatileInner>>,
+}
+
+#[derive(Debug, Default)]
+struct VolatileInner {
+    /// Written bytes, and the segment's size (zeroes past the written bytes are implicit).
+    segments: BTreeMap<SegmentId, (Vec<u8>, u64)>,
+    hints: BTreeMap<SegmentId, Vec<u8>>,
+}
+
+impl VolatileStorage {
+    /// An empty storage.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn inner(&self) -> MutexGuard<'_, VolatileInner> {
+        lock(&self.inner)
+    }
+}
+
+impl Storage for VolatileStorage {
+    fn list(&self) -> io::Result<Vec<SegmentId>> {
+        Ok(self.inner().segments.keys().copied().collect())
+    }
+
+    fn create(&self, id: SegmentId, prealloc_bytes: u64) -> io::Result<()> {
+        let mut inner = self.inner();
+        if inner.segments.contains_key(&id) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("segment {id} exists"),
+            ));
+        }
+        inner.segments.insert(id, (Vec::new(), prealloc_bytes));
+        Ok(())
+    }
+
+    fn write_at(&self, id: SegmentId, offset: u64, data: &[u8]) -> io::Result<()> {
+        let mut inner = self.inner();
+        let (seg, size) = inner.segments.get_mut(&id).ok_or_else(|| not_found(id))?;
+        let start = offset as usize;
+        let end = start + data.len();
+        if seg.len() < end {
+            seg.resize(end, 0);
+        }
+        seg[start..end].copy_from_slice(data);
+        *size = (*size).max(end as u64);
+        Ok(())
+    }
+
+    fn sync(&self, id: SegmentId) -> io::Result<()> {
+        if self.inner().segments.contains_key(&id) {
+            Ok(())
+        } else {
+            Err(not_found(id))
+        }
+    }
+
+    fn read_at(&self, id: SegmentId, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let inner = self.inner();
+        let (seg, size) = inner.segments.get(&id).ok_or_else(|| not_found(id))?;
+        let end = offset.saturating_add(buf.len() as u64).min(*size);
+        let n = end.saturating_sub(offset) as usize;
+        let start = offset as usize;
+        let have = seg.len().saturating_sub(start).min(n);
+        if have > 0 {
+            buf[..have].copy_from_slice(&seg[start..start + have]);
+        }
+        buf[have..n].fill(0);
+        Ok(n)
+    }
+
+    fn size(&self, id: SegmentId) -> io::Result<u64> {
+        let inner = self.inner();
+        inner
+            .segments
+            .get(&id)
+            .map(|(_, size)| *size)
+            .ok_or_else(|| not_found(id))
+    }
+
+    fn allocate(&self, id: SegmentId, len: u64) -> io::Result<()> {
+        let mut inner = self.inner();
+        let (_, size) = inner.segments.get_mut(&id).ok_or_else(|| not_found(id))?;
+        *size = (*size).max(len);
+        Ok(())
+    }
+
+    fn truncate(&self, id: SegmentId, len: u64) -> io::Result<()> {
+        let mut inner = self.inner();
+        let (seg, size) = inner.segments.get_mut(&id).ok_or_else(|| not_found(id))?;
+        seg.truncate(len as usize);
+        *size = len;
+        Ok(())
+    }
+
+    fn remove(&self, id: SegmentId) -> io::Result<()> {
+        self.inner()
+            .segments
+            .remove(&id)
+            .map(|_| ())
+            .ok_or_else(|| not_found(id))
+    }
+
+    fn sync_dir(&self) -> io::Result<()> {
         Ok(())
     }
 
