@@ -247,7 +247,9 @@ impl<S: Storage> Store<S> {
             }
         };
         // Victims' promises (if ours) expired with their leases, before any takeover is allowed.
-        lock(&self.promises).add(stamp.physical_ms() + lease_ms, promise);
+        if !lock(&self.promises).add(stamp.physical_ms() + lease_ms, promise) {
+            self.log.release_space(promise);
+        }
         self.stats.executes.fetch_add(1, Ordering::Relaxed);
         if !took_over.is_empty() {
             self.stats.takeovers.fetch_add(1, Ordering::Relaxed);

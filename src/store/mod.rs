@@ -422,10 +422,17 @@ impl<S: Storage> Store<S> {
     /// new one if the disk allows (best effort: the claim is granted already).
     fn move_promise(&self, key: &RecordKey, claim: &Stamp, old_ms: u64, new_ms: u64) {
         if let Some(bytes) = self.promise_of(key, claim) {
-            if !lock(&self.promises).extend(old_ms, new_ms, bytes)
-                && self.log.reserve_space(bytes).is_ok()
-            {
-                lock(&self.promises).add(new_ms, bytes);
+            let moved = lock(&self.promises).extend(old_ms, new_ms, bytes);
+            match moved {
+                reserve::Moved::Moved => {}
+                reserve::Moved::Dropped => self.log.release_space(bytes),
+                reserve::Moved::HadNone => {
+                    if self.log.reserve_space(bytes).is_ok()
+                        && !lock(&self.promises).add(new_ms, bytes)
+                    {
+                        self.log.release_space(bytes);
+                    }
+                }
             }
         }
     }

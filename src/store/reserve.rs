@@ -23,6 +23,17 @@ pub(super) fn completion_bytes(outcome_bytes_max: usize, key: &RecordKey) -> usi
     outcome_bytes_max + key_len + limits::HEADERS_MAX * 20 + 512
 }
 
+/// What [`Promises::extend`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Moved {
+    /// The promise now ends with the new lease.
+    Moved,
+    /// The claim held no promise (it had expired).
+    HadNone,
+    /// The new lease end is already past: the promise was dropped; give its bytes back.
+    Dropped,
+}
+
 /// Outstanding promises, as bytes per second of lease end.
 #[derive(Debug, Default)]
 pub(super) struct Promises {
@@ -37,17 +48,27 @@ fn second(lease_until_ms: u64) -> u64 {
 }
 
 impl Promises {
-    /// Records a promise of `bytes` for a claim whose lease ends at `lease_until_ms`.
-    pub(super) fn add(&mut self, lease_until_ms: u64, bytes: u64) {
-        let s = second(lease_until_ms).max(self.swept_before);
+    /// Records a promise of `bytes` for a claim whose lease ends at `lease_until_ms`. Returns
+    /// false, recording nothing, if that lease end is already expired: the caller gives the
+    /// bytes back to the log at once.
+    #[must_use]
+    pub(super) fn add(&mut self, lease_until_ms: u64, bytes: u64) -> bool {
+        let s = second(lease_until_ms);
+        if s < self.swept_before {
+            return false;
+        }
         *self.by_second.entry(s).or_insert(0) += bytes;
         self.count += 1;
+        true
     }
 
     /// Takes back the promise of a claim whose lease ends at `lease_until_ms`, if it still
     /// holds one; its bytes go back to the log.
     pub(super) fn take(&mut self, lease_until_ms: u64, bytes: u64) -> Option<u64> {
-        let s = second(lease_until_ms).max(self.swept_before);
+        let s = second(lease_until_ms);
+        if s < self.swept_before {
+            return None; // expired with its second: already given back
+        }
         let held = self.by_second.get_mut(&s)?;
         if *held < bytes {
             return None;
@@ -61,13 +82,17 @@ impl Promises {
     }
 
     /// Moves a claim's promise to its new lease end (an extension or a resume). Returns false
-    /// if the claim held no promise any more (it had expired).
-    pub(super) fn extend(&mut self, old_until_ms: u64, new_until_ms: u64, bytes: u64) -> bool {
+    /// if the claim held no promise any more (it had expired), or the new lease end is already
+    /// expired (then the promise is dropped and the caller gives its bytes back).
+    pub(super) fn extend(&mut self, old_until_ms: u64, new_until_ms: u64, bytes: u64) -> Moved {
         if self.take(old_until_ms, bytes).is_none() {
-            return false;
+            return Moved::HadNone;
         }
-        self.add(new_until_ms, bytes);
-        true
+        if self.add(new_until_ms, bytes) {
+            Moved::Moved
+        } else {
+            Moved::Dropped
+        }
     }
 
     /// Expires every promise whose lease ended before `before_ms`; returns their total bytes.
@@ -95,14 +120,25 @@ mod tests {
     #[test]
     fn promises_expire_move_and_are_taken_once() {
         let mut p = Promises::default();
-        p.add(10_500, 10);
-        p.add(20_000, 20);
-        assert!(p.extend(10_500, 30_000, 10));
+        assert!(p.add(10_500, 10));
+        assert!(p.add(20_000, 20));
+        assert_eq!(p.extend(10_500, 30_000, 10), Moved::Moved);
         assert_eq!(p.expire(25_000), 20, "only the promise whose lease ended");
         assert_eq!(p.take(20_000, 20), None, "expired: nothing to return");
+        assert!(
+            p.add(26_000, 20),
+            "a live promise in a second not yet swept"
+        );
+        assert_eq!(
+            p.take(3_000, 20),
+            None,
+            "an old lease never takes a live promise"
+        );
         assert_eq!(p.take(30_000, 10), Some(10));
         assert_eq!(p.take(30_000, 10), None, "taken once");
+        assert_eq!(p.extend(30_000, 40_000, 10), Moved::HadNone);
+        assert!(!p.add(1_000, 5), "a lease already expired records nothing");
+        assert_eq!(p.take(26_000, 20), Some(20));
         assert_eq!(p.bytes(), 0);
-        assert!(!p.extend(30_000, 40_000, 10));
     }
 }
