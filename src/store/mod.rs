@@ -424,9 +424,9 @@ impl<S: Storage> Store<S> {
         if let Some(bytes) = self.promise_of(key, claim) {
             let moved = lock(&self.promises).extend(old_ms, new_ms, bytes);
             match moved {
-                reserve::Moved::Moved => {}
-                reserve::Moved::Dropped => self.log.release_space(bytes),
-                reserve::Moved::HadNone => {
+                reserve::Extended::Moved => {}
+                reserve::Extended::Dropped => self.log.release_space(bytes),
+                reserve::Extended::HadNone => {
                     if self.log.reserve_space(bytes).is_ok()
                         && !lock(&self.promises).add(new_ms, bytes)
                     {

@@ -25,7 +25,7 @@ pub(super) fn completion_bytes(outcome_bytes_max: usize, key: &RecordKey) -> usi
 
 /// What [`Promises::extend`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Moved {
+pub(super) enum Extended {
     /// The promise now ends with the new lease.
     Moved,
     /// The claim held no promise (it had expired).
@@ -84,14 +84,14 @@ impl Promises {
     /// Moves a claim's promise to its new lease end (an extension or a resume). Returns false
     /// if the claim held no promise any more (it had expired), or the new lease end is already
     /// expired (then the promise is dropped and the caller gives its bytes back).
-    pub(super) fn extend(&mut self, old_until_ms: u64, new_until_ms: u64, bytes: u64) -> Moved {
+    pub(super) fn extend(&mut self, old_until_ms: u64, new_until_ms: u64, bytes: u64) -> Extended {
         if self.take(old_until_ms, bytes).is_none() {
-            return Moved::HadNone;
+            return Extended::HadNone;
         }
         if self.add(new_until_ms, bytes) {
-            Moved::Moved
+            Extended::Moved
         } else {
-            Moved::Dropped
+            Extended::Dropped
         }
     }
 
@@ -122,7 +122,7 @@ mod tests {
         let mut p = Promises::default();
         assert!(p.add(10_500, 10));
         assert!(p.add(20_000, 20));
-        assert_eq!(p.extend(10_500, 30_000, 10), Moved::Moved);
+        assert_eq!(p.extend(10_500, 30_000, 10), Extended::Moved);
         assert_eq!(p.expire(25_000), 20, "only the promise whose lease ended");
         assert_eq!(p.take(20_000, 20), None, "expired: nothing to return");
         assert!(
@@ -136,7 +136,7 @@ mod tests {
         );
         assert_eq!(p.take(30_000, 10), Some(10));
         assert_eq!(p.take(30_000, 10), None, "taken once");
-        assert_eq!(p.extend(30_000, 40_000, 10), Moved::HadNone);
+        assert_eq!(p.extend(30_000, 40_000, 10), Extended::HadNone);
         assert!(!p.add(1_000, 5), "a lease already expired records nothing");
         assert_eq!(p.take(26_000, 20), Some(20));
         assert_eq!(p.bytes(), 0);
