@@ -369,7 +369,8 @@ impl<S: Storage> Store<S> {
         self.region
     }
 
-    /// The clock (for stamps of heartbeats and for metrics).
+    /// The clock, for reading its state. A stamp may leave the process only inside a log entry
+    /// (see the clock module docs): heartbeat stamps must be logged like claims.
     pub fn clock(&self) -> &Clock {
         &self.clock
     }
