@@ -13,23 +13,20 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 
-use super::storage::MemStorage;
+use super::storage::{MemStorage, SplitMix64};
 use super::*;
 use crate::record::Terminal;
 
 const T0: u64 = 1_900_000_000_000;
 const KEYS: u64 = 6;
 
-/// splitmix64: a small deterministic generator, so a seed replays the same operations.
-struct Rng(u64);
+/// A small deterministic generator (the storage's splitmix64), so a seed replays the same
+/// operations.
+struct Rng(SplitMix64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next()
     }
 
     fn below(&mut self, n: u64) -> u64 {
@@ -108,7 +105,7 @@ struct Exercised {
 
 fn run(seed: u64, broken: bool) -> Result<Exercised, String> {
     let mut seen = Exercised::default();
-    let mut rng = Rng(seed);
+    let mut rng = Rng(SplitMix64(seed));
     let disk = MemStorage::new();
     let peer = Store::open(MemStorage::new(), config("b", false), T0).map_err(|e| e.to_string())?;
     let mut peer_log: Vec<Mutation> = Vec::new();

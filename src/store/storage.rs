@@ -370,6 +370,26 @@ impl Storage for FsStorage {
     }
 }
 
+/// Hint files held in memory (both in-memory storages): each put is atomic and durable.
+#[derive(Debug, Default)]
+struct MemHints(BTreeMap<SegmentId, Vec<u8>>);
+
+impl MemHints {
+    fn put(&mut self, id: SegmentId, bytes: &[u8]) -> io::Result<()> {
+        self.0.insert(id, bytes.to_vec());
+        Ok(())
+    }
+
+    fn get(&self, id: SegmentId) -> io::Result<Option<Vec<u8>>> {
+        Ok(self.0.get(&id).cloned())
+    }
+
+    fn remove(&mut self, id: SegmentId) -> io::Result<()> {
+        self.0.remove(&id);
+        Ok(())
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // MemStorage
 // ---------------------------------------------------------------------------------------------
@@ -474,7 +494,7 @@ struct MemInner {
     fail_syncs: bool,
     stats: MemStats,
     /// Hint files: written atomically and durably, so a crash leaves them as they are.
-    hints: BTreeMap<SegmentId, Vec<u8>>,
+    hints: MemHints,
 }
 
 impl MemInner {
@@ -502,10 +522,10 @@ pub struct MemStorage {
 
 /// splitmix64: tiny, seedable and good enough to pick crash outcomes reproducibly.
 #[derive(Debug)]
-struct SplitMix64(u64);
+pub(crate) struct SplitMix64(pub(crate) u64);
 
 impl SplitMix64 {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -798,17 +818,15 @@ impl Storage for MemStorage {
     }
 
     fn put_hint(&self, id: SegmentId, bytes: &[u8]) -> io::Result<()> {
-        self.inner().hints.insert(id, bytes.to_vec());
-        Ok(())
+        self.inner().hints.put(id, bytes)
     }
 
     fn get_hint(&self, id: SegmentId) -> io::Result<Option<Vec<u8>>> {
-        Ok(self.inner().hints.get(&id).cloned())
+        self.inner().hints.get(id)
     }
 
     fn remove_hint(&self, id: SegmentId) -> io::Result<()> {
-        self.inner().hints.remove(&id);
-        Ok(())
+        self.inner().hints.remove(id)
     }
 }
 
@@ -829,7 +847,7 @@ pub struct VolatileStorage {
 struct VolatileInner {
     /// Written bytes, and the segment's size (zeroes past the written bytes are implicit).
     segments: BTreeMap<SegmentId, (Vec<u8>, u64)>,
-    hints: BTreeMap<SegmentId, Vec<u8>>,
+    hints: MemHints,
 }
 
 impl VolatileStorage {
@@ -932,17 +950,15 @@ impl Storage for VolatileStorage {
     }
 
     fn put_hint(&self, id: SegmentId, bytes: &[u8]) -> io::Result<()> {
-        self.inner().hints.insert(id, bytes.to_vec());
-        Ok(())
+        self.inner().hints.put(id, bytes)
     }
 
     fn get_hint(&self, id: SegmentId) -> io::Result<Option<Vec<u8>>> {
-        Ok(self.inner().hints.get(&id).cloned())
+        self.inner().hints.get(id)
     }
 
     fn remove_hint(&self, id: SegmentId) -> io::Result<()> {
-        self.inner().hints.remove(&id);
-        Ok(())
+        self.inner().hints.remove(id)
     }
 }
 
