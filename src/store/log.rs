@@ -1352,6 +1352,15 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// A crash between write and sync: the flush issues its writes and its sync fails.
+    /// Returns the durable lsn if the flush had nothing to sync and succeeded.
+    fn flush_failing_sync(log: &Log<MemStorage>, storage: &MemStorage) -> Option<Lsn> {
+        storage.fail_next_sync();
+        let flushed = log.flush().ok();
+        storage.set_fail_syncs(false);
+        flushed
+    }
+
     fn small_cfg() -> LogConfig {
         LogConfig {
             segment_bytes: 1024,
@@ -1527,11 +1536,9 @@ mod tests {
         }
         if fail_last_flush {
             // A crash between write and sync: the writes are issued, never synced.
-            storage.fail_next_sync();
-            if let Ok(d) = log.flush() {
+            if let Some(d) = flush_failing_sync(&log, storage) {
                 acked = d as usize;
             }
-            storage.set_fail_syncs(false);
         }
         drop(log);
         storage.crash(seed);
@@ -1992,11 +1999,9 @@ mod tests {
             }
             assert!(log.stats().spares >= 3, "{:?}", log.stats());
             if seed % 2 == 0 {
-                storage.fail_next_sync();
-                if let Ok(d) = log.flush() {
+                if let Some(d) = flush_failing_sync(&log, &storage) {
                     acked = d as usize;
                 }
-                storage.set_fail_syncs(false);
             }
             drop(log);
             storage.crash(seed);
