@@ -10,6 +10,7 @@
 //! * [`item`]: compensation items and resolutions.
 
 pub mod claim;
+mod claim_map;
 pub mod generation;
 pub mod item;
 pub mod key;
@@ -177,7 +178,7 @@ pub enum InvalidDelta {
 /// Merge ([`Record::merge`], [`Record::apply`]) is commutative, associative and idempotent.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
-    claims: BTreeMap<Stamp, ClaimState>,
+    claims: claim_map::ClaimMap,
     resolutions: BTreeMap<(ItemId, Stamp), Resolution>,
 }
 
@@ -199,40 +200,25 @@ impl Record {
             Delta::Claim { stamp, facts } => {
                 let mut changed = false;
                 for victim in &facts.takes_over {
-                    if let std::collections::btree_map::Entry::Vacant(e) =
-                        self.claims.entry(*victim)
-                    {
-                        e.insert(ClaimState::default());
-                        changed = true;
-                    }
+                    changed |= self.claims.get_or_default(*victim).1;
                 }
                 changed
                     | self
                         .claims
-                        .entry(*stamp)
-                        .or_default()
+                        .get_or_default(*stamp)
+                        .0
                         .set_facts(stamp, facts.clone())
             }
             Delta::Extend {
                 stamp,
                 lease_until_ms,
             } => {
-                let fresh = !self.claims.contains_key(stamp);
-                fresh
-                    | self
-                        .claims
-                        .entry(*stamp)
-                        .or_default()
-                        .raise_lease(*lease_until_ms)
+                let (c, fresh) = self.claims.get_or_default(*stamp);
+                fresh | c.raise_lease(*lease_until_ms)
             }
             Delta::Finish { stamp, terminal } => {
-                let fresh = !self.claims.contains_key(stamp);
-                fresh
-                    | self
-                        .claims
-                        .entry(*stamp)
-                        .or_default()
-                        .set_terminal(terminal.clone())
+                let (c, fresh) = self.claims.get_or_default(*stamp);
+                fresh | c.set_terminal(terminal.clone())
             }
             Delta::Resolve(r) => match self.resolutions.get(&(r.item, r.at)) {
                 // Same rule as merge: keep the larger of two resolutions with one (item, stamp).
@@ -249,7 +235,7 @@ impl Record {
     /// record changed.
     pub fn merge(&mut self, other: &Record) -> bool {
         let mut changed = false;
-        for (stamp, state) in &other.claims {
+        for (stamp, state) in other.claims.iter() {
             match self.claims.get_mut(stamp) {
                 Some(mine) => changed |= mine.join(stamp, state),
                 None => {
@@ -312,7 +298,7 @@ impl Record {
     /// then resolutions): what a snapshot stream ships.
     pub fn to_deltas(&self) -> Vec<Delta> {
         let mut out = Vec::new();
-        for (stamp, c) in &self.claims {
+        for (stamp, c) in self.claims.iter() {
             if let Some(f) = &c.facts {
                 out.push(Delta::Claim {
                     stamp: *stamp,

@@ -6,7 +6,7 @@ use dashmap::mapref::entry::Entry;
 
 use super::decide::{self, Ask, Plan};
 use super::index::IndexEntry;
-use super::log::{AppendClass, Loc, Log, LogError, Lsn};
+use super::log::{AppendClass, Loc, Log, Lsn, Space};
 use super::storage::Storage;
 use super::{
     hot, lock, reserve, ClaimRequest, Decision, NamespacePolicy, Pending, Store, StoreError,
@@ -94,11 +94,9 @@ impl<S: Storage> Store<S> {
         );
         if let Some(stale) = planned.release_stale {
             let lease = record.claim(&stale).map_or(0, |c| c.lease_until_ms);
-            self.write_local(e, &req.key, record, AppendClass::Reserved, now_ms, |_| {
-                Delta::Finish {
-                    stamp: stale,
-                    terminal: Terminal::Released,
-                }
+            self.write_reserved(e, &req.key, record, now_ms, |_| Delta::Finish {
+                stamp: stale,
+                terminal: Terminal::Released,
             })?;
             self.return_promise(&req.key, &stale, lease);
         }
@@ -126,11 +124,9 @@ impl<S: Storage> Store<S> {
             Plan::Resume(claim) => {
                 let lease_until_ms = now_ms + policy.lease_ms();
                 let old_lease = record.claim(&claim).map_or(0, |c| c.lease_until_ms);
-                self.write_local(e, &req.key, record, AppendClass::Reserved, now_ms, |_| {
-                    Delta::Extend {
-                        stamp: claim,
-                        lease_until_ms,
-                    }
+                self.write_reserved(e, &req.key, record, now_ms, |_| Delta::Extend {
+                    stamp: claim,
+                    lease_until_ms,
                 })?;
                 self.stats.executes.fetch_add(1, Ordering::Relaxed);
                 let c = record.claim(&claim);
@@ -217,29 +213,33 @@ impl<S: Storage> Store<S> {
             &req.key,
         ));
         debug_assert_eq!(Some(promise), self.promise_of(&req.key, &stamp));
-        match self.log.reserve_space(promise) {
-            Ok(()) => {}
-            Err(LogError::NoSpace) => return Ok(Err(Unavailable::DiskFull)),
-            Err(e) => return Err(self.log_error(e)),
-        }
-        let appended =
-            self.append_local(&req.key, prev, record, AppendClass::Normal, now_ms, |seq| {
-                Delta::Claim {
-                    stamp,
-                    facts: ClaimFacts {
-                        fingerprint: req.fingerprint,
-                        attempt: req.attempt,
-                        ttl_ms: policy.ttl_ms(),
-                        lease_ms,
-                        origin_seq: seq,
-                        takes_over,
-                    },
-                }
-            });
+        // The promise is made by the claim's own append: both fit, or neither is written.
+        let space = Space {
+            reserve: promise,
+            release: 0,
+        };
+        let appended = self.append_local(
+            &req.key,
+            prev,
+            record,
+            AppendClass::Normal,
+            space,
+            now_ms,
+            |seq| Delta::Claim {
+                stamp,
+                facts: ClaimFacts {
+                    fingerprint: req.fingerprint,
+                    attempt: req.attempt,
+                    ttl_ms: policy.ttl_ms(),
+                    lease_ms,
+                    origin_seq: seq,
+                    takes_over,
+                },
+            },
+        );
         let (lsn, loc, expires_at_ms) = match appended {
             Ok(x) => x,
             Err(e) => {
-                self.log.release_space(promise);
                 return match e {
                     StoreError::Unavailable(u) => Ok(Err(u)),
                     e => Err(e),

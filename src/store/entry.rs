@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::encode::MutationEntry;
 use super::log::Loc;
 use crate::clock::RegionId;
 use crate::record::{Delta, Record, RecordKey};
@@ -61,25 +62,6 @@ pub enum LogEntry {
     },
 }
 
-/// The same layout as [`LogEntry::Mutation`], borrowing instead of owning, so the hot path
-/// encodes a mutation without cloning its key and delta. Variant order must match `LogEntry`.
-#[derive(Serialize)]
-enum LogEntryRef<'a> {
-    Mutation {
-        mutation: MutationRef<'a>,
-        prev: Option<Loc>,
-        expires_at_ms: u64,
-    },
-}
-
-#[derive(Serialize)]
-struct MutationRef<'a> {
-    origin: RegionId,
-    seq: u64,
-    key: &'a RecordKey,
-    delta: &'a Delta,
-}
-
 /// Why an entry could not be encoded.
 #[derive(Debug, thiserror::Error)]
 pub enum EncodeError {
@@ -108,9 +90,23 @@ pub fn encode(entry: &LogEntry) -> Result<Vec<u8>, EncodeError> {
     checked(bincode::serde::encode_to_vec(entry, config())?)
 }
 
+thread_local! {
+    /// Per-thread scratch buffer the hot path encodes mutation entries into.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Scratch capacity above which the buffer is dropped after use, so a thread does not keep a
+/// huge buffer for its lifetime.
+const SCRATCH_KEEP_MAX: usize = 1 << 20;
+
 /// Encodes a mutation entry from borrowed parts (the bytes equal those of the owned entry)
 /// into a per-thread scratch buffer, and hands them to `f`: the hot path neither clones the
 /// key and delta nor allocates an output buffer per entry.
+///
+/// The bytes come from a hand-written encoder (the store's `encode` module), not from
+/// bincode's serde path, which costs several times more: the entry is measured first (an entry
+/// over [`ENTRY_BYTES_MAX`] is refused before anything is written), the buffer is sized once,
+/// then written.
 pub fn with_encoded_mutation<R>(
     origin: RegionId,
     seq: u64,
@@ -120,34 +116,29 @@ pub fn with_encoded_mutation<R>(
     expires_at_ms: u64,
     f: impl FnOnce(&[u8]) -> R,
 ) -> Result<R, EncodeError> {
-    thread_local! {
-        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    let entry = LogEntryRef::Mutation {
-        mutation: MutationRef {
-            origin,
-            seq,
-            key,
-            delta,
-        },
+    let entry = MutationEntry {
+        origin,
+        seq,
+        key,
+        delta,
         prev,
         expires_at_ms,
     };
+    let len = entry.encoded_len();
+    // bincode enforces its limit only when decoding: refuse here what could never be read back.
+    if len > ENTRY_BYTES_MAX {
+        return Err(EncodeError::TooLarge(len));
+    }
     SCRATCH.with(|cell| {
         // A re-entrant use (never expected) falls back to a fresh buffer.
         let mut fresh = Vec::new();
         let mut guard = cell.try_borrow_mut().ok();
         let buf = guard.as_deref_mut().unwrap_or(&mut fresh);
         buf.clear();
-        bincode::serde::encode_into_std_write(&entry, buf, config())?;
-        if buf.len() > ENTRY_BYTES_MAX {
-            let len = buf.len();
-            // Do not keep a huge buffer around for the thread's lifetime.
-            *buf = Vec::new();
-            return Err(EncodeError::TooLarge(len));
-        }
+        buf.resize(len, 0);
+        entry.encode_into(buf);
         let out = f(buf);
-        if buf.capacity() > 1 << 20 {
+        if buf.capacity() > SCRATCH_KEEP_MAX {
             *buf = Vec::new();
         }
         Ok(out)
@@ -225,6 +216,34 @@ mod tests {
         let borrowed = encode_mutation(region, 3, &key, &delta, prev, 99).unwrap();
         assert_eq!(borrowed, encode(&owned).unwrap());
         assert_eq!(decode(&borrowed).unwrap(), owned);
+    }
+
+    #[test]
+    fn the_scratch_buffer_never_keeps_a_huge_entry_and_tolerates_reentry() {
+        use crate::clock::Stamp;
+        use crate::record::{Outcome, Terminal};
+        let region = RegionId::new("a").unwrap();
+        let key = RecordKey::new("ns", "p", "k");
+        let finish = |body: Vec<u8>| Delta::Finish {
+            stamp: Stamp::new(7, region),
+            terminal: Terminal::Completed(Outcome::new(200, body)),
+        };
+        let scratch = || SCRATCH.with(|c| c.borrow().capacity());
+        let big = finish(vec![7; 2 * SCRATCH_KEEP_MAX]);
+        let n = with_encoded_mutation(region, 1, &key, &big, None, 0, |b| b.len()).unwrap();
+        assert!(n > 2 * SCRATCH_KEEP_MAX);
+        assert!(scratch() <= SCRATCH_KEEP_MAX);
+        let huge = finish(vec![0; ENTRY_BYTES_MAX]);
+        let refused = with_encoded_mutation(region, 1, &key, &huge, None, 0, |b| b.len());
+        assert!(matches!(refused, Err(EncodeError::TooLarge(_))));
+        assert!(scratch() <= SCRATCH_KEEP_MAX);
+        let small = finish(b"ok".to_vec());
+        let (outer, inner) = with_encoded_mutation(region, 2, &key, &small, None, 9, |outer| {
+            let inner = encode_mutation(region, 2, &key, &small, None, 9).unwrap();
+            (outer.to_vec(), inner)
+        })
+        .unwrap();
+        assert_eq!(outer, inner);
     }
 
     #[test]

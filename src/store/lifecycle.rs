@@ -1,6 +1,6 @@
 //! Finishing claims (complete, release), extending leases, resolving items, reading keys.
 
-use super::log::AppendClass;
+use super::log::{AppendClass, Space};
 use super::storage::Storage;
 use super::{Completion, Disposition, KeyView, Pending, Store, StoreError, Unavailable};
 use crate::clock::{ClockError, Stamp};
@@ -90,13 +90,28 @@ impl<S: Storage> Store<S> {
                 Some(_) => return Err(StoreError::AlreadyFinished(claim)),
                 None => {
                     let lease = c.lease_until_ms;
-                    self.write_local(e, key, record, AppendClass::Reserved, now_ms, |_| {
-                        Delta::Finish {
+                    // The finishing append itself returns the claim's promise to the log.
+                    let release = self.take_promise(key, &claim, lease);
+                    let space = Space {
+                        reserve: 0,
+                        release,
+                    };
+                    let written = self.write_local(
+                        e,
+                        key,
+                        record,
+                        AppendClass::Reserved,
+                        space,
+                        now_ms,
+                        |_| Delta::Finish {
                             stamp: claim,
                             terminal: terminal.clone(),
-                        }
-                    })?;
-                    self.return_promise(key, &claim, lease);
+                        },
+                    );
+                    if let Err(err) = written {
+                        self.restore_promise(lease, release);
+                        return Err(err);
+                    }
                 }
             }
             let status = record
@@ -148,11 +163,9 @@ impl<S: Storage> Store<S> {
             let until = now_ms.saturating_add(lease_ms);
             let old_lease = c.lease_until_ms;
             if until > old_lease {
-                self.write_local(e, key, record, AppendClass::Reserved, now_ms, |_| {
-                    Delta::Extend {
-                        stamp: claim,
-                        lease_until_ms: until,
-                    }
+                self.write_reserved(e, key, record, now_ms, |_| Delta::Extend {
+                    stamp: claim,
+                    lease_until_ms: until,
                 })?;
                 self.move_promise(key, &claim, old_lease, until);
             }
@@ -208,7 +221,7 @@ impl<S: Storage> Store<S> {
                 })
             })?;
             let resolution = Resolution { at, ..check };
-            self.write_local(e, key, record, AppendClass::Reserved, now_ms, |_| {
+            self.write_reserved(e, key, record, now_ms, |_| {
                 Delta::Resolve(resolution.clone())
             })?;
             Ok(Pending {

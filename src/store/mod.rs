@@ -32,6 +32,7 @@
 
 mod claim;
 pub mod decide;
+mod encode;
 pub mod entry;
 pub mod error;
 mod hint;
@@ -59,7 +60,7 @@ use entry::LogEntry;
 pub use entry::Mutation;
 pub use error::{StoreError, Unavailable};
 use index::{IndexEntry, IndexMap};
-use log::{AppendClass, Loc, Log, LogConfig, LogError, Lsn};
+use log::{AppendClass, Loc, Log, LogConfig, LogError, Lsn, Space};
 pub use policy::{Disposition, Keep, NamespaceConfig, NamespacePolicy, StatusRange};
 use replication::Replication;
 use storage::Storage;
@@ -295,6 +296,8 @@ pub struct Store<S: Storage> {
     recovered_from: (usize, usize),
     /// Disk space promised to granted claims (see [`reserve`]).
     promises: Mutex<reserve::Promises>,
+    /// [`reserve::Promises::swept_before`], readable without the lock.
+    promises_swept: AtomicU64,
 }
 
 impl<S: Storage> std::fmt::Debug for Store<S> {
@@ -356,6 +359,7 @@ impl<S: Storage> Store<S> {
             stats: StoreStats::default(),
             recovered_from: (recovered.hinted_segments, recovered.scanned_segments),
             promises: Mutex::new(reserve::Promises::default()),
+            promises_swept: AtomicU64::new(0),
         };
         if now_ms > store.clock.restart_fence_ms() {
             store.settle_clock(now_ms)?;
@@ -412,10 +416,26 @@ impl<S: Storage> Store<S> {
 
     /// Returns the promise of one of this region's claims that finished here.
     fn return_promise(&self, key: &RecordKey, claim: &Stamp, lease_until_ms: u64) {
-        if let Some(bytes) = self.promise_of(key, claim) {
-            if let Some(bytes) = lock(&self.promises).take(lease_until_ms, bytes) {
-                self.log.release_space(bytes);
-            }
+        let bytes = self.take_promise(key, claim, lease_until_ms);
+        if bytes > 0 {
+            self.log.release_space(bytes);
+        }
+    }
+
+    /// Takes a claim's promise out of the books, to be released by the append that finishes
+    /// the claim ([`Space::release`]); 0 if it holds none. Give it back with
+    /// [`Store::restore_promise`] if that append fails.
+    fn take_promise(&self, key: &RecordKey, claim: &Stamp, lease_until_ms: u64) -> u64 {
+        self.promise_of(key, claim)
+            .and_then(|bytes| lock(&self.promises).take(lease_until_ms, bytes))
+            .unwrap_or(0)
+    }
+
+    /// Puts back a promise taken by [`Store::take_promise`] whose append failed (the log still
+    /// holds its space); releases it if its lease has expired meanwhile.
+    fn restore_promise(&self, lease_until_ms: u64, bytes: u64) {
+        if bytes > 0 && !lock(&self.promises).add(lease_until_ms, bytes) {
+            self.log.release_space(bytes);
         }
     }
 
@@ -439,9 +459,17 @@ impl<S: Storage> Store<S> {
     }
 
     /// Returns the promises of claims whose lease ran out (by our clock plus the max drift).
+    /// Takes the lock only when a new second of lease ends has passed.
     fn expire_promises(&self, now_ms: u64) {
         let before = now_ms.saturating_sub(self.clock.config().max_drift_ms);
-        let expired = lock(&self.promises).expire(before);
+        if before / 1000 <= self.promises_swept.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut promises = lock(&self.promises);
+        let expired = promises.expire(before);
+        self.promises_swept
+            .store(promises.swept_before(), Ordering::Relaxed);
+        drop(promises);
         if expired > 0 {
             self.log.release_space(expired);
         }
@@ -633,12 +661,14 @@ impl<S: Storage> Store<S> {
     /// Returns where it went and the key's newest expiry after it. On error nothing was
     /// appended and `record` may hold the delta: the caller must drop the record (the log is the
     /// truth; the next reader reads it back).
+    #[allow(clippy::too_many_arguments)]
     fn append_local(
         &self,
         key: &RecordKey,
         prev: Option<Loc>,
         record: &mut Record,
         class: AppendClass,
+        space: Space,
         now_ms: u64,
         make: impl FnOnce(u64) -> Delta,
     ) -> Result<(Lsn, Loc, u64), StoreError> {
@@ -654,7 +684,7 @@ impl<S: Storage> Store<S> {
             &delta,
             prev,
             expires_at_ms,
-            |bytes| self.log.append(bytes, class),
+            |bytes| self.log.append_with_space(bytes, class, space),
         )?
         .map_err(|e| self.log_error(e))?;
         local.appended(seq, lsn);
@@ -668,21 +698,44 @@ impl<S: Storage> Store<S> {
 
     /// [`Store::append_local`] for an existing key: chains the entry to the key's previous one
     /// and points the index entry at it.
+    #[allow(clippy::too_many_arguments)]
     fn write_local(
         &self,
         e: &mut IndexEntry,
         key: &RecordKey,
         record: &mut Record,
         class: AppendClass,
+        space: Space,
         now_ms: u64,
         make: impl FnOnce(u64) -> Delta,
     ) -> Result<(), StoreError> {
         let (lsn, loc, expires_at_ms) =
-            self.append_local(key, Some(e.loc), record, class, now_ms, make)?;
+            self.append_local(key, Some(e.loc), record, class, space, now_ms, make)?;
         e.loc = loc;
         e.lsn = lsn;
         e.expires_at_ms = expires_at_ms;
         Ok(())
+    }
+
+    /// [`Store::write_local`] of an entry that needs no new promise: it may use the space
+    /// held back for promises (a write to a granted claim must not fail on a full disk).
+    fn write_reserved(
+        &self,
+        e: &mut IndexEntry,
+        key: &RecordKey,
+        record: &mut Record,
+        now_ms: u64,
+        make: impl FnOnce(u64) -> Delta,
+    ) -> Result<(), StoreError> {
+        self.write_local(
+            e,
+            key,
+            record,
+            AppendClass::Reserved,
+            Space::default(),
+            now_ms,
+            make,
+        )
     }
 
     /// Runs `f` on the record of an existing key under its index lock, then caches the record

@@ -108,6 +108,11 @@ impl Promises {
     }
 
     /// Bytes promised and not yet returned.
+    /// Seconds of lease end before this one are swept (their promises went back).
+    pub(super) fn swept_before(&self) -> u64 {
+        self.swept_before
+    }
+
     pub(super) fn bytes(&self) -> u64 {
         self.by_second.values().sum()
     }

@@ -1,0 +1,667 @@
+//! A hand-written encoder for [`LogEntry::Mutation`](super::entry::LogEntry::Mutation), the
+//! hot entry of the log.
+//!
+//! It writes exactly the bytes bincode's serde encoding writes with the log's configuration
+//! (`bincode::config::standard()`: variable-length integers, little endian), so decoding stays
+//! bincode and the on-disk format is unchanged. It exists because bincode's serde path goes
+//! through generic code for every value, down to one call per byte of a response body.
+//!
+//! The layout, from the serde impls of the types involved and bincode 2's serde rules:
+//!
+//! * unsigned integers (`u16`, `u32`, `u64`, `u128`, `usize` lengths and enum variant indices)
+//!   are varints: below 251 one byte, else a marker byte (251, 252, 253, 254) and the value as
+//!   `u16`, `u32`, `u64` or `u128` little endian, whichever is the narrowest that holds it;
+//! * `u8` is one raw byte, so fixed byte arrays (`[u8; N]`) are their N bytes, with no length;
+//! * strings, `Vec<u8>` and other sequences are a varint length and then their elements;
+//! * `Option` is byte 0, or byte 1 and the value;
+//! * structs and tuples are their fields in order; newtypes are their content;
+//! * enum variants are a varint index and then their content.
+//!
+//! Every type involved derives its serde impls, except [`RegionId`], which serializes as a
+//! string.
+//!
+//! One generic walk ([`MutationEntry::emit`]) both measures an entry and writes it, so the two
+//! never disagree: the caller learns the exact size before writing anything, refuses an entry
+//! that could never be read back, and sizes the buffer once.
+//!
+//! The layout is tied to the declarations: variant indices follow declaration order, fields
+//! follow field order. Reordering a variant or a field, or changing a serde impl, must change
+//! this encoder too; the property test here compares it with bincode on arbitrary entries
+//! and catches any drift.
+
+use super::log::Loc;
+use crate::clock::{RegionId, Stamp};
+use crate::record::{Body, ClaimFacts, Delta, Outcome, RecordKey, Resolution, Terminal};
+
+/// Varint marker: a `u16` follows.
+const U16_BYTE: u8 = 251;
+/// Varint marker: a `u32` follows.
+const U32_BYTE: u8 = 252;
+/// Varint marker: a `u64` follows.
+const U64_BYTE: u8 = 253;
+/// Varint marker: a `u128` follows.
+const U128_BYTE: u8 = 254;
+/// Largest value a varint holds in its single byte.
+const SINGLE_BYTE_MAX: u8 = 250;
+
+/// [`LogEntry`](super::entry::LogEntry)'s variant index of `Mutation`.
+const LOG_ENTRY_MUTATION: u32 = 0;
+
+/// Where encoded bytes go: a slice, or a counter that only measures.
+trait Sink {
+    /// Appends one byte.
+    fn byte(&mut self, b: u8);
+    /// Appends bytes.
+    fn bytes(&mut self, b: &[u8]);
+}
+
+/// Writes into a slice sized beforehand by [`Measure`]: no reallocation path, one bounds check
+/// per write.
+struct Cursor<'a> {
+    /// Where the bytes go.
+    out: &'a mut [u8],
+    /// How many are written.
+    at: usize,
+}
+
+impl Sink for Cursor<'_> {
+    #[inline(always)]
+    fn byte(&mut self, b: u8) {
+        self.out[self.at] = b;
+        self.at += 1;
+    }
+
+    #[inline(always)]
+    fn bytes(&mut self, b: &[u8]) {
+        self.out[self.at..self.at + b.len()].copy_from_slice(b);
+        self.at += b.len();
+    }
+}
+
+/// Counts the bytes an encoding would take, writing nothing.
+#[derive(Default)]
+struct Measure(usize);
+
+impl Sink for Measure {
+    #[inline(always)]
+    fn byte(&mut self, _: u8) {
+        self.0 += 1;
+    }
+
+    #[inline(always)]
+    fn bytes(&mut self, b: &[u8]) {
+        self.0 += b.len();
+    }
+}
+
+/// A varint of a `u64` (also `usize` lengths, `u32` and `u16`: for a value that fits, each
+/// narrower type's varint is the same bytes).
+#[inline(always)]
+fn varint<S: Sink>(out: &mut S, v: u64) {
+    if v <= u64::from(SINGLE_BYTE_MAX) {
+        out.byte(v as u8);
+    } else if v <= u64::from(u16::MAX) {
+        out.byte(U16_BYTE);
+        out.bytes(&(v as u16).to_le_bytes());
+    } else if v <= u64::from(u32::MAX) {
+        out.byte(U32_BYTE);
+        out.bytes(&(v as u32).to_le_bytes());
+    } else {
+        out.byte(U64_BYTE);
+        out.bytes(&v.to_le_bytes());
+    }
+}
+
+/// A varint of a `u128`: a `u64` varint unless the value needs more than 64 bits.
+#[inline(always)]
+fn varint_u128<S: Sink>(out: &mut S, v: u128) {
+    match u64::try_from(v) {
+        Ok(v) => varint(out, v),
+        Err(_) => {
+            out.byte(U128_BYTE);
+            out.bytes(&v.to_le_bytes());
+        }
+    }
+}
+
+/// A sequence length (bincode encodes `usize` as `u64`).
+#[inline(always)]
+fn len<S: Sink>(out: &mut S, n: usize) {
+    varint(out, n as u64);
+}
+
+/// A byte sequence (`&str` or `Vec<u8>`): its length, then its bytes.
+#[inline(always)]
+fn byte_seq<S: Sink>(out: &mut S, b: &[u8]) {
+    len(out, b.len());
+    out.bytes(b);
+}
+
+/// An optional string.
+#[inline(always)]
+fn opt_str<S: Sink>(out: &mut S, s: Option<&str>) {
+    match s {
+        None => out.byte(0),
+        Some(s) => {
+            out.byte(1);
+            byte_seq(out, s.as_bytes());
+        }
+    }
+}
+
+/// A region id: its serde impl writes it as a string. `as_bytes` is that string's bytes: a
+/// region id holds only validated ASCII.
+#[inline(always)]
+fn region<S: Sink>(out: &mut S, r: &RegionId) {
+    byte_seq(out, r.as_bytes());
+}
+
+/// A stamp: `hlc`, then `region`.
+#[inline(always)]
+fn stamp<S: Sink>(out: &mut S, s: &Stamp) {
+    varint(out, s.hlc);
+    region(out, &s.region);
+}
+
+/// A record key: `namespace`, `principal`, `key`.
+#[inline(always)]
+fn record_key<S: Sink>(out: &mut S, k: &RecordKey) {
+    byte_seq(out, k.namespace.as_bytes());
+    byte_seq(out, k.principal.as_bytes());
+    byte_seq(out, k.key.as_bytes());
+}
+
+/// A claim's facts, in field order.
+#[inline(always)]
+fn claim_facts<S: Sink>(out: &mut S, f: &ClaimFacts) {
+    out.bytes(&f.fingerprint.0);
+    varint_u128(out, f.attempt.0);
+    varint(out, f.ttl_ms);
+    varint(out, f.lease_ms);
+    varint(out, f.origin_seq);
+    len(out, f.takes_over.len());
+    for s in &f.takes_over {
+        stamp(out, s);
+    }
+}
+
+/// A stored response body: variant index, then `Full`/`Redacted` bytes or `Digest` fields.
+#[inline(always)]
+fn body<S: Sink>(out: &mut S, b: &Body) {
+    match b {
+        Body::Full(bytes) => {
+            varint(out, 0);
+            byte_seq(out, bytes);
+        }
+        Body::Digest { len, blake3 } => {
+            varint(out, 1);
+            varint(out, *len);
+            out.bytes(blake3);
+        }
+        Body::Redacted(bytes) => {
+            varint(out, 2);
+            byte_seq(out, bytes);
+        }
+    }
+}
+
+/// A stored response: `status`, `headers` (a sequence of string pairs), `body`.
+#[inline(always)]
+fn outcome<S: Sink>(out: &mut S, o: &Outcome) {
+    varint(out, u64::from(o.status));
+    len(out, o.headers.len());
+    for (name, value) in &o.headers {
+        byte_seq(out, name.as_bytes());
+        byte_seq(out, value.as_bytes());
+    }
+    body(out, &o.body);
+}
+
+/// A terminal write: variant index, then the outcome unless released.
+#[inline(always)]
+fn terminal<S: Sink>(out: &mut S, t: &Terminal) {
+    match t {
+        Terminal::Released => varint(out, 0),
+        Terminal::Completed(o) => {
+            varint(out, 1);
+            outcome(out, o);
+        }
+        Terminal::Indeterminate(o) => {
+            varint(out, 2);
+            outcome(out, o);
+        }
+    }
+}
+
+/// A resolution, in field order.
+fn resolution<S: Sink>(out: &mut S, r: &Resolution) {
+    out.bytes(&r.item.0);
+    stamp(out, &r.at);
+    byte_seq(out, r.by.as_bytes());
+    byte_seq(out, r.note.as_bytes());
+    opt_str(out, r.hook_result.as_deref());
+    opt_str(out, r.provider_ref.as_deref());
+}
+
+/// A delta: variant index, then the variant's fields.
+#[inline(always)]
+fn delta<S: Sink>(out: &mut S, d: &Delta) {
+    match d {
+        Delta::Claim { stamp: s, facts } => {
+            varint(out, 0);
+            stamp(out, s);
+            claim_facts(out, facts);
+        }
+        Delta::Extend {
+            stamp: s,
+            lease_until_ms,
+        } => {
+            varint(out, 1);
+            stamp(out, s);
+            varint(out, *lease_until_ms);
+        }
+        Delta::Finish {
+            stamp: s,
+            terminal: t,
+        } => {
+            varint(out, 2);
+            stamp(out, s);
+            terminal(out, t);
+        }
+        Delta::Resolve(r) => {
+            varint(out, 3);
+            resolution(out, r);
+        }
+    }
+}
+
+/// A log position: `segment`, then `offset`.
+#[inline(always)]
+fn loc<S: Sink>(out: &mut S, l: &Loc) {
+    varint(out, u64::from(l.segment));
+    varint(out, u64::from(l.offset));
+}
+
+/// A mutation log entry from borrowed parts: the fields of `LogEntry::Mutation`, with those of
+/// its [`Mutation`](super::entry::Mutation) inline.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct MutationEntry<'a> {
+    /// The region whose log numbered the mutation.
+    pub origin: RegionId,
+    /// Its number in the origin's log.
+    pub seq: u64,
+    /// The key.
+    pub key: &'a RecordKey,
+    /// The change.
+    pub delta: &'a Delta,
+    /// The key's previous log entry.
+    pub prev: Option<Loc>,
+    /// Expiry of the key's newest generation after this mutation (Unix ms).
+    pub expires_at_ms: u64,
+}
+
+impl MutationEntry<'_> {
+    /// Exact size of the encoding, in bytes.
+    pub(super) fn encoded_len(&self) -> usize {
+        let mut m = Measure::default();
+        self.emit(&mut m);
+        m.0
+    }
+
+    /// Writes the encoding, the bytes bincode writes for the owned `LogEntry`, into `out`,
+    /// which must be exactly [`encoded_len`](Self::encoded_len) bytes long.
+    ///
+    /// # Panics
+    ///
+    /// If `out` has another length.
+    pub(super) fn encode_into(&self, out: &mut [u8]) {
+        let mut cursor = Cursor { out, at: 0 };
+        self.emit(&mut cursor);
+        assert_eq!(
+            cursor.at,
+            cursor.out.len(),
+            "encoded and measured sizes differ"
+        );
+    }
+
+    /// The one walk both [`encoded_len`](Self::encoded_len) and
+    /// [`encode_into`](Self::encode_into) run: `LogEntry::Mutation { mutation: Mutation {
+    /// origin, seq, key, delta }, prev, expires_at_ms }`.
+    #[inline(always)]
+    fn emit<S: Sink>(&self, out: &mut S) {
+        varint(out, u64::from(LOG_ENTRY_MUTATION));
+        region(out, &self.origin);
+        varint(out, self.seq);
+        record_key(out, self.key);
+        delta(out, self.delta);
+        match &self.prev {
+            None => out.byte(0),
+            Some(l) => {
+                out.byte(1);
+                loc(out, l);
+            }
+        }
+        varint(out, self.expires_at_ms);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::record::{AttemptToken, Fingerprint, ItemId};
+    use crate::store::entry::{self, LogEntry, Mutation};
+
+    /// Values on both sides of every varint boundary, and the extremes.
+    const U64_EDGES: &[u64] = &[
+        0,
+        1,
+        250,
+        251,
+        252,
+        65_535,
+        65_536,
+        (1 << 32) - 1,
+        1 << 32,
+        u64::MAX - 1,
+        u64::MAX,
+    ];
+
+    /// Values on both sides of the `u64`/`u128` boundary, and the extremes.
+    const U128_EDGES: &[u128] = &[
+        u64::MAX as u128,
+        u64::MAX as u128 + 1,
+        u128::MAX - 1,
+        u128::MAX,
+    ];
+
+    /// Any `u64`, often one at a varint boundary.
+    fn u64s() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            2 => proptest::sample::select(U64_EDGES),
+            1 => 0u64..300,
+            1 => 60_000u64..70_000,
+            2 => any::<u64>(),
+        ]
+    }
+
+    /// Any `u32`, often one at a varint boundary.
+    fn u32s() -> impl Strategy<Value = u32> {
+        prop_oneof![
+            2 => proptest::sample::select(&[0, 250, 251, 65_535, 65_536, u32::MAX - 1, u32::MAX][..]),
+            2 => any::<u32>(),
+        ]
+    }
+
+    /// Any `u16`, often one at a varint boundary.
+    fn u16s() -> impl Strategy<Value = u16> {
+        prop_oneof![
+            1 => proptest::sample::select(&[0, 200, 250, 251, 500, u16::MAX][..]),
+            1 => any::<u16>(),
+        ]
+    }
+
+    /// Any `u128`: small, at the `u64`/`u128` boundary, or anything.
+    fn u128s() -> impl Strategy<Value = u128> {
+        prop_oneof![
+            2 => u64s().prop_map(u128::from),
+            1 => proptest::sample::select(U128_EDGES),
+            2 => any::<u128>(),
+        ]
+    }
+
+    /// Byte lengths around the varint boundaries (mostly short).
+    fn lens() -> impl Strategy<Value = usize> {
+        prop_oneof![
+            8 => 0usize..40,
+            2 => proptest::sample::select(&[0usize, 1, 100, 250, 251, 252][..]),
+            1 => proptest::sample::select(&[65_535usize, 65_536][..]),
+        ]
+    }
+
+    /// Any string: arbitrary (empty, multi-byte UTF-8), or one of a boundary byte length that
+    /// starts with an arbitrary character.
+    fn strings() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => any::<String>(),
+            1 => (lens(), any::<char>()).prop_map(|(n, c)| {
+                let mut s = String::with_capacity(n);
+                if c.len_utf8() <= n {
+                    s.push(c);
+                }
+                while s.len() < n {
+                    s.push('a');
+                }
+                s
+            }),
+        ]
+    }
+
+    /// Any byte string, of an arbitrary or a boundary length.
+    fn byte_strings() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            2 => vec(any::<u8>(), 0..300),
+            1 => (lens(), any::<u8>()).prop_map(|(n, b)| vec![b; n]),
+        ]
+    }
+
+    fn regions() -> impl Strategy<Value = RegionId> {
+        "[a-z0-9_-]{1,15}".prop_map(|s| RegionId::new(&s).unwrap())
+    }
+
+    fn stamps() -> impl Strategy<Value = Stamp> {
+        (u64s(), regions()).prop_map(|(hlc, r)| Stamp::new(hlc, r))
+    }
+
+    fn keys() -> impl Strategy<Value = RecordKey> {
+        (strings(), strings(), strings()).prop_map(|(n, p, k)| RecordKey::new(n, p, k))
+    }
+
+    /// A few takeovers, or (rarely) more than fit a one-byte length.
+    fn takeovers() -> impl Strategy<Value = Vec<Stamp>> {
+        prop_oneof![
+            8 => vec(stamps(), 0..4),
+            1 => vec(stamps(), 250..253),
+        ]
+    }
+
+    fn facts() -> impl Strategy<Value = ClaimFacts> {
+        (
+            any::<[u8; 32]>(),
+            u128s(),
+            u64s(),
+            u64s(),
+            u64s(),
+            takeovers(),
+        )
+            .prop_map(|(fp, attempt, ttl_ms, lease_ms, origin_seq, takes_over)| {
+                ClaimFacts {
+                    fingerprint: Fingerprint(fp),
+                    attempt: AttemptToken(attempt),
+                    ttl_ms,
+                    lease_ms,
+                    origin_seq,
+                    takes_over,
+                }
+            })
+    }
+
+    fn bodies() -> impl Strategy<Value = Body> {
+        prop_oneof![
+            byte_strings().prop_map(Body::Full),
+            (u64s(), any::<[u8; 32]>()).prop_map(|(len, blake3)| Body::Digest { len, blake3 }),
+            byte_strings().prop_map(Body::Redacted),
+        ]
+    }
+
+    /// A few headers, or (rarely) more than fit a one-byte length.
+    fn headers() -> impl Strategy<Value = Vec<(String, String)>> {
+        prop_oneof![
+            8 => vec((strings(), strings()), 0..4),
+            1 => vec(("[a-z]{0,3}", "\\PC{0,3}"), 250..253),
+        ]
+    }
+
+    fn outcomes() -> impl Strategy<Value = Outcome> {
+        (u16s(), headers(), bodies()).prop_map(|(status, headers, body)| Outcome {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    fn terminals() -> impl Strategy<Value = Terminal> {
+        prop_oneof![
+            Just(Terminal::Released),
+            outcomes().prop_map(Terminal::Completed),
+            outcomes().prop_map(Terminal::Indeterminate),
+        ]
+    }
+
+    fn resolutions() -> impl Strategy<Value = Resolution> {
+        (
+            any::<[u8; 16]>(),
+            stamps(),
+            strings(),
+            strings(),
+            proptest::option::of(strings()),
+            proptest::option::of(strings()),
+        )
+            .prop_map(
+                |(item, at, by, note, hook_result, provider_ref)| Resolution {
+                    item: ItemId(item),
+                    at,
+                    by,
+                    note,
+                    hook_result,
+                    provider_ref,
+                },
+            )
+    }
+
+    /// Every delta variant. Deltas are not validated: the encoder takes whatever it is given.
+    fn deltas() -> impl Strategy<Value = Delta> {
+        prop_oneof![
+            (stamps(), facts()).prop_map(|(stamp, facts)| Delta::Claim { stamp, facts }),
+            (stamps(), u64s()).prop_map(|(stamp, lease_until_ms)| Delta::Extend {
+                stamp,
+                lease_until_ms
+            }),
+            (stamps(), terminals()).prop_map(|(stamp, terminal)| Delta::Finish { stamp, terminal }),
+            resolutions().prop_map(Delta::Resolve),
+        ]
+    }
+
+    fn locs() -> impl Strategy<Value = Loc> {
+        (u32s(), u32s()).prop_map(|(segment, offset)| Loc { segment, offset })
+    }
+
+    fn hand_encoded(e: &MutationEntry<'_>) -> Vec<u8> {
+        let mut buf = vec![0; e.encoded_len()];
+        e.encode_into(&mut buf);
+        buf
+    }
+
+    proptest! {
+        #[test]
+        fn hand_encoded_mutations_are_bincodes_bytes_and_decode_back(
+            origin in regions(),
+            seq in u64s(),
+            key in keys(),
+            delta in deltas(),
+            prev in proptest::option::of(locs()),
+            expires_at_ms in u64s(),
+        ) {
+            let e = MutationEntry { origin, seq, key: &key, delta: &delta, prev, expires_at_ms };
+            let owned = LogEntry::Mutation {
+                mutation: Mutation { origin, seq, key: key.clone(), delta: delta.clone() },
+                prev,
+                expires_at_ms,
+            };
+            let bincode = entry::encode(&owned).unwrap();
+            let hand = hand_encoded(&e);
+            prop_assert_eq!(e.encoded_len(), hand.len());
+            prop_assert_eq!(&hand, &bincode);
+            let via_scratch = entry::encode_mutation(origin, seq, &key, &delta, prev, expires_at_ms)
+                .unwrap();
+            prop_assert_eq!(&via_scratch, &bincode);
+            prop_assert_eq!(entry::decode(&hand).unwrap(), owned);
+        }
+    }
+
+    /// A varint through both sinks (a `u64` one when the value fits, as [`emit`] does).
+    fn hand_varint(v: u128) -> Vec<u8> {
+        let mut measure = Measure::default();
+        varint_u128(&mut measure, v);
+        let mut out = vec![0; measure.0];
+        let mut cursor = Cursor {
+            out: &mut out,
+            at: 0,
+        };
+        varint_u128(&mut cursor, v);
+        assert_eq!(cursor.at, measure.0);
+        if let Ok(v) = u64::try_from(v) {
+            let mut narrow = Measure::default();
+            varint(&mut narrow, v);
+            assert_eq!(narrow.0, measure.0);
+        }
+        out
+    }
+
+    #[test]
+    fn varints_are_bincodes_at_every_boundary() {
+        let config = bincode::config::standard();
+        for &v in U64_EDGES {
+            let hand = hand_varint(v.into());
+            assert_eq!(
+                hand,
+                bincode::serde::encode_to_vec(v, config).unwrap(),
+                "{v}"
+            );
+            if let Ok(v32) = u32::try_from(v) {
+                assert_eq!(hand, bincode::serde::encode_to_vec(v32, config).unwrap());
+            }
+            if let Ok(v16) = u16::try_from(v) {
+                assert_eq!(hand, bincode::serde::encode_to_vec(v16, config).unwrap());
+            }
+        }
+        for v in U64_EDGES
+            .iter()
+            .map(|&v| u128::from(v))
+            .chain(U128_EDGES.iter().copied())
+        {
+            let hand = hand_varint(v);
+            assert_eq!(
+                hand,
+                bincode::serde::encode_to_vec(v, config).unwrap(),
+                "{v}"
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_mutations_are_refused_with_their_size() {
+        let origin = RegionId::new("a").unwrap();
+        let key = RecordKey::new("ns", "p", "k");
+        let delta = Delta::Finish {
+            stamp: Stamp::new(7, origin),
+            terminal: Terminal::Completed(Outcome::new(200, vec![0u8; entry::ENTRY_BYTES_MAX])),
+        };
+        let e = MutationEntry {
+            origin,
+            seq: 1,
+            key: &key,
+            delta: &delta,
+            prev: None,
+            expires_at_ms: 0,
+        };
+        let len = e.encoded_len();
+        assert!(len > entry::ENTRY_BYTES_MAX);
+        match entry::with_encoded_mutation(origin, 1, &key, &delta, None, 0, |b| b.len()) {
+            Err(entry::EncodeError::TooLarge(n)) => assert_eq!(n, len),
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+    }
+}
