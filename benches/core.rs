@@ -23,13 +23,28 @@ use idem::store::Store;
 
 /// Samples per benchmark (criterion's minimum): every figure is a median of these.
 const SAMPLES: usize = 10;
-/// Durable variants: (callers, driver threads, blocking OS-thread callers). The last is a
-/// cross-check of the caller model: 64 real OS threads, each blocking in `Store::wait`.
-const DURABLE: [(usize, usize, bool); 4] = [
-    (1, 1, false),
-    (64, 2, false),
-    (1024, 2, false),
-    (64, 64, true),
+/// How callers wait for durability (see `docs/perf.md`, "The caller model").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Model {
+    /// Driver threads flush themselves after each round (the first to flush leads the group
+    /// commit): what an embedding without a flusher thread does.
+    Led,
+    /// Worker threads never block in a sync; a dedicated flusher thread group-commits in a
+    /// loop: what the daemon does.
+    Flusher,
+    /// Every caller is an OS thread blocking in `Store::wait` after each operation.
+    Blocking,
+}
+
+/// Durable variants: (bench name, callers, driver threads, model). One caller leads its own
+/// flushes (a flusher thread would only add a wake-up to its latency); 64 and 1024 callers run
+/// as in the daemon, with the caller-led 1024 and 64 blocking OS threads as cross-checks.
+const DURABLE: [(&str, usize, usize, Model); 5] = [
+    ("pairs", 1, 1, Model::Led),
+    ("pairs", 64, 2, Model::Flusher),
+    ("pairs", 1024, 2, Model::Flusher),
+    ("caller_led", 1024, 2, Model::Led),
+    ("os_threads", 64, 64, Model::Blocking),
 ];
 /// Size of the reference append: about one claim entry (the run prints the real average frame).
 const REF_APPEND_BYTES: usize = 150;
@@ -78,13 +93,15 @@ fn pairs_sample<S: Storage>(
     threads: usize,
     callers: usize,
     rng: &mut Rng,
-    blocking: bool,
+    model: Model,
 ) -> Duration {
     let body = common::outcome(rng);
     let parts = common::requests(rng, iters, threads);
     let before = store.log().stats();
     let t = Instant::now();
-    let done = if blocking {
+    let done = if model == Model::Flusher {
+        common::drive_with_flusher(store, callers, &parts, &body)
+    } else if model == Model::Blocking {
         std::thread::scope(|s| {
             let hs: Vec<_> = parts
                 .iter()
@@ -118,12 +135,8 @@ fn durable(c: &mut Criterion) {
     let mut g = group(c, "durable", 5);
     let mut rng = Rng::new(1);
     let mut ids = Vec::new();
-    for (callers, threads, blocking) in DURABLE {
-        let (name, id) = if blocking {
-            ("os_threads", format!("durable/os_threads/{callers}"))
-        } else {
-            ("pairs", format!("durable/pairs/{callers}"))
-        };
+    for (name, callers, threads, model) in DURABLE {
+        let id = format!("durable/{name}/{callers}");
         // One store per benchmark, made on first use and kept across samples: the log runs in
         // its steady state (segments roll, the index grows) as in a long-running process.
         let mut store: Option<(tempfile::TempDir, Store<FsStorage>)> = None;
@@ -134,7 +147,7 @@ fn durable(c: &mut Criterion) {
                     let s = open_fs(dir.path(), "a");
                     (dir, s)
                 });
-                pairs_sample(&id, store, iters, threads, callers, &mut rng, blocking)
+                pairs_sample(&id, store, iters, threads, callers, &mut rng, model)
             })
         });
         drop(store);
@@ -157,23 +170,24 @@ fn print_frames_per_sync(id: &str) {
     }
 }
 
-/// In-memory variants: (bench name, driver threads, callers, blocking OS-thread callers).
-const MEMORY: [(&str, usize, usize, bool); 4] = [
-    ("t1_c1", 1, 1, false),
-    ("t1_c1024", 1, 1024, false),
-    ("t2_c2", 2, 2, true),
-    ("t2_c1024", 2, 1024, false),
+/// In-memory variants: (bench name, driver threads, callers, model). With no disk to wait for,
+/// drivers flush themselves (a flush is a copy).
+const MEMORY: [(&str, usize, usize, Model); 4] = [
+    ("t1_c1", 1, 1, Model::Led),
+    ("t1_c1024", 1, 1024, Model::Led),
+    ("t2_c2", 2, 2, Model::Blocking),
+    ("t2_c1024", 2, 1024, Model::Led),
 ];
 
 fn memory(c: &mut Criterion) {
     let mut g = group(c, "memory", 3);
     let mut rng = Rng::new(2);
-    for (name, threads, callers, blocking) in MEMORY {
+    for (name, threads, callers, model) in MEMORY {
         let id = format!("memory/pairs/{name}");
         g.bench_function(BenchmarkId::new("pairs", name), |b| {
             b.iter_custom(|iters| {
                 let store = open_mem("a");
-                pairs_sample(&id, &store, iters, threads, callers, &mut rng, blocking)
+                pairs_sample(&id, &store, iters, threads, callers, &mut rng, model)
             })
         });
     }
@@ -520,6 +534,7 @@ fn summary() {
         "durable/pairs/1",
         "durable/pairs/64",
         "durable/pairs/1024",
+        "durable/caller_led/1024",
         "durable/os_threads/64",
         "memory/pairs/t1_c1",
         "memory/pairs/t1_c1024",

@@ -150,6 +150,46 @@ enum Slot {
     Completing(Pending<Completion>),
 }
 
+/// Issues the claim of the next request, if any is left.
+fn claim_next<S: Storage>(
+    store: &Store<S>,
+    reqs: &[ClaimRequest],
+    next: &mut usize,
+) -> Option<Slot> {
+    let i = *next;
+    let r = reqs.get(i)?;
+    *next += 1;
+    Some(Slot::Claiming(i, store.claim(now_ms(), r).expect("claim")))
+}
+
+/// The claim a durable answer granted: every bench key is fresh, so it must be Execute.
+fn won(p: Pending<Decision>) -> Stamp {
+    match p.into_value_unchecked() {
+        Decision::Execute { claim, .. } => claim,
+        other => panic!("a fresh key must be Execute, got {other:?}"),
+    }
+}
+
+/// Issues the completion of a won claim with the bench outcome.
+fn complete_won<S: Storage>(
+    store: &Store<S>,
+    reqs: &[ClaimRequest],
+    i: usize,
+    claim: Stamp,
+    body: &Outcome,
+) -> Slot {
+    let p = store
+        .complete(now_ms(), &reqs[i].key, claim, body.clone())
+        .expect("complete");
+    Slot::Completing(p)
+}
+
+/// Checks a durable completion's answer: the pair is done.
+fn finished(p: Pending<Completion>) {
+    let c = p.into_value_unchecked();
+    assert!(!c.superseded, "completion superseded: {c:?}");
+}
+
 /// Runs claim+complete pairs for every request in `reqs` with `callers` logical callers on the
 /// current thread.
 ///
@@ -171,19 +211,16 @@ pub fn drive<S: Storage>(
         let mut issued = 0usize;
         for slot in slots.iter_mut() {
             *slot = match std::mem::replace(slot, Slot::Idle) {
-                Slot::Idle if next < reqs.len() => {
-                    let p = store.claim(now_ms(), &reqs[next]).expect("claim");
-                    next += 1;
-                    issued += 1;
-                    Slot::Claiming(next - 1, p)
-                }
-                Slot::Idle => Slot::Idle,
+                Slot::Idle => match claim_next(store, reqs, &mut next) {
+                    Some(s) => {
+                        issued += 1;
+                        s
+                    }
+                    None => Slot::Idle,
+                },
                 Slot::Executing(i, stamp) => {
-                    let p = store
-                        .complete(now_ms(), &reqs[i].key, stamp, body.clone())
-                        .expect("complete");
                     issued += 1;
-                    Slot::Completing(p)
+                    complete_won(store, reqs, i, stamp, body)
                 }
                 other => other,
             };
@@ -199,18 +236,14 @@ pub fn drive<S: Storage>(
                         p.is_durable(store),
                         "flush returned before the claim was durable"
                     );
-                    match p.into_value_unchecked() {
-                        Decision::Execute { claim, .. } => Slot::Executing(i, claim),
-                        other => panic!("a fresh key must be Execute, got {other:?}"),
-                    }
+                    Slot::Executing(i, won(p))
                 }
                 Slot::Completing(p) => {
                     assert!(
                         p.is_durable(store),
                         "flush returned before the completion was durable"
                     );
-                    let c = p.into_value_unchecked();
-                    assert!(!c.superseded, "completion superseded: {c:?}");
+                    finished(p);
                     done += 1;
                     Slot::Idle
                 }
@@ -242,6 +275,100 @@ pub fn drive_threads<S: Storage>(
             .collect();
         handles.into_iter().map(|h| h.join().expect("driver")).sum()
     })
+}
+
+/// The caller model of an async daemon: worker threads run their callers' operations and never
+/// block in a sync; one dedicated flusher thread ([`Store::flush_appended`]) does every group
+/// commit, so the next group builds up while the current one syncs.
+///
+/// Each worker owns `callers / workers` callers and loops over them: a caller whose answer is
+/// durable gets it and issues its next operation at once (a won claim is completed, a finished
+/// pair is followed by the next claim); when no caller could move, the worker sleeps until the
+/// oldest outstanding answer is durable ([`Store::wait_durable_for`]). Returns the pairs done.
+pub fn drive_with_flusher<S: Storage>(
+    store: &Store<S>,
+    callers: usize,
+    parts: &[Vec<ClaimRequest>],
+    body: &Outcome,
+) -> u64 {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let workers = parts.len();
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let flusher = s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                store
+                    .flush_appended(Duration::from_millis(1))
+                    .expect("flush");
+            }
+        });
+        let handles: Vec<_> = parts
+            .iter()
+            .enumerate()
+            .map(|(t, reqs)| {
+                let mine = callers / workers + usize::from(t < callers % workers);
+                s.spawn(move || poll_callers(store, mine, reqs, body))
+            })
+            .collect();
+        let done = handles.into_iter().map(|h| h.join().expect("worker")).sum();
+        stop.store(true, Ordering::Relaxed);
+        flusher.join().expect("flusher");
+        done
+    })
+}
+
+/// One worker of [`drive_with_flusher`].
+fn poll_callers<S: Storage>(
+    store: &Store<S>,
+    callers: usize,
+    reqs: &[ClaimRequest],
+    body: &Outcome,
+) -> u64 {
+    let mut slots: Vec<Slot> = (0..callers.max(1)).map(|_| Slot::Idle).collect();
+    let mut next = 0usize;
+    let mut done = 0u64;
+    loop {
+        let mut moved = false;
+        let mut oldest: Option<u64> = None;
+        for slot in slots.iter_mut() {
+            *slot = match std::mem::replace(slot, Slot::Idle) {
+                Slot::Idle if next < reqs.len() => {
+                    moved = true;
+                    claim_next(store, reqs, &mut next).unwrap_or(Slot::Idle)
+                }
+                Slot::Claiming(i, p) if p.is_durable(store) => {
+                    moved = true;
+                    complete_won(store, reqs, i, won(p), body)
+                }
+                Slot::Completing(p) if p.is_durable(store) => {
+                    moved = true;
+                    finished(p);
+                    done += 1;
+                    claim_next(store, reqs, &mut next).unwrap_or(Slot::Idle)
+                }
+                other => {
+                    let lsn = match &other {
+                        Slot::Claiming(_, p) => Some(p.lsn()),
+                        Slot::Completing(p) => Some(p.lsn()),
+                        _ => None,
+                    };
+                    if let Some(l) = lsn {
+                        oldest = Some(oldest.map_or(l, |o: u64| o.min(l)));
+                    }
+                    other
+                }
+            };
+        }
+        match oldest {
+            None if !moved && next >= reqs.len() => return done,
+            Some(lsn) if !moved => {
+                store
+                    .wait_durable_for(lsn, Duration::from_millis(10))
+                    .expect("wait");
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Claims and completes every request with a blocking [`Store::wait`] after each operation:

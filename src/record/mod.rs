@@ -258,6 +258,14 @@ impl Record {
         changed
     }
 
+    /// Sets the `origin_seq` of a claim's facts: the store numbers a local claim only once its
+    /// log entry is placed, after applying it. Nothing else may change facts.
+    pub(crate) fn set_origin_seq(&mut self, stamp: &Stamp, seq: u64) {
+        if let Some(f) = self.claims.get_mut(stamp).and_then(|c| c.facts.as_mut()) {
+            f.origin_seq = seq;
+        }
+    }
+
     /// The claims, in stamp order.
     pub fn claims(&self) -> impl DoubleEndedIterator<Item = (&Stamp, &ClaimState)> {
         self.claims.iter()

@@ -94,7 +94,7 @@ impl<S: Storage> Store<S> {
         );
         if let Some(stale) = planned.release_stale {
             let lease = record.claim(&stale).map_or(0, |c| c.lease_until_ms);
-            self.write_reserved(e, &req.key, record, now_ms, |_| Delta::Finish {
+            self.write_reserved(e, &req.key, record, now_ms, || Delta::Finish {
                 stamp: stale,
                 terminal: Terminal::Released,
             })?;
@@ -124,7 +124,7 @@ impl<S: Storage> Store<S> {
             Plan::Resume(claim) => {
                 let lease_until_ms = now_ms + policy.lease_ms();
                 let old_lease = record.claim(&claim).map_or(0, |c| c.lease_until_ms);
-                self.write_reserved(e, &req.key, record, now_ms, |_| Delta::Extend {
+                self.write_reserved(e, &req.key, record, now_ms, || Delta::Extend {
                     stamp: claim,
                     lease_until_ms,
                 })?;
@@ -225,14 +225,15 @@ impl<S: Storage> Store<S> {
             AppendClass::Normal,
             space,
             now_ms,
-            |seq| Delta::Claim {
+            || Delta::Claim {
                 stamp,
                 facts: ClaimFacts {
                     fingerprint: req.fingerprint,
                     attempt: req.attempt,
                     ttl_ms: policy.ttl_ms(),
                     lease_ms,
-                    origin_seq: seq,
+                    // Filled in by the append, which takes the sequence number.
+                    origin_seq: 0,
                     takes_over,
                 },
             },

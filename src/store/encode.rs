@@ -24,6 +24,15 @@
 //! never disagree: the caller learns the exact size before writing anything, refuses an entry
 //! that could never be read back, and sizes the buffer once.
 //!
+//! # Sequence slots
+//!
+//! A local mutation's sequence number must follow log order, so it is known only under the log's
+//! lock. To keep encoding out of that lock, [`MutationEntry::seq_slots`] writes the mutation's
+//! `seq` (and a claim's `origin_seq`, the same number) as *slots*: the 9-byte varint form
+//! (marker 253, then 8 bytes) whatever the value, which bincode decodes like any varint. The log
+//! fills the slots in under its lock ([`fill_seq_slots`]). Entries with slots are 4 to 8 bytes
+//! longer than bincode's own encoding and decode to the same entry.
+//!
 //! The layout is tied to the declarations: variant indices follow declaration order, fields
 //! follow field order. Reordering a variant or a field, or changing a serde impl, must change
 //! this encoder too; the property test here compares it with bincode on arbitrary entries
@@ -53,6 +62,41 @@ trait Sink {
     fn byte(&mut self, b: u8);
     /// Appends bytes.
     fn bytes(&mut self, b: &[u8]);
+    /// Notes that a sequence slot starts here.
+    fn slot(&mut self) {}
+}
+
+/// Most sequence slots one entry has: the mutation's `seq` and a claim's `origin_seq`.
+pub(super) const SEQ_SLOTS_MAX: usize = 2;
+
+/// Where an entry's sequence slots start (offsets of their marker bytes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SeqSlots {
+    at: [usize; SEQ_SLOTS_MAX],
+    n: usize,
+}
+
+impl SeqSlots {
+    /// Offsets of the slots' marker bytes.
+    pub fn offsets(&self) -> &[usize] {
+        &self.at[..self.n]
+    }
+}
+
+/// Writes `seq` into every slot of `bytes` (an entry encoded with
+/// [`MutationEntry::seq_slots`]). Returns false, writing nothing, if a slot does not hold the
+/// 9-byte varint form or lies outside `bytes`.
+pub fn fill_seq_slots(bytes: &mut [u8], slots: &SeqSlots, seq: u64) -> bool {
+    let ok = slots
+        .offsets()
+        .iter()
+        .all(|&at| bytes.get(at..at + 9).is_some_and(|s| s[0] == U64_BYTE));
+    if ok {
+        for &at in slots.offsets() {
+            bytes[at + 1..at + 9].copy_from_slice(&seq.to_le_bytes());
+        }
+    }
+    ok
 }
 
 /// Writes into a slice sized beforehand by [`Measure`]: no reallocation path, one bounds check
@@ -62,6 +106,8 @@ struct Cursor<'a> {
     out: &'a mut [u8],
     /// How many are written.
     at: usize,
+    /// Sequence slots met.
+    slots: SeqSlots,
 }
 
 impl Sink for Cursor<'_> {
@@ -75,6 +121,14 @@ impl Sink for Cursor<'_> {
     fn bytes(&mut self, b: &[u8]) {
         self.out[self.at..self.at + b.len()].copy_from_slice(b);
         self.at += b.len();
+    }
+
+    #[inline(always)]
+    fn slot(&mut self) {
+        if self.slots.n < SEQ_SLOTS_MAX {
+            self.slots.at[self.slots.n] = self.at;
+            self.slots.n += 1;
+        }
     }
 }
 
@@ -109,6 +163,18 @@ fn varint<S: Sink>(out: &mut S, v: u64) {
     } else {
         out.byte(U64_BYTE);
         out.bytes(&v.to_le_bytes());
+    }
+}
+
+/// A sequence number: a varint, or with `slot` the 9-byte varint form, noted as a slot.
+#[inline(always)]
+fn seq<S: Sink>(out: &mut S, v: u64, slot: bool) {
+    if slot {
+        out.slot();
+        out.byte(U64_BYTE);
+        out.bytes(&v.to_le_bytes());
+    } else {
+        varint(out, v);
     }
 }
 
@@ -173,12 +239,12 @@ fn record_key<S: Sink>(out: &mut S, k: &RecordKey) {
 
 /// A claim's facts, in field order.
 #[inline(always)]
-fn claim_facts<S: Sink>(out: &mut S, f: &ClaimFacts) {
+fn claim_facts<S: Sink>(out: &mut S, f: &ClaimFacts, slot: bool) {
     out.bytes(&f.fingerprint.0);
     varint_u128(out, f.attempt.0);
     varint(out, f.ttl_ms);
     varint(out, f.lease_ms);
-    varint(out, f.origin_seq);
+    seq(out, f.origin_seq, slot);
     len(out, f.takes_over.len());
     for s in &f.takes_over {
         stamp(out, s);
@@ -243,14 +309,15 @@ fn resolution<S: Sink>(out: &mut S, r: &Resolution) {
     opt_str(out, r.provider_ref.as_deref());
 }
 
-/// A delta: variant index, then the variant's fields.
+/// A delta: variant index, then the variant's fields (with `slot`, a claim's `origin_seq` is
+/// a sequence slot).
 #[inline(always)]
-fn delta<S: Sink>(out: &mut S, d: &Delta) {
+fn delta<S: Sink>(out: &mut S, d: &Delta, slot: bool) {
     match d {
         Delta::Claim { stamp: s, facts } => {
             varint(out, 0);
             stamp(out, s);
-            claim_facts(out, facts);
+            claim_facts(out, facts, slot);
         }
         Delta::Extend {
             stamp: s,
@@ -298,6 +365,8 @@ pub(super) struct MutationEntry<'a> {
     pub prev: Option<Loc>,
     /// Expiry of the key's newest generation after this mutation (Unix ms).
     pub expires_at_ms: u64,
+    /// Write `seq` (and a claim's `origin_seq`) as sequence slots, to be filled in later.
+    pub seq_slots: bool,
 }
 
 impl MutationEntry<'_> {
@@ -311,17 +380,24 @@ impl MutationEntry<'_> {
     /// Writes the encoding, the bytes bincode writes for the owned `LogEntry`, into `out`,
     /// which must be exactly [`encoded_len`](Self::encoded_len) bytes long.
     ///
+    /// Returns where its sequence slots are (none unless [`MutationEntry::seq_slots`]).
+    ///
     /// # Panics
     ///
     /// If `out` has another length.
-    pub(super) fn encode_into(&self, out: &mut [u8]) {
-        let mut cursor = Cursor { out, at: 0 };
+    pub(super) fn encode_into(&self, out: &mut [u8]) -> SeqSlots {
+        let mut cursor = Cursor {
+            out,
+            at: 0,
+            slots: SeqSlots::default(),
+        };
         self.emit(&mut cursor);
         assert_eq!(
             cursor.at,
             cursor.out.len(),
             "encoded and measured sizes differ"
         );
+        cursor.slots
     }
 
     /// The one walk both [`encoded_len`](Self::encoded_len) and
@@ -331,9 +407,9 @@ impl MutationEntry<'_> {
     fn emit<S: Sink>(&self, out: &mut S) {
         varint(out, u64::from(LOG_ENTRY_MUTATION));
         region(out, &self.origin);
-        varint(out, self.seq);
+        seq(out, self.seq, self.seq_slots);
         record_key(out, self.key);
-        delta(out, self.delta);
+        delta(out, self.delta, self.seq_slots);
         match &self.prev {
             None => out.byte(0),
             Some(l) => {
@@ -574,7 +650,9 @@ mod tests {
             prev in proptest::option::of(locs()),
             expires_at_ms in u64s(),
         ) {
-            let e = MutationEntry { origin, seq, key: &key, delta: &delta, prev, expires_at_ms };
+            let e = MutationEntry {
+                origin, seq, key: &key, delta: &delta, prev, expires_at_ms, seq_slots: false,
+            };
             let owned = LogEntry::Mutation {
                 mutation: Mutation { origin, seq, key: key.clone(), delta: delta.clone() },
                 prev,
@@ -589,6 +667,47 @@ mod tests {
             prop_assert_eq!(&via_scratch, &bincode);
             prop_assert_eq!(entry::decode(&hand).unwrap(), owned);
         }
+
+        #[test]
+        fn sequence_slots_filled_in_decode_to_the_numbered_entry(
+            origin in regions(),
+            seq in u64s(),
+            key in keys(),
+            delta in deltas(),
+            prev in proptest::option::of(locs()),
+            expires_at_ms in u64s(),
+        ) {
+            // The store encodes a claim with origin_seq 0 and fills both slots with one number.
+            let mut delta = delta;
+            if let Delta::Claim { facts, .. } = &mut delta {
+                facts.origin_seq = 0;
+            }
+            let mut buf = Vec::new();
+            let slots = entry::with_sequenced_mutation(origin, &key, &delta, prev, expires_at_ms,
+                |b, slots| { buf = b.to_vec(); slots }).unwrap();
+            let claim = matches!(delta, Delta::Claim { .. });
+            prop_assert_eq!(slots.offsets().len(), if claim { 2 } else { 1 });
+            prop_assert!(fill_seq_slots(&mut buf, &slots, seq));
+            let mut numbered = delta.clone();
+            if let Delta::Claim { facts, .. } = &mut numbered {
+                facts.origin_seq = seq;
+            }
+            let owned = LogEntry::Mutation {
+                mutation: Mutation { origin, seq, key: key.clone(), delta: numbered },
+                prev,
+                expires_at_ms,
+            };
+            prop_assert_eq!(entry::decode(&buf).unwrap(), owned.clone());
+            // At most 8 bytes over bincode's own encoding (two 9-byte slots instead of varints).
+            let canonical = entry::encode(&owned).unwrap().len();
+            prop_assert!(buf.len() >= canonical && buf.len() <= canonical + 16);
+            // A slot that does not hold the 9-byte form is refused, and nothing is written.
+            let mut damaged = buf.clone();
+            damaged[slots.offsets()[0]] = 0;
+            let before = damaged.clone();
+            prop_assert!(!fill_seq_slots(&mut damaged, &slots, 7));
+            prop_assert_eq!(damaged, before);
+        }
     }
 
     /// A varint through both sinks (a `u64` one when the value fits, as [`emit`] does).
@@ -599,6 +718,7 @@ mod tests {
         let mut cursor = Cursor {
             out: &mut out,
             at: 0,
+            slots: SeqSlots::default(),
         };
         varint_u128(&mut cursor, v);
         assert_eq!(cursor.at, measure.0);
@@ -656,6 +776,7 @@ mod tests {
             delta: &delta,
             prev: None,
             expires_at_ms: 0,
+            seq_slots: false,
         };
         let len = e.encoded_len();
         assert!(len > entry::ENTRY_BYTES_MAX);

@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::encode::MutationEntry;
+pub use super::encode::SeqSlots;
 use super::log::Loc;
 use crate::clock::RegionId;
 use crate::record::{Delta, Record, RecordKey};
@@ -123,7 +124,42 @@ pub fn with_encoded_mutation<R>(
         delta,
         prev,
         expires_at_ms,
+        seq_slots: false,
     };
+    with_scratch(&entry, |bytes, _| f(bytes))
+}
+
+/// [`with_encoded_mutation`] for a local mutation whose sequence number is not known yet: the
+/// mutation's `seq` (and a claim's `origin_seq`, which must equal it) are written as sequence
+/// slots holding 0, which the log fills in under its lock
+/// ([`Log::append_sequenced`](super::log::Log::append_sequenced)), so encoding stays out of it.
+/// The entry decodes like any other once filled in.
+pub fn with_sequenced_mutation<R>(
+    origin: RegionId,
+    key: &RecordKey,
+    delta: &Delta,
+    prev: Option<Loc>,
+    expires_at_ms: u64,
+    f: impl FnOnce(&mut [u8], SeqSlots) -> R,
+) -> Result<R, EncodeError> {
+    let entry = MutationEntry {
+        origin,
+        seq: 0,
+        key,
+        delta,
+        prev,
+        expires_at_ms,
+        seq_slots: true,
+    };
+    with_scratch(&entry, f)
+}
+
+/// Measures `entry`, refuses it if it could never be read back, encodes it into the per-thread
+/// scratch buffer and hands the bytes (and its sequence slots) to `f`.
+fn with_scratch<R>(
+    entry: &MutationEntry<'_>,
+    f: impl FnOnce(&mut [u8], SeqSlots) -> R,
+) -> Result<R, EncodeError> {
     let len = entry.encoded_len();
     // bincode enforces its limit only when decoding: refuse here what could never be read back.
     if len > ENTRY_BYTES_MAX {
@@ -136,8 +172,8 @@ pub fn with_encoded_mutation<R>(
         let buf = guard.as_deref_mut().unwrap_or(&mut fresh);
         buf.clear();
         buf.resize(len, 0);
-        entry.encode_into(buf);
-        let out = f(buf);
+        let slots = entry.encode_into(buf);
+        let out = f(buf, slots);
         if buf.capacity() > SCRATCH_KEEP_MAX {
             *buf = Vec::new();
         }

@@ -103,7 +103,7 @@ impl<S: Storage> Store<S> {
                         AppendClass::Reserved,
                         space,
                         now_ms,
-                        |_| Delta::Finish {
+                        || Delta::Finish {
                             stamp: claim,
                             terminal: terminal.clone(),
                         },
@@ -163,7 +163,7 @@ impl<S: Storage> Store<S> {
             let until = now_ms.saturating_add(lease_ms);
             let old_lease = c.lease_until_ms;
             if until > old_lease {
-                self.write_reserved(e, key, record, now_ms, |_| Delta::Extend {
+                self.write_reserved(e, key, record, now_ms, || Delta::Extend {
                     stamp: claim,
                     lease_until_ms: until,
                 })?;
@@ -221,7 +221,7 @@ impl<S: Storage> Store<S> {
                 })
             })?;
             let resolution = Resolution { at, ..check };
-            self.write_reserved(e, key, record, now_ms, |_| {
+            self.write_reserved(e, key, record, now_ms, || {
                 Delta::Resolve(resolution.clone())
             })?;
             Ok(Pending {

@@ -36,6 +36,14 @@
 //! two segments, each segment is counted without the largest promised frame's worth of bytes, which
 //! is the most a roll can leave unused (see [`Log::reserve_space`]).
 //!
+//! # Who flushes
+//!
+//! Either the callers themselves ([`Log::wait_durable`]: the first waiter leads a flush of
+//! everything buffered, the others wait for it and share its sync), or a dedicated flusher thread
+//! looping on [`Log::flush_appended`] while callers only wait ([`Log::wait_durable_for`]): then
+//! the next group builds up while the current one syncs, and no caller's thread ever blocks in
+//! fdatasync. Both may run at once; one flush runs at a time.
+//!
 //! # Lsn
 //!
 //! An [`Lsn`] counts frames appended through this `Log` value: the first append after
@@ -48,6 +56,10 @@ use std::io;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use super::encode;
+use super::entry::SeqSlots;
 
 use serde::{Deserialize, Serialize};
 
@@ -297,6 +309,77 @@ impl Chunk {
     }
 }
 
+/// What [`Log::append_inner`] appends.
+enum Payload<'a> {
+    /// Bytes as they are.
+    Plain(&'a [u8]),
+    /// A local mutation entry whose sequence slots get the next local sequence number.
+    Sequenced(&'a mut [u8], SeqSlots),
+}
+
+impl Payload<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Payload::Plain(b) => b,
+            Payload::Sequenced(b, _) => b,
+        }
+    }
+}
+
+/// Local sequence numbers: the next one, and the log positions of recent ones, so the durable
+/// prefix of this region's own log can be reported ([`Log::durable_seq`]).
+#[derive(Debug)]
+struct Sequencer {
+    next: u64,
+    /// (seq, lsn) of recent appends, oldest first. Appends happen under the log's lock, so both
+    /// columns ascend together.
+    recent: VecDeque<(u64, Lsn)>,
+    /// The newest (seq, lsn) pushed out of `recent` when it was full.
+    dropped: Option<(u64, Lsn)>,
+    /// The largest seq known durable.
+    durable: u64,
+}
+
+impl Sequencer {
+    const RECENT_MAX: usize = 4096;
+
+    fn new(next: u64) -> Self {
+        let next = next.max(1);
+        Self {
+            next,
+            recent: VecDeque::new(),
+            durable: next - 1,
+            dropped: None,
+        }
+    }
+
+    fn appended(&mut self, seq: u64, lsn: Lsn) {
+        self.next = seq + 1;
+        if self.recent.len() >= Self::RECENT_MAX {
+            self.dropped = self.recent.pop_front();
+        }
+        self.recent.push_back((seq, lsn));
+    }
+
+    /// The largest local seq whose entry is durable, given the durable lsn.
+    fn durable_mark(&mut self, durable_lsn: Lsn) -> u64 {
+        if let Some((seq, lsn)) = self.dropped {
+            if lsn <= durable_lsn {
+                self.durable = self.durable.max(seq);
+                self.dropped = None;
+            }
+        }
+        while let Some(&(seq, lsn)) = self.recent.front() {
+            if lsn > durable_lsn {
+                break;
+            }
+            self.durable = self.durable.max(seq);
+            self.recent.pop_front();
+        }
+        self.durable
+    }
+}
+
 /// Disk-space promises that travel with an append ([`Log::append_with_space`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Space {
@@ -327,6 +410,10 @@ struct State {
     flushing: bool,
     /// Threads waiting on the condition variable for the flush in progress.
     waiters: usize,
+    /// A flusher waits in [`Log::flush_appended`] for the next append.
+    flusher_idle: bool,
+    /// Local sequence numbers ([`Log::append_sequenced`]).
+    seq: Sequencer,
     active: SegmentId,
     /// Allocated size of the active segment.
     active_size: u64,
@@ -427,6 +514,8 @@ pub struct Log<S: Storage> {
     cfg: LogConfig,
     state: Mutex<State>,
     cv: Condvar,
+    /// Wakes a flusher idle in [`Log::flush_appended`].
+    appended_cv: Condvar,
     durable: AtomicU64,
     /// Packed [`Loc`] just past the last durable frame; scans stop there.
     durable_end: AtomicU64,
@@ -673,6 +762,8 @@ impl<S: Storage> Log<S> {
                 inflight: None,
                 flushing: false,
                 waiters: 0,
+                flusher_idle: false,
+                seq: Sequencer::new(1),
                 active,
                 active_size,
                 end,
@@ -689,6 +780,7 @@ impl<S: Storage> Log<S> {
             }),
             cfg,
             cv: Condvar::new(),
+            appended_cv: Condvar::new(),
             durable: AtomicU64::new(0),
             durable_end: AtomicU64::new(
                 Loc {
@@ -808,16 +900,64 @@ impl<S: Storage> Log<S> {
         class: AppendClass,
         space: Space,
     ) -> Result<(Lsn, Loc), LogError> {
-        if payload.is_empty() {
+        let (lsn, loc, _) = self.append_inner(Payload::Plain(payload), class, space)?;
+        Ok((lsn, loc))
+    }
+
+    /// [`Log::append_with_space`] of a local mutation entry encoded with sequence slots
+    /// ([`entry::with_sequenced_mutation`](super::entry::with_sequenced_mutation)): under the
+    /// log's lock, the next local sequence number is written into the slots and the entry
+    /// appended, so local numbers are dense and follow log order while encoding happens outside
+    /// the lock. Returns the Lsn, location and sequence number.
+    pub fn append_sequenced(
+        &self,
+        payload: &mut [u8],
+        slots: SeqSlots,
+        class: AppendClass,
+        space: Space,
+    ) -> Result<(Lsn, Loc, u64), LogError> {
+        if slots.offsets().is_empty() {
+            return Err(LogError::Config(
+                "a sequenced entry without a sequence slot".into(),
+            ));
+        }
+        let (lsn, loc, seq) =
+            self.append_inner(Payload::Sequenced(payload, slots), class, space)?;
+        Ok((lsn, loc, seq.unwrap_or(0)))
+    }
+
+    /// Sets the next local sequence number ([`Log::append_sequenced`]), after recovery found the
+    /// last one. Numbers already handed out are never reissued: it only moves forward.
+    pub fn set_next_seq(&self, next: u64) {
+        let mut st = lock(&self.state);
+        if next > st.seq.next {
+            st.seq = Sequencer::new(next);
+        }
+    }
+
+    /// The largest local sequence number whose entry, and every one before it, is durable.
+    pub fn durable_seq(&self) -> u64 {
+        let durable = self.durable_lsn();
+        lock(&self.state).seq.durable_mark(durable)
+    }
+
+    fn append_inner(
+        &self,
+        mut payload: Payload<'_>,
+        class: AppendClass,
+        space: Space,
+    ) -> Result<(Lsn, Loc, Option<u64>), LogError> {
+        if payload.bytes().is_empty() {
             return Err(LogError::EmptyPayload);
         }
-        if payload.len() > self.cfg.max_payload_bytes as usize {
+        let payload_len = payload.bytes().len();
+        if payload_len > self.cfg.max_payload_bytes as usize {
             return Err(LogError::PayloadTooLarge {
-                len: payload.len(),
+                len: payload_len,
                 max: self.cfg.max_payload_bytes,
             });
         }
-        let frame_len = Self::frame_bytes(payload.len());
+        let frame_len = Self::frame_bytes(payload_len);
         let seg = self.cfg.segment_bytes;
         let promise_key = self.promise_key(space.reserve);
         let mut st = lock(&self.state);
@@ -855,6 +995,20 @@ impl<S: Storage> Log<S> {
             segment: st.active,
             offset: st.end as u32,
         };
+        // From here on the lock is held to the end: the sequence number taken is the next one.
+        let seq = match &mut payload {
+            Payload::Plain(_) => None,
+            Payload::Sequenced(bytes, slots) => {
+                let seq = st.seq.next;
+                if !encode::fill_seq_slots(bytes, slots, seq) {
+                    return Err(LogError::Config(
+                        "sequence slots do not match the entry".into(),
+                    ));
+                }
+                Some(seq)
+            }
+        };
+        let payload = payload.bytes();
         let len_bytes = (payload.len() as u32).to_le_bytes();
         let crc = frame_crc(len_bytes, payload);
         let contiguous = matches!(st.chunks.last(),
@@ -893,7 +1047,14 @@ impl<S: Storage> Log<S> {
             let key = self.promise_key(space.release);
             st.release(space.release, key);
         }
-        Ok((lsn, loc))
+        if let Some(seq) = seq {
+            st.seq.appended(seq, lsn);
+        }
+        if st.flusher_idle {
+            st.flusher_idle = false;
+            self.appended_cv.notify_one();
+        }
+        Ok((lsn, loc, seq))
     }
 
     /// The size class a promise of `bytes` is counted under (capped at the largest frame).
@@ -945,6 +1106,69 @@ impl<S: Storage> Log<S> {
             } else {
                 st = self.lead_flush(st)?;
             }
+        }
+    }
+
+    /// For a dedicated flusher thread: waits up to `idle` until frames are appended past the
+    /// durable Lsn, then flushes them (group commit, as [`Log::flush`]). Returns the durable Lsn,
+    /// unchanged if nothing was appended in time. Call it in a loop.
+    pub fn flush_appended(&self, idle: Duration) -> Result<Lsn, LogError> {
+        let deadline = Instant::now() + idle;
+        let mut st = lock(&self.state);
+        loop {
+            self.check_poison()?;
+            if st.appended > self.durable_lsn() {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                st.flusher_idle = false;
+                return Ok(self.durable_lsn());
+            }
+            st.flusher_idle = true;
+            st = self
+                .appended_cv
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        st.flusher_idle = false;
+        let target = st.appended;
+        drop(st);
+        self.wait_durable(target)
+    }
+
+    /// Waits up to `timeout` for `lsn` to become durable, never leading a flush itself: for
+    /// callers of a log that a dedicated flusher thread flushes ([`Log::flush_appended`]).
+    /// Returns the durable Lsn, which is below `lsn` if the time ran out.
+    pub fn wait_durable_for(&self, lsn: Lsn, timeout: Duration) -> Result<Lsn, LogError> {
+        self.check_poison()?;
+        let d = self.durable_lsn();
+        if d >= lsn {
+            return Ok(d);
+        }
+        let deadline = Instant::now() + timeout;
+        let mut st = lock(&self.state);
+        loop {
+            self.check_poison()?;
+            let d = self.durable_lsn();
+            let now = Instant::now();
+            if d >= lsn || now >= deadline {
+                return Ok(d);
+            }
+            if lsn > st.appended {
+                return Err(LogError::LsnNotAppended {
+                    lsn,
+                    appended: st.appended,
+                });
+            }
+            st.waiters += 1;
+            st = self
+                .cv
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+            st.waiters -= 1;
         }
     }
 
@@ -1841,6 +2065,61 @@ mod tests {
             .collect();
         got.sort_unstable();
         assert_eq!(got, (0..frames).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_dedicated_flusher_makes_waiting_callers_durable() {
+        let storage = MemStorage::new();
+        let log = Arc::new(Log::open(storage.clone(), small_cfg()).unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let flusher = {
+            let (log, stop) = (Arc::clone(&log), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    log.flush_appended(Duration::from_millis(5)).unwrap();
+                }
+            })
+        };
+        // Nothing appended: an idle flusher leaves the durable lsn alone, and a caller's wait
+        // for an lsn never appended is an error, not a hang.
+        assert!(matches!(
+            log.wait_durable_for(1, Duration::from_millis(1)),
+            Err(LogError::LsnNotAppended { .. })
+        ));
+        let callers: Vec<_> = (0..4u64)
+            .map(|t| {
+                let log = Arc::clone(&log);
+                std::thread::spawn(move || {
+                    for i in 0..50 {
+                        let (lsn, _) = log
+                            .append(&payload(t * 50 + i, 20), AppendClass::Normal)
+                            .unwrap();
+                        // Only ever waits: the flusher thread does every write and sync.
+                        while log.wait_durable_for(lsn, Duration::from_secs(1)).unwrap() < lsn {}
+                    }
+                })
+            })
+            .collect();
+        for c in callers {
+            c.join().unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        flusher.join().unwrap();
+        assert_eq!(log.durable_lsn(), 200);
+        assert_eq!(log.stats().frames_written, 200);
+        drop(log);
+        storage.crash(7);
+        let log = Log::open(storage, small_cfg()).unwrap();
+        assert_eq!(replay_all(&log).unwrap().len(), 200, "all of it was synced");
+    }
+
+    #[test]
+    fn an_idle_flusher_returns_after_its_timeout() {
+        let log = Log::open(MemStorage::new(), small_cfg()).unwrap();
+        assert_eq!(log.flush_appended(Duration::from_millis(2)).unwrap(), 0);
+        log.append(b"x", AppendClass::Normal).unwrap();
+        assert_eq!(log.flush_appended(Duration::from_secs(5)).unwrap(), 1);
+        assert_eq!(log.wait_durable_for(1, Duration::ZERO).unwrap(), 1);
     }
 
     #[test]

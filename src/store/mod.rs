@@ -288,7 +288,6 @@ pub struct Store<S: Storage> {
     index: IndexMap,
     /// Local sequence numbers; held while a local entry is encoded and appended, so numbers
     /// follow log order.
-    local: Mutex<LocalSeq>,
     replication: Mutex<Replication>,
     retired: Retirements,
     fenced: AtomicBool,
@@ -339,6 +338,7 @@ impl<S: Storage> Store<S> {
         let index = index::new_index(config.index_shards);
         let region = config.region;
         let recovered = recovery::replay(&log, &index, region)?;
+        log.set_next_seq(recovered.next_seq);
         let clock = Clock::new(
             region,
             config.clock,
@@ -352,7 +352,6 @@ impl<S: Storage> Store<S> {
             clock,
             log,
             index,
-            local: Mutex::new(LocalSeq::new(recovered.next_seq)),
             replication: Mutex::new(recovered.replication),
             retired: Retirements::none(),
             fenced: AtomicBool::new(false),
@@ -505,6 +504,29 @@ impl<S: Storage> Store<S> {
     pub fn flush(&self) -> Result<Lsn, StoreError> {
         let lsn = self.log.flush().map_err(|e| self.log_error(e))?;
         Ok(lsn)
+    }
+
+    /// For a dedicated flusher thread (what a daemon runs): waits up to `idle` for new
+    /// appends, then writes and syncs them as one group commit. Call it in a loop; callers then
+    /// wait with [`Store::wait_durable_for`] and never block in a sync themselves, and the next
+    /// group builds up while the current one syncs. Returns the durable lsn.
+    pub fn flush_appended(&self, idle: std::time::Duration) -> Result<Lsn, StoreError> {
+        self.log.flush_appended(idle).map_err(|e| self.log_error(e))
+    }
+
+    /// Waits up to `timeout` until everything up to `lsn` (see [`Pending::lsn`]) is durable,
+    /// without leading a flush: for stores flushed by a thread running
+    /// [`Store::flush_appended`]. Returns whether it is durable.
+    pub fn wait_durable_for(
+        &self,
+        lsn: Lsn,
+        timeout: std::time::Duration,
+    ) -> Result<bool, StoreError> {
+        let durable = self
+            .log
+            .wait_durable_for(lsn, timeout)
+            .map_err(|e| self.log_error(e))?;
+        Ok(durable >= lsn)
     }
 
     /// Blocks until `pending` is durable (sharing syncs with concurrent callers), then returns
@@ -670,25 +692,26 @@ impl<S: Storage> Store<S> {
         class: AppendClass,
         space: Space,
         now_ms: u64,
-        make: impl FnOnce(u64) -> Delta,
+        make: impl FnOnce() -> Delta,
     ) -> Result<(Lsn, Loc, u64), StoreError> {
-        let mut local = lock(&self.local);
-        let seq = local.next;
-        let delta = make(seq);
+        // The sequence number is taken under the log's lock, after encoding: a claim's
+        // `origin_seq` is 0 until the append fills it in (in the entry and, below, the record).
+        let delta = make();
+        debug_assert!(!matches!(&delta, Delta::Claim { facts, .. } if facts.origin_seq != 0));
         record.apply(&delta)?;
         let expires_at_ms = self.newest_expiry(record);
-        let (lsn, loc) = entry::with_encoded_mutation(
+        let (lsn, loc, seq) = entry::with_sequenced_mutation(
             self.region,
-            seq,
             key,
             &delta,
             prev,
             expires_at_ms,
-            |bytes| self.log.append_with_space(bytes, class, space),
+            |bytes, slots| self.log.append_sequenced(bytes, slots, class, space),
         )?
         .map_err(|e| self.log_error(e))?;
-        local.appended(seq, lsn);
-        drop(local);
+        if let Delta::Claim { stamp, .. } = &delta {
+            record.set_origin_seq(stamp, seq);
+        }
         if seq % SEQ_CHECKPOINT_EVERY == 0 || seq == 1 {
             // Local numbers follow log order: the first of each bucket is its smallest position.
             lock(&self.replication).checkpoint(self.region, seq, loc, now_ms);
@@ -707,7 +730,7 @@ impl<S: Storage> Store<S> {
         class: AppendClass,
         space: Space,
         now_ms: u64,
-        make: impl FnOnce(u64) -> Delta,
+        make: impl FnOnce() -> Delta,
     ) -> Result<(), StoreError> {
         let (lsn, loc, expires_at_ms) =
             self.append_local(key, Some(e.loc), record, class, space, now_ms, make)?;
@@ -725,7 +748,7 @@ impl<S: Storage> Store<S> {
         key: &RecordKey,
         record: &mut Record,
         now_ms: u64,
-        make: impl FnOnce(u64) -> Delta,
+        make: impl FnOnce() -> Delta,
     ) -> Result<(), StoreError> {
         self.write_local(
             e,
@@ -756,59 +779,6 @@ impl<S: Storage> Store<S> {
             e.hot = hot(record);
         }
         result
-    }
-}
-
-/// Local sequence numbers: the next one, and the log positions of recent ones, so the durable
-/// prefix of this region's own log can be reported.
-#[derive(Debug)]
-struct LocalSeq {
-    next: u64,
-    /// (seq, lsn) of recent appends, oldest first. Appends happen under this lock, so both
-    /// columns ascend together.
-    recent: std::collections::VecDeque<(u64, Lsn)>,
-    /// The newest (seq, lsn) pushed out of `recent` when it was full.
-    dropped: Option<(u64, Lsn)>,
-    /// The largest seq known durable.
-    durable: u64,
-}
-
-impl LocalSeq {
-    const RECENT_MAX: usize = 4096;
-
-    fn new(next: u64) -> Self {
-        Self {
-            next,
-            recent: std::collections::VecDeque::new(),
-            durable: next - 1,
-            dropped: None,
-        }
-    }
-
-    fn appended(&mut self, seq: u64, lsn: Lsn) {
-        self.next = seq + 1;
-        if self.recent.len() >= Self::RECENT_MAX {
-            self.dropped = self.recent.pop_front();
-        }
-        self.recent.push_back((seq, lsn));
-    }
-
-    /// The largest local seq whose entry is durable, given the durable lsn.
-    fn durable_mark(&mut self, durable_lsn: Lsn) -> u64 {
-        if let Some((seq, lsn)) = self.dropped {
-            if lsn <= durable_lsn {
-                self.durable = self.durable.max(seq);
-                self.dropped = None;
-            }
-        }
-        while let Some(&(seq, lsn)) = self.recent.front() {
-            if lsn > durable_lsn {
-                break;
-            }
-            self.durable = self.durable.max(seq);
-            self.recent.pop_front();
-        }
-        self.durable
     }
 }
 

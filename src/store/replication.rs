@@ -272,7 +272,7 @@ impl<S: Storage> Store<S> {
             repl.settle(durable_lsn);
             repl.durable.iter().map(|(r, s)| (*r, s.mark)).collect()
         };
-        let own = lock(&self.local).durable_mark(durable_lsn);
+        let own = self.log.durable_seq();
         out.insert(self.region, own);
         out
     }

@@ -636,6 +636,42 @@ fn the_replication_log_serves_only_durable_mutations_in_order() {
 }
 
 #[test]
+fn local_claims_carry_their_sequence_number_in_the_log_and_the_record() {
+    let storage = MemStorage::new();
+    let s = open(&storage, T0);
+    let stamps: Vec<Stamp> = (0..5)
+        .map(|i| execute(&s, T0, &req(&format!("k{i}"), "b", i)))
+        .collect();
+    complete(&s, T0, "k1", stamps[1], "x");
+    let log = s.log_from(T0, region("a"), 1, 100).unwrap();
+    assert_eq!(
+        log.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (1..=6).collect::<Vec<_>>(),
+        "dense, in log order"
+    );
+    let mut claims = 0;
+    for m in &log {
+        if let Delta::Claim { stamp, facts } = &m.delta {
+            claims += 1;
+            assert_eq!(facts.origin_seq, m.seq, "in the log entry");
+            let view = s.wait(s.read(&m.key).unwrap()).unwrap().unwrap();
+            let held = view.record.claim(stamp).unwrap().facts.as_ref().unwrap();
+            assert_eq!(held.origin_seq, m.seq, "in the record held in memory");
+        }
+    }
+    assert_eq!(claims, 5);
+    assert_eq!(s.marks()[&region("a")], 6);
+    // Numbering goes on after a restart, from the last number recovered.
+    drop(s);
+    let s = open(&storage, T0 + 1);
+    let now = s.clock().restart_fence_ms() + 1;
+    execute(&s, now, &req("k9", "b", 9));
+    let log = s.log_from(now, region("a"), 7, 100).unwrap();
+    assert!(log.iter().any(|m| matches!(&m.delta,
+        Delta::Claim { facts, .. } if facts.origin_seq == m.seq && m.seq > 6)));
+}
+
+#[test]
 fn the_replication_log_honours_its_retention() {
     let mut cfg = config("a");
     cfg.log_retention_ms = 60_000;
