@@ -6,11 +6,10 @@ use dashmap::mapref::entry::Entry;
 
 use super::decide::{self, Ask, Plan};
 use super::index::IndexEntry;
-use super::log::{AppendClass, Loc, Log, Lsn, Space};
+use super::log::{AppendClass, Loc, Log, Lsn, Promise, Space};
 use super::storage::Storage;
 use super::{
-    hot, lock, reserve, ClaimRequest, Decision, NamespacePolicy, Pending, Store, StoreError,
-    Unavailable,
+    hot, reserve, ClaimRequest, Decision, NamespacePolicy, Pending, Store, StoreError, Unavailable,
 };
 use crate::clock::{hlc_physical_ms, ClockError, Stamp};
 use crate::record::{ClaimFacts, Delta, Record, Terminal};
@@ -208,15 +207,23 @@ impl<S: Storage> Store<S> {
         let took_over = takes_over.clone();
         // Promise the space of the completion before granting: a full disk refuses the claim,
         // never its completion.
-        let promise = Log::<S>::frame_bytes(reserve::completion_bytes(
-            policy.config().outcome_bytes_max,
-            &req.key,
-        ));
-        debug_assert_eq!(Some(promise), self.promise_of(&req.key, &stamp));
+        let lease_until_ms = stamp.physical_ms() + lease_ms;
+        let promise = Promise {
+            bytes: Log::<S>::frame_bytes(reserve::completion_bytes(
+                policy.config().outcome_bytes_max,
+                &req.key,
+            )),
+            lease_until_ms,
+        };
+        debug_assert_eq!(
+            Some(promise),
+            self.promise_of(&req.key, &stamp, lease_until_ms)
+        );
         // The promise is made by the claim's own append: both fit, or neither is written.
+        // Victims' promises (if ours) expired with their leases, before any takeover is allowed.
         let space = Space {
-            reserve: promise,
-            release: 0,
+            reserve: Some(promise),
+            release: None,
         };
         let appended = self.append_local(
             &req.key,
@@ -247,10 +254,6 @@ impl<S: Storage> Store<S> {
                 };
             }
         };
-        // Victims' promises (if ours) expired with their leases, before any takeover is allowed.
-        if !lock(&self.promises).add(stamp.physical_ms() + lease_ms, promise) {
-            self.log.release_space(promise);
-        }
         self.stats.executes.fetch_add(1, Ordering::Relaxed);
         if !took_over.is_empty() {
             self.stats.takeovers.fetch_add(1, Ordering::Relaxed);
@@ -261,7 +264,7 @@ impl<S: Storage> Store<S> {
             expires_at_ms,
             decision: Decision::Execute {
                 claim: stamp,
-                lease_until_ms: stamp.physical_ms() + lease_ms,
+                lease_until_ms,
                 took_over,
                 resumed: false,
                 expires_at_ms,

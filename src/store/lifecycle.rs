@@ -89,29 +89,17 @@ impl<S: Storage> Store<S> {
                 Some(t) if *t == terminal => {}
                 Some(_) => return Err(StoreError::AlreadyFinished(claim)),
                 None => {
-                    let lease = c.lease_until_ms;
                     // The finishing append itself returns the claim's promise to the log.
-                    let release = self.take_promise(key, &claim, lease);
                     let space = Space {
-                        reserve: 0,
-                        release,
+                        reserve: None,
+                        release: self.promise_of(key, &claim, c.lease_until_ms),
                     };
-                    let written = self.write_local(
-                        e,
-                        key,
-                        record,
-                        AppendClass::Reserved,
-                        space,
-                        now_ms,
-                        || Delta::Finish {
+                    self.write_local(e, key, record, AppendClass::Reserved, space, now_ms, || {
+                        Delta::Finish {
                             stamp: claim,
                             terminal: terminal.clone(),
-                        },
-                    );
-                    if let Err(err) = written {
-                        self.restore_promise(lease, release);
-                        return Err(err);
-                    }
+                        }
+                    })?;
                 }
             }
             let status = record

@@ -60,6 +60,7 @@ use std::time::{Duration, Instant};
 
 use super::encode;
 use super::entry::SeqSlots;
+use super::reserve;
 
 use serde::{Deserialize, Serialize};
 
@@ -380,13 +381,25 @@ impl Sequencer {
     }
 }
 
+/// A promise of space for one later frame, kept until its claim's lease ends (see the store's
+/// `reserve` module): the log books promises per second of lease end, so a promise is found
+/// again from its lease end and expires with it ([`Log::expire_promises`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Promise {
+    /// Bytes promised (at least the frame's [`Log::frame_bytes`]).
+    pub bytes: u64,
+    /// When the claim's lease ends, Unix ms.
+    pub lease_until_ms: u64,
+}
+
 /// Disk-space promises that travel with an append ([`Log::append_with_space`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Space {
-    /// Bytes to promise for a later [`AppendClass::Reserved`] frame (as [`Log::reserve_space`]).
-    pub reserve: u64,
-    /// Bytes of an earlier promise this frame fulfils (as [`Log::release_space`]).
-    pub release: u64,
+    /// A promise to make for a later [`AppendClass::Reserved`] frame (as
+    /// [`Log::reserve_space`], and booked by lease end).
+    pub reserve: Option<Promise>,
+    /// The promise this frame fulfils: returned if it is still booked.
+    pub release: Option<Promise>,
 }
 
 /// Per-segment bookkeeping.
@@ -414,6 +427,8 @@ struct State {
     flusher_idle: bool,
     /// Local sequence numbers ([`Log::append_sequenced`]).
     seq: Sequencer,
+    /// Promises booked by lease end ([`Space`]).
+    leases: reserve::Promises,
     active: SegmentId,
     /// Allocated size of the active segment.
     active_size: u64,
@@ -529,6 +544,8 @@ pub struct Log<S: Storage> {
     /// which it is known written. Touched only by the flush leader.
     zeroed: Mutex<(SegmentId, u64)>,
     zero_fills: AtomicU64,
+    /// The booked promises' sweep mark, readable without the lock.
+    leases_swept: AtomicU64,
 }
 
 impl<S: Storage> std::fmt::Debug for Log<S> {
@@ -764,6 +781,7 @@ impl<S: Storage> Log<S> {
                 waiters: 0,
                 flusher_idle: false,
                 seq: Sequencer::new(1),
+                leases: reserve::Promises::default(),
                 active,
                 active_size,
                 end,
@@ -797,6 +815,7 @@ impl<S: Storage> Log<S> {
             segments_created: AtomicU64::new(created),
             zeroed: Mutex::new((0, 0)),
             zero_fills: AtomicU64::new(0),
+            leases_swept: AtomicU64::new(0),
         };
         log.ensure_spares(true);
         Ok(log)
@@ -959,7 +978,8 @@ impl<S: Storage> Log<S> {
         }
         let frame_len = Self::frame_bytes(payload_len);
         let seg = self.cfg.segment_bytes;
-        let promise_key = self.promise_key(space.reserve);
+        let reserve = space.reserve.map_or(0, |p| p.bytes);
+        let promise_key = self.promise_key(reserve);
         let mut st = lock(&self.state);
         loop {
             self.check_poison()?;
@@ -973,11 +993,11 @@ impl<S: Storage> Log<S> {
                 }
             };
             // The promise must hold once the frame is placed, as `reserve_space` would require.
-            let promisable = space.reserve == 0 || {
+            let promisable = reserve == 0 || {
                 let slack = st.slack().max(promise_key.saturating_sub(1));
                 let needed = st
                     .reserved
-                    .saturating_add(space.reserve)
+                    .saturating_add(reserve)
                     .saturating_add(self.cfg.reserve_bytes);
                 st.guaranteed_after(frame_len, seg, slack)
                     .is_some_and(|g| g >= needed)
@@ -1039,13 +1059,15 @@ impl<S: Storage> Log<S> {
             m.last = Some(loc.offset);
             m.end = Some(end);
         }
-        if space.reserve > 0 {
-            st.reserved += space.reserve;
-            *st.promises.entry(promise_key).or_insert(0) += 1;
+        // A lease already swept (ended before the last expiry) books nothing.
+        if let Some(p) = space.reserve.filter(|p| p.bytes > 0) {
+            if st.leases.add(p.lease_until_ms, p.bytes) {
+                st.reserved += p.bytes;
+                *st.promises.entry(promise_key).or_insert(0) += 1;
+            }
         }
-        if space.release > 0 {
-            let key = self.promise_key(space.release);
-            st.release(space.release, key);
+        if let Some(p) = space.release {
+            self.return_booked(&mut st, p);
         }
         if let Some(seq) = seq {
             st.seq.appended(seq, lsn);
@@ -1055,6 +1077,61 @@ impl<S: Storage> Log<S> {
             self.appended_cv.notify_one();
         }
         Ok((lsn, loc, seq))
+    }
+
+    /// Returns a booked promise, if it is still booked (not expired, not returned before).
+    fn return_booked(&self, st: &mut State, p: Promise) {
+        if let Some(bytes) = st.leases.take(p.lease_until_ms, p.bytes) {
+            st.release(bytes, self.promise_key(bytes));
+        }
+    }
+
+    /// Returns a promise booked by an append's [`Space::reserve`] whose frame will never come
+    /// (its claim finished otherwise); nothing if it expired or was returned already.
+    pub fn return_promise(&self, p: Promise) {
+        let mut st = lock(&self.state);
+        self.return_booked(&mut st, p);
+    }
+
+    /// Moves a booked promise to a new lease end. A promise no longer booked (it expired) is
+    /// booked again if the disk allows: best effort, its claim is granted already.
+    pub fn move_promise(&self, p: Promise, new_lease_until_ms: u64) {
+        let mut st = lock(&self.state);
+        match st
+            .leases
+            .extend(p.lease_until_ms, new_lease_until_ms, p.bytes)
+        {
+            reserve::Extended::Moved => {}
+            reserve::Extended::Dropped => st.release(p.bytes, self.promise_key(p.bytes)),
+            reserve::Extended::HadNone => {
+                drop(st);
+                if self.reserve_space(p.bytes).is_ok()
+                    && !lock(&self.state).leases.add(new_lease_until_ms, p.bytes)
+                {
+                    self.release_space(p.bytes);
+                }
+            }
+        }
+    }
+
+    /// Returns every booked promise whose lease ended before `before_ms`. Takes the lock only
+    /// when a new second has passed since the last sweep.
+    pub fn expire_promises(&self, before_ms: u64) {
+        if before_ms / 1000 <= self.leases_swept.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut st = lock(&self.state);
+        let expired = st.leases.expire(before_ms);
+        self.leases_swept
+            .store(st.leases.swept_before(), Ordering::Relaxed);
+        if expired > 0 {
+            st.release(expired, self.promise_key(expired));
+        }
+    }
+
+    /// Bytes booked by promises and not yet returned or expired.
+    pub fn promised_bytes(&self) -> u64 {
+        lock(&self.state).leases.bytes()
     }
 
     /// The size class a promise of `bytes` is counted under (capped at the largest frame).

@@ -293,10 +293,6 @@ pub struct Store<S: Storage> {
     fenced: AtomicBool,
     stats: StoreStats,
     recovered_from: (usize, usize),
-    /// Disk space promised to granted claims (see [`reserve`]).
-    promises: Mutex<reserve::Promises>,
-    /// [`reserve::Promises::swept_before`], readable without the lock.
-    promises_swept: AtomicU64,
 }
 
 impl<S: Storage> std::fmt::Debug for Store<S> {
@@ -357,8 +353,6 @@ impl<S: Storage> Store<S> {
             fenced: AtomicBool::new(false),
             stats: StoreStats::default(),
             recovered_from: (recovered.hinted_segments, recovered.scanned_segments),
-            promises: Mutex::new(reserve::Promises::default()),
-            promises_swept: AtomicU64::new(0),
         };
         if now_ms > store.clock.restart_fence_ms() {
             store.settle_clock(now_ms)?;
@@ -397,81 +391,48 @@ impl<S: Storage> Store<S> {
 
     /// Bytes of disk promised to granted claims' completions and not yet returned.
     pub fn promised_bytes(&self) -> u64 {
-        lock(&self.promises).bytes()
+        self.log.promised_bytes()
     }
 
-    /// The promise a claim of `key` holds: claims stamped in this incarnation hold one for
-    /// their completion (see [`reserve`]).
-    fn promise_of(&self, key: &RecordKey, claim: &Stamp) -> Option<u64> {
+    /// The promise a claim of `key` holds, given its lease end: claims stamped in this
+    /// incarnation hold one for their completion (see [`reserve`]).
+    fn promise_of(
+        &self,
+        key: &RecordKey,
+        claim: &Stamp,
+        lease_until_ms: u64,
+    ) -> Option<log::Promise> {
         if claim.region != self.region || claim.physical_ms() <= self.clock.restart_fence_ms() {
             return None;
         }
         let policy = self.namespaces.get(&key.namespace)?;
-        Some(Log::<S>::frame_bytes(reserve::completion_bytes(
-            policy.config().outcome_bytes_max,
-            key,
-        )))
+        Some(log::Promise {
+            bytes: Log::<S>::frame_bytes(reserve::completion_bytes(
+                policy.config().outcome_bytes_max,
+                key,
+            )),
+            lease_until_ms,
+        })
     }
 
     /// Returns the promise of one of this region's claims that finished here.
     fn return_promise(&self, key: &RecordKey, claim: &Stamp, lease_until_ms: u64) {
-        let bytes = self.take_promise(key, claim, lease_until_ms);
-        if bytes > 0 {
-            self.log.release_space(bytes);
+        if let Some(p) = self.promise_of(key, claim, lease_until_ms) {
+            self.log.return_promise(p);
         }
     }
 
-    /// Takes a claim's promise out of the books, to be released by the append that finishes
-    /// the claim ([`Space::release`]); 0 if it holds none. Give it back with
-    /// [`Store::restore_promise`] if that append fails.
-    fn take_promise(&self, key: &RecordKey, claim: &Stamp, lease_until_ms: u64) -> u64 {
-        self.promise_of(key, claim)
-            .and_then(|bytes| lock(&self.promises).take(lease_until_ms, bytes))
-            .unwrap_or(0)
-    }
-
-    /// Puts back a promise taken by [`Store::take_promise`] whose append failed (the log still
-    /// holds its space); releases it if its lease has expired meanwhile.
-    fn restore_promise(&self, lease_until_ms: u64, bytes: u64) {
-        if bytes > 0 && !lock(&self.promises).add(lease_until_ms, bytes) {
-            self.log.release_space(bytes);
-        }
-    }
-
-    /// Moves a claim's promise to its new lease end; a claim whose promise had expired gets a
-    /// new one if the disk allows (best effort: the claim is granted already).
+    /// Moves a claim's promise to its new lease end.
     fn move_promise(&self, key: &RecordKey, claim: &Stamp, old_ms: u64, new_ms: u64) {
-        if let Some(bytes) = self.promise_of(key, claim) {
-            let moved = lock(&self.promises).extend(old_ms, new_ms, bytes);
-            match moved {
-                reserve::Extended::Moved => {}
-                reserve::Extended::Dropped => self.log.release_space(bytes),
-                reserve::Extended::HadNone => {
-                    if self.log.reserve_space(bytes).is_ok()
-                        && !lock(&self.promises).add(new_ms, bytes)
-                    {
-                        self.log.release_space(bytes);
-                    }
-                }
-            }
+        if let Some(p) = self.promise_of(key, claim, old_ms) {
+            self.log.move_promise(p, new_ms);
         }
     }
 
     /// Returns the promises of claims whose lease ran out (by our clock plus the max drift).
-    /// Takes the lock only when a new second of lease ends has passed.
     fn expire_promises(&self, now_ms: u64) {
-        let before = now_ms.saturating_sub(self.clock.config().max_drift_ms);
-        if before / 1000 <= self.promises_swept.load(Ordering::Relaxed) {
-            return;
-        }
-        let mut promises = lock(&self.promises);
-        let expired = promises.expire(before);
-        self.promises_swept
-            .store(promises.swept_before(), Ordering::Relaxed);
-        drop(promises);
-        if expired > 0 {
-            self.log.release_space(expired);
-        }
+        self.log
+            .expire_promises(now_ms.saturating_sub(self.clock.config().max_drift_ms));
     }
 
     /// How the last recovery went: (segments restored from hints, segments decoded).
