@@ -94,10 +94,11 @@ impl<S: Storage> Store<S> {
                         reserve: None,
                         release: self.promise_of(key, &claim, c.lease_until_ms),
                     };
+                    // The terminal is moved into the delta: nothing needs it past this point.
                     self.write_local(e, key, record, AppendClass::Reserved, space, now_ms, || {
                         Delta::Finish {
                             stamp: claim,
-                            terminal: terminal.clone(),
+                            terminal,
                         }
                     })?;
                 }
