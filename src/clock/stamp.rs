@@ -31,13 +31,38 @@ pub enum RegionIdError {
 /// A region's id: 1 to 15 bytes of `a-z0-9-_`, stored inline so that stamps are `Copy`.
 ///
 /// Ordered by its bytes: the byte order of region ids breaks ties between equal hlc values.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Eq)]
 pub struct RegionId {
     len: u8,
     bytes: [u8; REGION_ID_LEN_MAX],
 }
 
+/// Compares all 16 bytes at once (the derived comparison called `memcmp`; stamps are compared
+/// on every claim lookup).
+impl PartialEq for RegionId {
+    #[inline]
+    fn eq(&self, other: &Self) -> bool {
+        self.packed() == other.packed()
+    }
+}
+
+/// Hashes the same word equality compares, so the two agree.
+impl std::hash::Hash for RegionId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.packed().hash(state);
+    }
+}
+
 impl RegionId {
+    /// The length and the bytes as one 128-bit word.
+    #[inline]
+    fn packed(&self) -> u128 {
+        let mut b = [0u8; 16];
+        b[0] = self.len;
+        b[1..].copy_from_slice(&self.bytes);
+        u128::from_le_bytes(b)
+    }
+
     /// Parses and validates a region id.
     pub fn new(id: &str) -> Result<Self, RegionIdError> {
         if id.is_empty() {

@@ -77,8 +77,16 @@ impl fmt::Debug for RecordKey {
 ///
 /// Its `Hash` impl (in the store's index module) feeds the digest to the index's hasher as
 /// two big-endian words.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct KeyDigest(pub [u8; 16]);
+
+/// One 128-bit comparison (the derived one called `memcmp`, on every index probe).
+impl PartialEq for KeyDigest {
+    #[inline]
+    fn eq(&self, other: &Self) -> bool {
+        u128::from_ne_bytes(self.0) == u128::from_ne_bytes(other.0)
+    }
+}
 
 impl KeyDigest {
     /// The first eight bytes as a big-endian integer: the digest's order-preserving prefix.
