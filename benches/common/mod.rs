@@ -507,6 +507,8 @@ pub fn latency_percentiles(id: &str, n: usize, ps: &[f64]) -> Option<(usize, Vec
 #[derive(Debug, Clone, Copy)]
 pub struct CpuSnapshot {
     busy: u64,
+    /// Time the hypervisor ran something else while this VM wanted the CPU (all CPUs).
+    steal: u64,
     own: u64,
     kernel_threads: u64,
     at: std::time::Instant,
@@ -528,18 +530,19 @@ fn proc_stat(path: &Path) -> Option<(u64, u64)> {
 /// Takes a [`CpuSnapshot`].
 pub fn cpu_snapshot() -> CpuSnapshot {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let busy = stat
+    // cpu user nice system idle iowait irq softirq steal ...
+    let fields: Vec<u64> = stat
         .lines()
         .next()
         .map(|l| {
-            // cpu user nice system idle ...
             l.split_whitespace()
                 .skip(1)
-                .take(3)
                 .filter_map(|x| x.parse::<u64>().ok())
-                .sum()
+                .collect()
         })
-        .unwrap_or(0);
+        .unwrap_or_default();
+    let busy = fields.iter().take(3).sum();
+    let steal = fields.get(7).copied().unwrap_or(0);
     let own = proc_stat(Path::new("/proc/self/stat")).map_or(0, |(_, t)| t);
     let mut kernel_threads = 0;
     if let Ok(dir) = std::fs::read_dir("/proc") {
@@ -557,6 +560,7 @@ pub fn cpu_snapshot() -> CpuSnapshot {
     }
     CpuSnapshot {
         busy,
+        steal,
         own,
         kernel_threads,
         at: std::time::Instant::now(),
@@ -573,6 +577,15 @@ pub fn other_cpu(a: &CpuSnapshot, b: &CpuSnapshot) -> f64 {
         - b.own.saturating_sub(a.own) as f64
         - b.kernel_threads.saturating_sub(a.kernel_threads) as f64;
     (other / hz / secs).max(0.0)
+}
+
+/// Cores' worth of CPU time the hypervisor took from this VM between two snapshots (steal): on a
+/// shared host the same code runs slower then, and no process here shows it.
+pub fn steal_cpu(a: &CpuSnapshot, b: &CpuSnapshot) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let secs = (b.at - a.at).as_secs_f64().max(1e-3);
+    b.steal.saturating_sub(a.steal) as f64 / hz / secs
 }
 
 /// Waits (at most `max`) until other processes use under 0.1 cores for two seconds in a row.

@@ -7,63 +7,130 @@ use serde::{Deserialize, Serialize};
 use crate::clock::Stamp;
 
 /// A key's full identity: clients never share a lookup key across namespaces or principals.
+///
+/// Immutable once built: the 16-byte digest the store's index is keyed by is computed once, when
+/// the key is made (or decoded), and every operation on the key reuses it.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(from = "KeyParts", into = "KeyParts")]
 pub struct RecordKey {
-    /// Tenant or API surface whose policy applies.
-    pub namespace: String,
-    /// Who sent the request (an account, an API key id); scopes the key.
-    pub principal: String,
-    /// The client's idempotency key.
-    pub key: String,
+    namespace: String,
+    principal: String,
+    key: String,
+    /// Derived from the three parts (so it may sit in the derived comparisons).
+    digest: KeyDigest,
+}
+
+/// How a [`RecordKey`] is encoded: its three parts, in this order.
+#[derive(Serialize, Deserialize)]
+struct KeyParts {
+    namespace: String,
+    principal: String,
+    key: String,
+}
+
+impl From<KeyParts> for RecordKey {
+    fn from(p: KeyParts) -> Self {
+        RecordKey::new(p.namespace, p.principal, p.key)
+    }
+}
+
+impl From<RecordKey> for KeyParts {
+    fn from(k: RecordKey) -> Self {
+        KeyParts {
+            namespace: k.namespace,
+            principal: k.principal,
+            key: k.key,
+        }
+    }
+}
+
+/// The BLAKE3 key of the key-digest function: `blake3::derive_key("idem record key digest v2",
+/// b"")`, fixed here so the digest needs no context hashing (a test recomputes it). Keyed
+/// hashing with no domain tag in the input lets typical keys (namespace, principal and key up
+/// to about 60 bytes in all) fit BLAKE3's one 64-byte block.
+#[cfg(test)]
+const DIGEST_KEY_CONTEXT: &str = "idem record key digest v2";
+const DIGEST_KEY: [u8; 32] = [
+    0x12, 0xe9, 0x3c, 0xae, 0x09, 0x42, 0x26, 0x6c, 0xd4, 0x1d, 0xd9, 0x19, 0x0f, 0x58, 0x0b, 0xf2,
+    0x95, 0x8b, 0x1c, 0x23, 0xe9, 0x3b, 0xe9, 0xa9, 0x41, 0xf9, 0xcc, 0x25, 0x86, 0x08, 0x50, 0xb8,
+];
+
+/// Appends `n` as LEB128 (7 bits per byte, low first): one byte below 128, and unambiguous for
+/// any length, so parts stay separated whatever their lengths.
+fn put_len(buf: &mut Vec<u8>, mut n: usize) {
+    while n >= 0x80 {
+        buf.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    buf.push(n as u8);
 }
 
 impl RecordKey {
-    /// Builds a key from its three parts.
+    /// Builds a key from its three parts, and computes its digest.
     pub fn new(
         namespace: impl Into<String>,
         principal: impl Into<String>,
         key: impl Into<String>,
     ) -> Self {
+        let (namespace, principal, key) = (namespace.into(), principal.into(), key.into());
+        let digest = digest_of(&namespace, &principal, &key);
         Self {
-            namespace: namespace.into(),
-            principal: principal.into(),
-            key: key.into(),
+            namespace,
+            principal,
+            key,
+            digest,
         }
     }
 
-    /// The 16-byte digest the in-memory index is keyed by (BLAKE3, length-prefixed parts, so
-    /// `("ab","c")` and `("a","bc")` differ).
-    pub fn digest(&self) -> KeyDigest {
-        const DOMAIN: &[u8] = b"idem.key.v1";
-        let parts = [&self.namespace, &self.principal, &self.key];
-        let len = DOMAIN.len() + parts.iter().map(|p| 8 + p.len()).sum::<usize>();
-        let mut out = [0u8; 16];
-        // Typical keys fit a stack buffer: one `hash` call is cheaper than a hasher fed piecewise
-        // (this runs on every operation). Both paths hash the same bytes.
-        let mut buf = [0u8; 256];
-        if len <= buf.len() {
-            let mut at = 0;
-            let mut put = |b: &[u8]| {
-                buf[at..at + b.len()].copy_from_slice(b);
-                at += b.len();
-            };
-            put(DOMAIN);
-            for part in parts {
-                put(&(part.len() as u64).to_le_bytes());
-                put(part.as_bytes());
-            }
-            out.copy_from_slice(&blake3::hash(&buf[..len]).as_bytes()[..16]);
-        } else {
-            let mut h = blake3::Hasher::new();
-            h.update(DOMAIN);
-            for part in parts {
-                h.update(&(part.len() as u64).to_le_bytes());
-                h.update(part.as_bytes());
-            }
-            out.copy_from_slice(&h.finalize().as_bytes()[..16]);
-        }
-        KeyDigest(out)
+    /// Tenant or API surface whose policy applies.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
     }
+
+    /// Who sent the request (an account, an API key id); scopes the key.
+    pub fn principal(&self) -> &str {
+        &self.principal
+    }
+
+    /// The client's idempotency key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The 16-byte digest the in-memory index is keyed by: keyed BLAKE3 of the three parts,
+    /// each prefixed by its LEB128 length (so `("ab","c")` and `("a","bc")` differ). Computed
+    /// when the key was made.
+    pub fn digest(&self) -> KeyDigest {
+        self.digest
+    }
+}
+
+/// See [`RecordKey::digest`].
+fn digest_of(namespace: &str, principal: &str, key: &str) -> KeyDigest {
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let hash = |buf: &mut Vec<u8>| {
+        buf.clear();
+        for part in [namespace, principal, key] {
+            put_len(buf, part.len());
+            buf.extend_from_slice(part.as_bytes());
+        }
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&blake3::keyed_hash(&DIGEST_KEY, buf).as_bytes()[..16]);
+        let keep = buf.capacity() <= 4096;
+        (KeyDigest(out), keep)
+    };
+    BUF.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            let (d, keep) = hash(&mut buf);
+            if !keep {
+                *buf = Vec::new();
+            }
+            d
+        }
+        Err(_) => hash(&mut Vec::new()).0,
+    })
 }
 
 impl fmt::Debug for RecordKey {
@@ -189,19 +256,42 @@ mod tests {
     }
 
     #[test]
-    fn short_and_long_keys_hash_the_same_way() {
-        // The stack-buffer path and the streaming path must agree: compare against the
-        // streaming definition for a short key, and check a long key still hashes.
+    fn the_digest_is_keyed_blake3_of_length_prefixed_parts() {
+        assert_eq!(
+            DIGEST_KEY,
+            blake3::derive_key(DIGEST_KEY_CONTEXT, b""),
+            "the fixed key is the derived one"
+        );
         let k = RecordKey::new("pay", "alice", "k1");
-        let mut h = blake3::Hasher::new();
-        h.update(b"idem.key.v1");
-        for part in [&k.namespace, &k.principal, &k.key] {
-            h.update(&(part.len() as u64).to_le_bytes());
+        let mut h = blake3::Hasher::new_keyed(&DIGEST_KEY);
+        for part in ["pay", "alice", "k1"] {
+            h.update(&[part.len() as u8]);
             h.update(part.as_bytes());
         }
         assert_eq!(k.digest().0, h.finalize().as_bytes()[..16]);
+        // Long parts take multi-byte length prefixes: still distinct, still stable.
         let long = RecordKey::new("pay", "alice", "x".repeat(300));
         assert_ne!(long.digest(), k.digest());
+        assert_eq!(
+            long.digest(),
+            RecordKey::new("pay", "alice", "x".repeat(300)).digest()
+        );
+        let mut buf = Vec::new();
+        put_len(&mut buf, 300);
+        assert_eq!(buf, [0xac, 0x02]);
+    }
+
+    #[test]
+    fn decoding_a_key_recomputes_its_digest() {
+        let k = RecordKey::new("pay", "alice", "k1");
+        let cfg = bincode::config::standard();
+        let bytes = bincode::serde::encode_to_vec(&k, cfg).unwrap();
+        // Encoded as the three strings only.
+        let parts = ("pay".to_string(), "alice".to_string(), "k1".to_string());
+        assert_eq!(bytes, bincode::serde::encode_to_vec(&parts, cfg).unwrap());
+        let (back, _): (RecordKey, usize) = bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
+        assert_eq!(back, k);
+        assert_eq!(back.digest(), k.digest());
     }
 
     #[test]

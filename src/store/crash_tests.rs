@@ -140,7 +140,7 @@ fn run(seed: u64, broken: bool) -> Result<Exercised, String> {
                             attempt: AttemptToken(rng.next() as u128),
                         }
                     };
-                    let k: u64 = r.key.key[1..].parse().expect("k<n>");
+                    let k: u64 = r.key.key()[1..].parse().expect("k<n>");
                     let fp = r.fingerprint;
                     if let Some(c) = ex.granted.get(&r.attempt.0) {
                         // A re-sent token whose claim meanwhile lost is released by the store:

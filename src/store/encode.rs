@@ -232,9 +232,9 @@ fn stamp<S: Sink>(out: &mut S, s: &Stamp) {
 /// A record key: `namespace`, `principal`, `key`.
 #[inline(always)]
 fn record_key<S: Sink>(out: &mut S, k: &RecordKey) {
-    byte_seq(out, k.namespace.as_bytes());
-    byte_seq(out, k.principal.as_bytes());
-    byte_seq(out, k.key.as_bytes());
+    byte_seq(out, k.namespace().as_bytes());
+    byte_seq(out, k.principal().as_bytes());
+    byte_seq(out, k.key().as_bytes());
 }
 
 /// A claim's facts, in field order.

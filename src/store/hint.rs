@@ -20,7 +20,9 @@ use super::storage::SegmentId;
 use crate::clock::RegionId;
 use crate::record::KeyDigest;
 
-const HINT_VERSION: u32 = 1;
+/// Version 2: key digests are keyed BLAKE3 with LEB128 length prefixes (version 1 hints hold
+/// digests of the old definition and are ignored: those segments are scanned).
+const HINT_VERSION: u32 = 2;
 /// Largest hint file read back (a 64 MiB segment of the smallest entries is far below this).
 const HINT_BYTES_MAX: usize = 256 << 20;
 

@@ -405,7 +405,7 @@ impl<S: Storage> Store<S> {
         if claim.region != self.region || claim.physical_ms() <= self.clock.restart_fence_ms() {
             return None;
         }
-        let policy = self.namespaces.get(&key.namespace)?;
+        let policy = self.namespaces.get(key.namespace())?;
         Some(log::Promise {
             bytes: Log::<S>::frame_bytes(reserve::completion_bytes(
                 policy.config().outcome_bytes_max,
@@ -512,19 +512,19 @@ impl<S: Storage> Store<S> {
     fn policy(&self, key: &RecordKey) -> Result<&NamespacePolicy, StoreError> {
         let p = self
             .namespaces
-            .get(&key.namespace)
-            .ok_or_else(|| StoreError::UnknownNamespace(key.namespace.clone()))?;
+            .get(key.namespace())
+            .ok_or_else(|| StoreError::UnknownNamespace(key.namespace().to_owned()))?;
         let max = p.config().key_len_max;
-        if key.key.is_empty() || key.key.len() > max {
+        if key.key().is_empty() || key.key().len() > max {
             return Err(StoreError::BadKeyLength {
-                len: key.key.len(),
+                len: key.key().len(),
                 max,
             });
         }
         let max = p.config().principal_len_max;
-        if key.principal.len() > max {
+        if key.principal().len() > max {
             return Err(StoreError::PrincipalTooLong {
-                len: key.principal.len(),
+                len: key.principal().len(),
                 max,
             });
         }

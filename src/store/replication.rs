@@ -135,11 +135,11 @@ impl<S: Storage> Store<S> {
             )));
         }
         let k = &m.key;
-        if k.namespace.is_empty()
-            || k.namespace.len() > policy::NAMESPACE_LEN_MAX
-            || k.key.is_empty()
-            || k.key.len() > policy::KEY_LEN_ABSOLUTE_MAX
-            || k.principal.len() > policy::KEY_LEN_ABSOLUTE_MAX
+        if k.namespace().is_empty()
+            || k.namespace().len() > policy::NAMESPACE_LEN_MAX
+            || k.key().is_empty()
+            || k.key().len() > policy::KEY_LEN_ABSOLUTE_MAX
+            || k.principal().len() > policy::KEY_LEN_ABSOLUTE_MAX
         {
             return Err(invalid("key outside the absolute limits".into()));
         }

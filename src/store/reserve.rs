@@ -19,7 +19,7 @@ use crate::record::{limits, RecordKey};
 /// Bytes to promise for a claim's completion entry: the outcome limit, the key, up to the
 /// header limit's length prefixes, and the entry's fixed fields, all with room to spare.
 pub(super) fn completion_bytes(outcome_bytes_max: usize, key: &RecordKey) -> usize {
-    let key_len = key.namespace.len() + key.principal.len() + key.key.len();
+    let key_len = key.namespace().len() + key.principal().len() + key.key().len();
     outcome_bytes_max + key_len + limits::HEADERS_MAX * 20 + 512
 }
 

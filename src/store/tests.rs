@@ -101,9 +101,9 @@ fn keys_are_scoped_by_principal_and_namespace() {
     let s = Store::open(MemStorage::new(), cfg, T0).unwrap();
     let a = req("same", "x", 1);
     let mut b = a.clone();
-    b.key.principal = "bob".into();
+    b.key = RecordKey::new("pay", "bob", "same");
     let mut c = a.clone();
-    c.key.namespace = "orders".into();
+    c.key = RecordKey::new("orders", "alice", "same");
     execute(&s, T0, &a);
     execute(&s, T0, &b);
     execute(&s, T0, &c);
@@ -292,7 +292,7 @@ fn a_claim_after_expiry_opens_a_new_generation() {
 fn bad_input_gets_typed_errors() {
     let s = open(&MemStorage::new(), T0);
     let mut r = req("k", "b", 1);
-    r.key.namespace = "nope".into();
+    r.key = RecordKey::new("nope", "alice", "k");
     assert!(matches!(
         s.claim(T0, &r),
         Err(StoreError::UnknownNamespace(_))
@@ -613,7 +613,11 @@ fn peer_mutations_are_validated_before_anything_is_written() {
     own.origin = region("a");
     assert!(s.merge_remote(T0, own).is_err());
     let mut long = bad;
-    long.key.key = "k".repeat(5_000);
+    long.key = RecordKey::new(
+        long.key.namespace(),
+        long.key.principal(),
+        "k".repeat(5_000),
+    );
     assert!(s.merge_remote(T0, long).is_err());
     assert_eq!(s.key_count(), 0);
 }
