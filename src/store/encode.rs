@@ -24,15 +24,15 @@
 //! never disagree: the caller learns the exact size before writing anything, refuses an entry
 //! that could never be read back, and sizes the buffer once.
 //!
-//! # Sequence slots
+//! # Local entries and the sequence trailer
 //!
 //! A local mutation's sequence number must follow log order, so it is known only under the log's
-//! lock. To keep encoding out of that lock, [`MutationEntry::seq_slots`] writes the mutation's
-//! `seq` (and a claim's `origin_seq`, the same number) as *slots*: the 9-byte varint form
-//! (marker 253, then 8 bytes) whatever the value, which bincode decodes like any varint. The log
-//! fills the slots in under its lock ([`fill_seq_slots`]). Entries with slots are 4 to 8 bytes
-//! longer than bincode's own encoding and decode to the same entry.
-//!
+//! lock. To keep encoding (and most of the frame's CRC) out of that lock, the store writes its own
+//! mutations as [`LogEntry::Local`](super::entry::LogEntry::Local), whose last field is the
+//! sequence number: [`MutationEntry::local`] encodes everything before it, and the log appends
+//! the number as a 9-byte varint ([`seq_trailer`]: marker 253, then 8 bytes, which bincode
+//! decodes like any varint) under its lock, extending the CRC over those 9 bytes.
+
 //! The layout is tied to the declarations: variant indices follow declaration order, fields
 //! follow field order. Reordering a variant or a field, or changing a serde impl, must change
 //! this encoder too; the property test here compares it with bincode on arbitrary entries
@@ -55,6 +55,8 @@ const SINGLE_BYTE_MAX: u8 = 250;
 
 /// [`LogEntry`](super::entry::LogEntry)'s variant index of `Mutation`.
 const LOG_ENTRY_MUTATION: u32 = 0;
+/// [`LogEntry`](super::entry::LogEntry)'s variant index of `Local`.
+const LOG_ENTRY_LOCAL: u32 = 4;
 
 /// Where encoded bytes go: a slice, or a counter that only measures.
 trait Sink {
@@ -62,41 +64,17 @@ trait Sink {
     fn byte(&mut self, b: u8);
     /// Appends bytes.
     fn bytes(&mut self, b: &[u8]);
-    /// Notes that a sequence slot starts here.
-    fn slot(&mut self) {}
 }
 
-/// Most sequence slots one entry has: the mutation's `seq` and a claim's `origin_seq`.
-pub(super) const SEQ_SLOTS_MAX: usize = 2;
+/// Bytes of the sequence trailer of a local entry.
+pub(super) const SEQ_TRAILER_BYTES: usize = 9;
 
-/// Where an entry's sequence slots start (offsets of their marker bytes).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SeqSlots {
-    at: [usize; SEQ_SLOTS_MAX],
-    n: usize,
-}
-
-impl SeqSlots {
-    /// Offsets of the slots' marker bytes.
-    pub fn offsets(&self) -> &[usize] {
-        &self.at[..self.n]
-    }
-}
-
-/// Writes `seq` into every slot of `bytes` (an entry encoded with
-/// [`MutationEntry::seq_slots`]). Returns false, writing nothing, if a slot does not hold the
-/// 9-byte varint form or lies outside `bytes`.
-pub fn fill_seq_slots(bytes: &mut [u8], slots: &SeqSlots, seq: u64) -> bool {
-    let ok = slots
-        .offsets()
-        .iter()
-        .all(|&at| bytes.get(at..at + 9).is_some_and(|s| s[0] == U64_BYTE));
-    if ok {
-        for &at in slots.offsets() {
-            bytes[at + 1..at + 9].copy_from_slice(&seq.to_le_bytes());
-        }
-    }
-    ok
+/// The trailer that ends a local entry: its sequence number as the 9-byte varint form.
+pub(super) fn seq_trailer(seq: u64) -> [u8; SEQ_TRAILER_BYTES] {
+    let mut t = [0u8; SEQ_TRAILER_BYTES];
+    t[0] = U64_BYTE;
+    t[1..].copy_from_slice(&seq.to_le_bytes());
+    t
 }
 
 /// Writes into a slice sized beforehand by [`Measure`]: no reallocation path, one bounds check
@@ -106,8 +84,6 @@ struct Cursor<'a> {
     out: &'a mut [u8],
     /// How many are written.
     at: usize,
-    /// Sequence slots met.
-    slots: SeqSlots,
 }
 
 impl Sink for Cursor<'_> {
@@ -121,14 +97,6 @@ impl Sink for Cursor<'_> {
     fn bytes(&mut self, b: &[u8]) {
         self.out[self.at..self.at + b.len()].copy_from_slice(b);
         self.at += b.len();
-    }
-
-    #[inline(always)]
-    fn slot(&mut self) {
-        if self.slots.n < SEQ_SLOTS_MAX {
-            self.slots.at[self.slots.n] = self.at;
-            self.slots.n += 1;
-        }
     }
 }
 
@@ -163,18 +131,6 @@ fn varint<S: Sink>(out: &mut S, v: u64) {
     } else {
         out.byte(U64_BYTE);
         out.bytes(&v.to_le_bytes());
-    }
-}
-
-/// A sequence number: a varint, or with `slot` the 9-byte varint form, noted as a slot.
-#[inline(always)]
-fn seq<S: Sink>(out: &mut S, v: u64, slot: bool) {
-    if slot {
-        out.slot();
-        out.byte(U64_BYTE);
-        out.bytes(&v.to_le_bytes());
-    } else {
-        varint(out, v);
     }
 }
 
@@ -239,12 +195,12 @@ fn record_key<S: Sink>(out: &mut S, k: &RecordKey) {
 
 /// A claim's facts, in field order.
 #[inline(always)]
-fn claim_facts<S: Sink>(out: &mut S, f: &ClaimFacts, slot: bool) {
+fn claim_facts<S: Sink>(out: &mut S, f: &ClaimFacts) {
     out.bytes(&f.fingerprint.0);
     varint_u128(out, f.attempt.0);
     varint(out, f.ttl_ms);
     varint(out, f.lease_ms);
-    seq(out, f.origin_seq, slot);
+    varint(out, f.origin_seq);
     len(out, f.takes_over.len());
     for s in &f.takes_over {
         stamp(out, s);
@@ -309,15 +265,14 @@ fn resolution<S: Sink>(out: &mut S, r: &Resolution) {
     opt_str(out, r.provider_ref.as_deref());
 }
 
-/// A delta: variant index, then the variant's fields (with `slot`, a claim's `origin_seq` is
-/// a sequence slot).
+/// A delta: variant index, then the variant's fields.
 #[inline(always)]
-fn delta<S: Sink>(out: &mut S, d: &Delta, slot: bool) {
+fn delta<S: Sink>(out: &mut S, d: &Delta) {
     match d {
         Delta::Claim { stamp: s, facts } => {
             varint(out, 0);
             stamp(out, s);
-            claim_facts(out, facts, slot);
+            claim_facts(out, facts);
         }
         Delta::Extend {
             stamp: s,
@@ -365,8 +320,9 @@ pub(super) struct MutationEntry<'a> {
     pub prev: Option<Loc>,
     /// Expiry of the key's newest generation after this mutation (Unix ms).
     pub expires_at_ms: u64,
-    /// Write `seq` (and a claim's `origin_seq`) as sequence slots, to be filled in later.
-    pub seq_slots: bool,
+    /// Encode as [`LogEntry::Local`](super::entry::LogEntry::Local) without its final `seq`
+    /// (the log appends it, [`seq_trailer`]); `seq` is then ignored.
+    pub local: bool,
 }
 
 impl MutationEntry<'_> {
@@ -380,24 +336,17 @@ impl MutationEntry<'_> {
     /// Writes the encoding, the bytes bincode writes for the owned `LogEntry`, into `out`,
     /// which must be exactly [`encoded_len`](Self::encoded_len) bytes long.
     ///
-    /// Returns where its sequence slots are (none unless [`MutationEntry::seq_slots`]).
-    ///
     /// # Panics
     ///
     /// If `out` has another length.
-    pub(super) fn encode_into(&self, out: &mut [u8]) -> SeqSlots {
-        let mut cursor = Cursor {
-            out,
-            at: 0,
-            slots: SeqSlots::default(),
-        };
+    pub(super) fn encode_into(&self, out: &mut [u8]) {
+        let mut cursor = Cursor { out, at: 0 };
         self.emit(&mut cursor);
         assert_eq!(
             cursor.at,
             cursor.out.len(),
             "encoded and measured sizes differ"
         );
-        cursor.slots
     }
 
     /// The one walk both [`encoded_len`](Self::encoded_len) and
@@ -405,11 +354,19 @@ impl MutationEntry<'_> {
     /// origin, seq, key, delta }, prev, expires_at_ms }`.
     #[inline(always)]
     fn emit<S: Sink>(&self, out: &mut S) {
-        varint(out, u64::from(LOG_ENTRY_MUTATION));
-        region(out, &self.origin);
-        seq(out, self.seq, self.seq_slots);
-        record_key(out, self.key);
-        delta(out, self.delta, self.seq_slots);
+        if self.local {
+            // `Local { origin, key, delta, prev, expires_at_ms, seq }`, `seq` left to the log.
+            varint(out, u64::from(LOG_ENTRY_LOCAL));
+            region(out, &self.origin);
+            record_key(out, self.key);
+            delta(out, self.delta);
+        } else {
+            varint(out, u64::from(LOG_ENTRY_MUTATION));
+            region(out, &self.origin);
+            varint(out, self.seq);
+            record_key(out, self.key);
+            delta(out, self.delta);
+        }
         match &self.prev {
             None => out.byte(0),
             Some(l) => {
@@ -651,7 +608,7 @@ mod tests {
             expires_at_ms in u64s(),
         ) {
             let e = MutationEntry {
-                origin, seq, key: &key, delta: &delta, prev, expires_at_ms, seq_slots: false,
+                origin, seq, key: &key, delta: &delta, prev, expires_at_ms, local: false,
             };
             let owned = LogEntry::Mutation {
                 mutation: Mutation { origin, seq, key: key.clone(), delta: delta.clone() },
@@ -669,7 +626,7 @@ mod tests {
         }
 
         #[test]
-        fn sequence_slots_filled_in_decode_to_the_numbered_entry(
+        fn local_entries_with_their_trailer_decode_to_the_numbered_mutation(
             origin in regions(),
             seq in u64s(),
             key in keys(),
@@ -677,36 +634,39 @@ mod tests {
             prev in proptest::option::of(locs()),
             expires_at_ms in u64s(),
         ) {
-            // The store encodes a claim with origin_seq 0 and fills both slots with one number.
+            // The store writes a claim's origin_seq as 0; decoding sets it to the trailer's seq.
             let mut delta = delta;
             if let Delta::Claim { facts, .. } = &mut delta {
                 facts.origin_seq = 0;
             }
-            let mut buf = Vec::new();
-            let slots = entry::with_sequenced_mutation(origin, &key, &delta, prev, expires_at_ms,
-                |b, slots| { buf = b.to_vec(); slots }).unwrap();
-            let claim = matches!(delta, Delta::Claim { .. });
-            prop_assert_eq!(slots.offsets().len(), if claim { 2 } else { 1 });
-            prop_assert!(fill_seq_slots(&mut buf, &slots, seq));
-            let mut numbered = delta.clone();
+            let mut bytes = entry::with_local_mutation(origin, &key, &delta, prev, expires_at_ms,
+                |b| b.to_vec()).unwrap();
+            bytes.extend_from_slice(&seq_trailer(seq));
+            let local = LogEntry::Local {
+                origin, key: key.clone(), delta: delta.clone(), prev, expires_at_ms, seq,
+            };
+            // bincode's own bytes differ only in the trailer's varint form, which is the same
+            // 9-byte form once seq needs more than 32 bits.
+            let canonical = entry::encode(&local).unwrap();
+            let prefix = &bytes[..bytes.len() - SEQ_TRAILER_BYTES];
+            prop_assert!(canonical.starts_with(prefix));
+            let mut seq_varint = Measure::default();
+            varint(&mut seq_varint, seq);
+            prop_assert_eq!(canonical.len(), prefix.len() + seq_varint.0);
+            if seq > u64::from(u32::MAX) {
+                prop_assert_eq!(&bytes, &canonical);
+            }
+            let mut numbered = delta;
             if let Delta::Claim { facts, .. } = &mut numbered {
                 facts.origin_seq = seq;
             }
-            let owned = LogEntry::Mutation {
-                mutation: Mutation { origin, seq, key: key.clone(), delta: numbered },
+            let mutation = LogEntry::Mutation {
+                mutation: Mutation { origin, seq, key, delta: numbered },
                 prev,
                 expires_at_ms,
             };
-            prop_assert_eq!(entry::decode(&buf).unwrap(), owned.clone());
-            // At most 8 bytes over bincode's own encoding (two 9-byte slots instead of varints).
-            let canonical = entry::encode(&owned).unwrap().len();
-            prop_assert!(buf.len() >= canonical && buf.len() <= canonical + 16);
-            // A slot that does not hold the 9-byte form is refused, and nothing is written.
-            let mut damaged = buf.clone();
-            damaged[slots.offsets()[0]] = 0;
-            let before = damaged.clone();
-            prop_assert!(!fill_seq_slots(&mut damaged, &slots, 7));
-            prop_assert_eq!(damaged, before);
+            prop_assert_eq!(entry::decode(&bytes).unwrap(), mutation.clone());
+            prop_assert_eq!(entry::decode(&canonical).unwrap(), mutation);
         }
     }
 
@@ -718,7 +678,6 @@ mod tests {
         let mut cursor = Cursor {
             out: &mut out,
             at: 0,
-            slots: SeqSlots::default(),
         };
         varint_u128(&mut cursor, v);
         assert_eq!(cursor.at, measure.0);
@@ -776,7 +735,7 @@ mod tests {
             delta: &delta,
             prev: None,
             expires_at_ms: 0,
-            seq_slots: false,
+            local: false,
         };
         let len = e.encoded_len();
         assert!(len > entry::ENTRY_BYTES_MAX);

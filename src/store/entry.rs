@@ -6,7 +6,6 @@
 use serde::{Deserialize, Serialize};
 
 use super::encode::MutationEntry;
-pub use super::encode::SeqSlots;
 use super::log::Loc;
 use crate::clock::RegionId;
 use crate::record::{Delta, Record, RecordKey};
@@ -60,6 +59,25 @@ pub enum LogEntry {
     Marks {
         /// (origin, contiguous mark).
         marks: Vec<(RegionId, u64)>,
+    },
+    /// A mutation of this region's own, as the store writes it: the same facts as
+    /// [`LogEntry::Mutation`], with the sequence number last so the log can take it under its
+    /// lock and append it after everything else is encoded (a claim's `origin_seq` is written
+    /// as 0: it equals `seq`). [`decode`] returns it as [`LogEntry::Mutation`], with a claim's
+    /// `origin_seq` set to `seq`, so no reader ever sees this variant.
+    Local {
+        /// This region.
+        origin: RegionId,
+        /// The key.
+        key: RecordKey,
+        /// The change.
+        delta: Delta,
+        /// The key's previous log entry.
+        prev: Option<Loc>,
+        /// Expiry of the key's newest generation after this mutation (Unix ms).
+        expires_at_ms: u64,
+        /// Its number in this region's log.
+        seq: u64,
     },
 }
 
@@ -124,24 +142,23 @@ pub fn with_encoded_mutation<R>(
         delta,
         prev,
         expires_at_ms,
-        seq_slots: false,
+        local: false,
     };
-    with_scratch(&entry, |bytes, _| f(bytes))
+    with_scratch(&entry, f)
 }
 
-/// [`with_encoded_mutation`] for a local mutation whose sequence number is not known yet: the
-/// mutation's `seq` (and a claim's `origin_seq`, which must equal it) are written as sequence
-/// slots holding 0, which the log fills in under its lock
-/// ([`Log::append_sequenced`](super::log::Log::append_sequenced)), so encoding stays out of it.
-/// The entry decodes like any other once filled in.
-pub fn with_sequenced_mutation<R>(
+/// Encodes a local mutation as [`LogEntry::Local`] *without* its final sequence number, into the
+/// per-thread scratch buffer, for [`Log::append_sequenced`](super::log::Log::append_sequenced),
+/// which appends the number under the log's lock. A claim's `origin_seq` must be 0 here.
+pub fn with_local_mutation<R>(
     origin: RegionId,
     key: &RecordKey,
     delta: &Delta,
     prev: Option<Loc>,
     expires_at_ms: u64,
-    f: impl FnOnce(&mut [u8], SeqSlots) -> R,
+    f: impl FnOnce(&[u8]) -> R,
 ) -> Result<R, EncodeError> {
+    debug_assert!(!matches!(delta, Delta::Claim { facts, .. } if facts.origin_seq != 0));
     let entry = MutationEntry {
         origin,
         seq: 0,
@@ -149,7 +166,7 @@ pub fn with_sequenced_mutation<R>(
         delta,
         prev,
         expires_at_ms,
-        seq_slots: true,
+        local: true,
     };
     with_scratch(&entry, f)
 }
@@ -158,12 +175,19 @@ pub fn with_sequenced_mutation<R>(
 /// scratch buffer and hands the bytes (and its sequence slots) to `f`.
 fn with_scratch<R>(
     entry: &MutationEntry<'_>,
-    f: impl FnOnce(&mut [u8], SeqSlots) -> R,
+    f: impl FnOnce(&[u8]) -> R,
 ) -> Result<R, EncodeError> {
     let len = entry.encoded_len();
-    // bincode enforces its limit only when decoding: refuse here what could never be read back.
-    if len > ENTRY_BYTES_MAX {
-        return Err(EncodeError::TooLarge(len));
+    // bincode enforces its limit only when decoding: refuse here what could never be read back
+    // (a local entry gets its 9-byte sequence trailer in the log).
+    let full = len
+        + if entry.local {
+            super::encode::SEQ_TRAILER_BYTES
+        } else {
+            0
+        };
+    if full > ENTRY_BYTES_MAX {
+        return Err(EncodeError::TooLarge(full));
     }
     SCRATCH.with(|cell| {
         // A re-entrant use (never expected) falls back to a fresh buffer.
@@ -172,8 +196,8 @@ fn with_scratch<R>(
         let buf = guard.as_deref_mut().unwrap_or(&mut fresh);
         buf.clear();
         buf.resize(len, 0);
-        let slots = entry.encode_into(buf);
-        let out = f(buf, slots);
+        entry.encode_into(buf);
+        let out = f(buf);
         if buf.capacity() > SCRATCH_KEEP_MAX {
             *buf = Vec::new();
         }
@@ -193,7 +217,8 @@ pub fn encode_mutation(
     with_encoded_mutation(origin, seq, key, delta, prev, expires_at_ms, |b| b.to_vec())
 }
 
-/// Decodes an entry; trailing bytes are an error.
+/// Decodes an entry; trailing bytes are an error. A [`LogEntry::Local`] comes back as the
+/// [`LogEntry::Mutation`] it stands for.
 pub fn decode(bytes: &[u8]) -> Result<LogEntry, bincode::error::DecodeError> {
     let (entry, used) = bincode::serde::decode_from_slice(bytes, config())?;
     if used != bytes.len() {
@@ -202,7 +227,31 @@ pub fn decode(bytes: &[u8]) -> Result<LogEntry, bincode::error::DecodeError> {
             bytes.len() - used
         )));
     }
-    Ok(entry)
+    Ok(match entry {
+        LogEntry::Local {
+            origin,
+            key,
+            mut delta,
+            prev,
+            expires_at_ms,
+            seq,
+        } => {
+            if let Delta::Claim { facts, .. } = &mut delta {
+                facts.origin_seq = seq;
+            }
+            LogEntry::Mutation {
+                mutation: Mutation {
+                    origin,
+                    seq,
+                    key,
+                    delta,
+                },
+                prev,
+                expires_at_ms,
+            }
+        }
+        other => other,
+    })
 }
 
 #[cfg(test)]

@@ -68,6 +68,20 @@ pub(super) fn effect_of(loc: Loc, entry: &LogEntry) -> Option<Effect> {
             expires_at_ms: *expires_at_ms,
             numbered: None,
         }),
+        // `decode` returns local entries as mutations; the same effect if one is built by hand.
+        LogEntry::Local {
+            origin,
+            key,
+            delta,
+            expires_at_ms,
+            seq,
+            ..
+        } => Some(Effect::Record {
+            digest: key.digest(),
+            loc,
+            expires_at_ms: *expires_at_ms,
+            numbered: Some((*origin, *seq, delta.stamp().hlc)),
+        }),
         LogEntry::Reserve { until_ms } => Some(Effect::Reserve {
             until_ms: *until_ms,
         }),

@@ -59,7 +59,6 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::encode;
-use super::entry::SeqSlots;
 use super::reserve;
 
 use serde::{Deserialize, Serialize};
@@ -314,15 +313,17 @@ impl Chunk {
 enum Payload<'a> {
     /// Bytes as they are.
     Plain(&'a [u8]),
-    /// A local mutation entry whose sequence slots get the next local sequence number.
-    Sequenced(&'a mut [u8], SeqSlots),
+    /// A local mutation entry without its sequence-number trailer, and the CRC of its frame
+    /// so far (length, then these bytes), computed before taking the lock.
+    Sequenced(&'a [u8], u32),
 }
 
 impl Payload<'_> {
-    fn bytes(&self) -> &[u8] {
+    /// The payload's length in the frame (with the trailer a sequenced entry gets).
+    fn len(&self) -> usize {
         match self {
-            Payload::Plain(b) => b,
-            Payload::Sequenced(b, _) => b,
+            Payload::Plain(b) => b.len(),
+            Payload::Sequenced(b, _) => b.len() + encode::SEQ_TRAILER_BYTES,
         }
     }
 }
@@ -923,25 +924,21 @@ impl<S: Storage> Log<S> {
         Ok((lsn, loc))
     }
 
-    /// [`Log::append_with_space`] of a local mutation entry encoded with sequence slots
-    /// ([`entry::with_sequenced_mutation`](super::entry::with_sequenced_mutation)): under the
-    /// log's lock, the next local sequence number is written into the slots and the entry
-    /// appended, so local numbers are dense and follow log order while encoding happens outside
-    /// the lock. Returns the Lsn, location and sequence number.
+    /// [`Log::append_with_space`] of a local mutation entry
+    /// ([`entry::with_local_mutation`](super::entry::with_local_mutation)), which ends with its
+    /// sequence number: under the log's lock, the next local number is taken and written as the
+    /// entry's last 9 bytes, so local numbers are dense and follow log order. Everything else,
+    /// the CRC of the frame up to the trailer included, is computed before taking the lock
+    /// (CRC-32C extends over the trailer). Returns the Lsn, location and sequence number.
     pub fn append_sequenced(
         &self,
-        payload: &mut [u8],
-        slots: SeqSlots,
+        payload: &[u8],
         class: AppendClass,
         space: Space,
     ) -> Result<(Lsn, Loc, u64), LogError> {
-        if slots.offsets().is_empty() {
-            return Err(LogError::Config(
-                "a sequenced entry without a sequence slot".into(),
-            ));
-        }
-        let (lsn, loc, seq) =
-            self.append_inner(Payload::Sequenced(payload, slots), class, space)?;
+        let len = payload.len() + encode::SEQ_TRAILER_BYTES;
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&(len as u32).to_le_bytes()), payload);
+        let (lsn, loc, seq) = self.append_inner(Payload::Sequenced(payload, crc), class, space)?;
         Ok((lsn, loc, seq.unwrap_or(0)))
     }
 
@@ -962,14 +959,14 @@ impl<S: Storage> Log<S> {
 
     fn append_inner(
         &self,
-        mut payload: Payload<'_>,
+        payload: Payload<'_>,
         class: AppendClass,
         space: Space,
     ) -> Result<(Lsn, Loc, Option<u64>), LogError> {
-        if payload.bytes().is_empty() {
+        if payload.len() == 0 {
             return Err(LogError::EmptyPayload);
         }
-        let payload_len = payload.bytes().len();
+        let payload_len = payload.len();
         if payload_len > self.cfg.max_payload_bytes as usize {
             return Err(LogError::PayloadTooLarge {
                 len: payload_len,
@@ -1016,21 +1013,20 @@ impl<S: Storage> Log<S> {
             offset: st.end as u32,
         };
         // From here on the lock is held to the end: the sequence number taken is the next one.
-        let seq = match &mut payload {
-            Payload::Plain(_) => None,
-            Payload::Sequenced(bytes, slots) => {
+        let len_bytes = (payload_len as u32).to_le_bytes();
+        let (bytes, crc, seq, trailer) = match payload {
+            Payload::Plain(b) => (b, frame_crc(len_bytes, b), None, None),
+            Payload::Sequenced(b, crc) => {
                 let seq = st.seq.next;
-                if !encode::fill_seq_slots(bytes, slots, seq) {
-                    return Err(LogError::Config(
-                        "sequence slots do not match the entry".into(),
-                    ));
-                }
-                Some(seq)
+                let trailer = encode::seq_trailer(seq);
+                (
+                    b,
+                    crc32c::crc32c_append(crc, &trailer),
+                    Some(seq),
+                    Some(trailer),
+                )
             }
         };
-        let payload = payload.bytes();
-        let len_bytes = (payload.len() as u32).to_le_bytes();
-        let crc = frame_crc(len_bytes, payload);
         let contiguous = matches!(st.chunks.last(),
             Some(c) if c.segment == loc.segment && c.offset + c.data.len() as u64 == st.end);
         if !contiguous {
@@ -1048,7 +1044,10 @@ impl<S: Storage> Log<S> {
         if let Some(c) = st.chunks.last_mut() {
             c.data.extend_from_slice(&len_bytes);
             c.data.extend_from_slice(&crc.to_le_bytes());
-            c.data.extend_from_slice(payload);
+            c.data.extend_from_slice(bytes);
+            if let Some(t) = &trailer {
+                c.data.extend_from_slice(t);
+            }
             c.frames += 1;
         }
         st.end += frame_len;
@@ -2188,6 +2187,44 @@ mod tests {
         storage.crash(7);
         let log = Log::open(storage, small_cfg()).unwrap();
         assert_eq!(replay_all(&log).unwrap().len(), 200, "all of it was synced");
+    }
+
+    #[test]
+    fn sequenced_appends_end_with_dense_numbers_and_valid_frames() {
+        let storage = MemStorage::new();
+        let log = Log::open(storage.clone(), small_cfg()).unwrap();
+        log.set_next_seq(41);
+        log.set_next_seq(7); // never moves back
+        let mut expected = Vec::new();
+        for i in 0..30u64 {
+            let p = payload(i, (i as usize * 5) % 120 + 1);
+            let (lsn, loc, seq) = if i % 3 == 0 {
+                // Plain appends in between take no number.
+                let (lsn, loc) = log.append(&p, AppendClass::Normal).unwrap();
+                (lsn, loc, None)
+            } else {
+                let (lsn, loc, seq) = log
+                    .append_sequenced(&p, AppendClass::Normal, Space::default())
+                    .unwrap();
+                (lsn, loc, Some(seq))
+            };
+            let mut whole = p.clone();
+            if let Some(seq) = seq {
+                whole.extend_from_slice(&encode::seq_trailer(seq));
+            }
+            assert_eq!(log.read(loc).unwrap(), whole, "readable before the flush");
+            expected.push((loc, whole, seq, lsn));
+        }
+        let seqs: Vec<u64> = expected.iter().filter_map(|e| e.2).collect();
+        assert_eq!(seqs, (41..41 + seqs.len() as u64).collect::<Vec<_>>());
+        log.flush().unwrap();
+        assert_eq!(log.durable_seq(), 40 + seqs.len() as u64);
+        drop(log);
+        // The CRC covers the trailer: recovery accepts every frame and reads it back whole.
+        let log = Log::open(storage, small_cfg()).unwrap();
+        let replayed = replay_all(&log).unwrap();
+        let want: Vec<(Loc, Vec<u8>)> = expected.into_iter().map(|e| (e.0, e.1)).collect();
+        assert_eq!(replayed, want);
     }
 
     #[test]

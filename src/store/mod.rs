@@ -655,21 +655,18 @@ impl<S: Storage> Store<S> {
         now_ms: u64,
         make: impl FnOnce() -> Delta,
     ) -> Result<(Lsn, Loc, u64), StoreError> {
-        // The sequence number is taken under the log's lock, after encoding: a claim's
-        // `origin_seq` is 0 until the append fills it in (in the entry and, below, the record).
+        // The sequence number is taken under the log's lock, after encoding (it ends the entry,
+        // see `LogEntry::Local`): a claim's `origin_seq` is written as 0, which decoding reads as
+        // the entry's number, and set in the record below.
         let delta = make();
         debug_assert!(!matches!(&delta, Delta::Claim { facts, .. } if facts.origin_seq != 0));
         record.apply(&delta)?;
         let expires_at_ms = self.newest_expiry(record);
-        let (lsn, loc, seq) = entry::with_sequenced_mutation(
-            self.region,
-            key,
-            &delta,
-            prev,
-            expires_at_ms,
-            |bytes, slots| self.log.append_sequenced(bytes, slots, class, space),
-        )?
-        .map_err(|e| self.log_error(e))?;
+        let (lsn, loc, seq) =
+            entry::with_local_mutation(self.region, key, &delta, prev, expires_at_ms, |bytes| {
+                self.log.append_sequenced(bytes, class, space)
+            })?
+            .map_err(|e| self.log_error(e))?;
         if let Delta::Claim { stamp, .. } = &delta {
             record.set_origin_seq(stamp, seq);
         }
