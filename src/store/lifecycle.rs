@@ -88,6 +88,52 @@ impl<S: Storage> Store<S> {
             match &c.terminal {
                 Some(t) if *t == terminal => {}
                 Some(_) => return Err(StoreError::AlreadyFinished(claim)),
+                None if record.claim_count() == 1 && terminal != Terminal::Released => {
+                    // The common case: the key's only claim completes. Its generation, expiry
+                    // and win do not change, and the record leaves the cache anyway (nothing
+                    // is in flight any more): append the completion without applying it.
+                    let space = Space {
+                        reserve: None,
+                        release: self.promise_of(key, &claim, c.lease_until_ms),
+                    };
+                    let status = match &terminal {
+                        Terminal::Indeterminate(_) => ClaimStatus::Indeterminate,
+                        _ => ClaimStatus::Completed,
+                    };
+                    let delta = Delta::Finish {
+                        stamp: claim,
+                        terminal,
+                    };
+                    delta.validate()?;
+                    #[cfg(debug_assertions)]
+                    {
+                        // What applying would have given.
+                        let mut applied = record.clone();
+                        applied.apply(&delta)?;
+                        debug_assert_eq!(applied.newest_expiry_ms(), Some(e.expires_at_ms));
+                        debug_assert_eq!(applied.claim(&claim).map(|c| c.status()), Some(status));
+                    }
+                    let (lsn, loc, _) = self.append_delta(
+                        key,
+                        Some(e.loc),
+                        &delta,
+                        e.expires_at_ms,
+                        AppendClass::Reserved,
+                        space,
+                        now_ms,
+                    )?;
+                    e.loc = loc;
+                    e.lsn = lsn;
+                    // Not applied, so not cached: the next reader reads the log.
+                    *record = Record::new();
+                    return Ok(Pending {
+                        lsn,
+                        value: Completion {
+                            terminal: status,
+                            superseded: false,
+                        },
+                    });
+                }
                 None => {
                     // The finishing append itself returns the claim's promise to the log.
                     let space = Space {

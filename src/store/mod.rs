@@ -663,18 +663,37 @@ impl<S: Storage> Store<S> {
         record.apply(&delta)?;
         let expires_at_ms = self.newest_expiry(record);
         let (lsn, loc, seq) =
-            entry::with_local_mutation(self.region, key, &delta, prev, expires_at_ms, |bytes| {
-                self.log.append_sequenced(bytes, class, space)
-            })?
-            .map_err(|e| self.log_error(e))?;
+            self.append_delta(key, prev, &delta, expires_at_ms, class, space, now_ms)?;
         if let Delta::Claim { stamp, .. } = &delta {
             record.set_origin_seq(stamp, seq);
         }
+        Ok((lsn, loc, expires_at_ms))
+    }
+
+    /// Encodes and appends a local delta already applied (or known not to matter: see
+    /// `finish`) with the key's newest expiry after it; numbers it. Returns its lsn, location
+    /// and sequence number.
+    #[allow(clippy::too_many_arguments)]
+    fn append_delta(
+        &self,
+        key: &RecordKey,
+        prev: Option<Loc>,
+        delta: &Delta,
+        expires_at_ms: u64,
+        class: AppendClass,
+        space: Space,
+        now_ms: u64,
+    ) -> Result<(Lsn, Loc, u64), StoreError> {
+        let (lsn, loc, seq) =
+            entry::with_local_mutation(self.region, key, delta, prev, expires_at_ms, |bytes| {
+                self.log.append_sequenced(bytes, class, space)
+            })?
+            .map_err(|e| self.log_error(e))?;
         if seq % SEQ_CHECKPOINT_EVERY == 0 || seq == 1 {
             // Local numbers follow log order: the first of each bucket is its smallest position.
             lock(&self.replication).checkpoint(self.region, seq, loc, now_ms);
         }
-        Ok((lsn, loc, expires_at_ms))
+        Ok((lsn, loc, seq))
     }
 
     /// [`Store::append_local`] for an existing key: chains the entry to the key's previous one
