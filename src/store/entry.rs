@@ -172,7 +172,7 @@ pub fn with_local_mutation<R>(
 }
 
 /// Measures `entry`, refuses it if it could never be read back, encodes it into the per-thread
-/// scratch buffer and hands the bytes (and its sequence slots) to `f`.
+/// scratch buffer and hands the bytes to `f`.
 fn with_scratch<R>(
     entry: &MutationEntry<'_>,
     f: impl FnOnce(&[u8]) -> R,
