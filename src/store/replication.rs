@@ -67,6 +67,15 @@ impl Replication {
         b.1 = b.1.max(ms);
     }
 
+    /// Forgets a bucket's checkpoint: what a reader sees while the appender of the bucket's
+    /// first entry has not recorded it yet.
+    #[cfg(test)]
+    pub(super) fn forget_checkpoint(&mut self, origin: RegionId, bucket: u64) {
+        if let Some(b) = self.buckets.get_mut(&origin) {
+            b.remove(&bucket);
+        }
+    }
+
     /// Records a recovered (hence durable) remote number.
     pub(super) fn recovered(&mut self, origin: RegionId, seq: u64) {
         self.received.entry(origin).or_default().insert(seq);
@@ -315,9 +324,16 @@ impl<S: Storage> Store<S> {
                     });
                 }
             }
-            // Numbers may lie anywhere after the smallest position of any later bucket.
+            // Numbers may lie anywhere after the smallest position of any later bucket. The
+            // bucket below is included too: a bucket's first checkpoint is recorded just after
+            // its entry is appended, so for a moment entries of a bucket with no checkpoint yet
+            // may be durable; they all lie after the previous bucket's position.
+            let b = from_seq / SEQ_CHECKPOINT_EVERY;
             buckets
-                .range(from_seq / SEQ_CHECKPOINT_EVERY..)
+                .range(..b)
+                .next_back()
+                .into_iter()
+                .chain(buckets.range(b..))
                 .map(|(_, (loc, _))| *loc)
                 .min()
         };

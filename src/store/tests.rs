@@ -676,6 +676,23 @@ fn local_claims_carry_their_sequence_number_in_the_log_and_the_record() {
 }
 
 #[test]
+fn log_from_serves_a_bucket_whose_checkpoint_is_not_recorded_yet() {
+    let s = open(&MemStorage::new(), T0);
+    for i in 0..300 {
+        execute(&s, T0, &req(&format!("k{i}"), "b", i));
+    }
+    // The appender of seq 256 (the first of bucket 1) has not recorded its checkpoint yet,
+    // while later numbers are durable: they must still be served.
+    lock(&s.replication).forget_checkpoint(region("a"), 1);
+    let got = s.log_from(T0, region("a"), 256, 100).unwrap();
+    assert_eq!(
+        got.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (256..=300).collect::<Vec<_>>()
+    );
+    assert_eq!(s.log_from(T0, region("a"), 1, 400).unwrap().len(), 300);
+}
+
+#[test]
 fn the_replication_log_honours_its_retention() {
     let mut cfg = config("a");
     cfg.log_retention_ms = 60_000;
