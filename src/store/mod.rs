@@ -2,10 +2,10 @@
 //!
 //! # Shape
 //!
-//! * An in-memory [index](index) with one compact entry per key, pointing at the key's newest
-//!   [log](log) entry; older entries of the same key are reached through back-pointers, so a
+//! * An in-memory [index] with one compact entry per key, pointing at the key's newest
+//!   [log] entry; older entries of the same key are reached through back-pointers, so a
 //!   record is read back by following a short chain (and an image entry caps the chain).
-//! * A segmented, CRC-framed [log](log) over a small [storage](storage) interface, with group
+//! * A segmented, CRC-framed [log] over a small [storage] interface, with group
 //!   commit: concurrent callers share one fdatasync.
 //! * The [clock](crate::clock), whose reservation lives in the same log.
 //!
