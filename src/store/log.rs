@@ -412,10 +412,8 @@ struct SegMeta {
 }
 
 /// Checks of the durable Lsn a follower makes before sleeping on a flush in progress (a few
-/// microseconds), when flushes are fast (see [`SPIN_FLUSH_NS_MAX`]).
+/// microseconds), on storages that sync in microseconds.
 const SPIN_ROUNDS: u32 = 400;
-/// Followers spin only while the last flush took at most this long.
-const SPIN_FLUSH_NS_MAX: u64 = 20_000;
 
 /// Retry creating the spare segment after this many flushes while the disk is full.
 const SPARE_RETRY_FLUSHES: u32 = 64;
@@ -553,8 +551,6 @@ pub struct Log<S: Storage> {
     zero_fills: AtomicU64,
     /// The booked promises' sweep mark, readable without the lock.
     leases_swept: AtomicU64,
-    /// How long the last flush's write and sync took, ns (whether followers spin).
-    last_flush_ns: AtomicU64,
 }
 
 impl<S: Storage> std::fmt::Debug for Log<S> {
@@ -825,7 +821,6 @@ impl<S: Storage> Log<S> {
             zeroed: Mutex::new((0, 0)),
             zero_fills: AtomicU64::new(0),
             leases_swept: AtomicU64::new(0),
-            last_flush_ns: AtomicU64::new(u64::MAX),
         };
         log.ensure_spares(true);
         Ok(log)
@@ -1185,14 +1180,11 @@ impl<S: Storage> Log<S> {
                     appended: st.appended,
                 });
             }
-            if st.flushing
-                && !spun
-                && self.last_flush_ns.load(Ordering::Relaxed) <= SPIN_FLUSH_NS_MAX
-            {
-                // A flush in progress may be about to cover `lsn`, and flushes here take
-                // microseconds (an in-memory storage): sooner over than a sleep and a wake-up.
-                // Spin briefly, once, outside the lock. Never for a disk that takes longer: with
-                // many waiters the spinning would take the CPU the flush needs.
+            if st.flushing && !spun && self.storage.syncs_in_microseconds() {
+                // A flush in progress may be about to cover `lsn`, and this storage flushes in
+                // microseconds (in memory): sooner over than a sleep and a wake-up. Spin
+                // briefly, once, outside the lock. Never for a disk: with many waiters the
+                // spinning would take the CPU the flush needs.
                 spun = true;
                 drop(st);
                 for _ in 0..SPIN_ROUNDS {
@@ -1292,12 +1284,7 @@ impl<S: Storage> Log<S> {
         st.inflight = Some(Arc::clone(&chunks));
         drop(st);
 
-        let started = Instant::now();
         let res = self.write_out(&chunks, deferred);
-        self.last_flush_ns.store(
-            u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
 
         let mut st = lock(&self.state);
         st.inflight = None;

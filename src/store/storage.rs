@@ -74,6 +74,12 @@ pub trait Storage: Send + Sync + 'static {
     fn zero_ahead_bytes(&self) -> u64 {
         0
     }
+    /// Whether a write and sync take microseconds (memory), not a disk's hundreds: then a
+    /// thread waiting for a flush in progress spins briefly instead of sleeping at once. Default
+    /// false.
+    fn syncs_in_microseconds(&self) -> bool {
+        false
+    }
 }
 
 /// Shared handles are storages too, so a test can keep one and give the log another.
@@ -119,6 +125,9 @@ impl<T: Storage + ?Sized> Storage for Arc<T> {
     }
     fn zero_ahead_bytes(&self) -> u64 {
         (**self).zero_ahead_bytes()
+    }
+    fn syncs_in_microseconds(&self) -> bool {
+        (**self).syncs_in_microseconds()
     }
 }
 
@@ -867,6 +876,10 @@ impl Storage for MemStorage {
     fn zero_ahead_bytes(&self) -> u64 {
         self.inner().zero_ahead
     }
+
+    fn syncs_in_microseconds(&self) -> bool {
+        true
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1008,6 +1021,10 @@ impl Storage for VolatileStorage {
 
     fn remove_hint(&self, id: SegmentId) -> io::Result<()> {
         self.inner().hints.remove(id)
+    }
+
+    fn syncs_in_microseconds(&self) -> bool {
+        true
     }
 }
 
