@@ -11,7 +11,8 @@
 //! The difference of the two totals (`Collected` in callgrind's summary) divided by the
 //! difference in pairs is the instruction count of one pair, set-up excluded; `docs/perf.md`
 //! records it. Without valgrind it prints the wall-clock time per pair. Same store as the
-//! memory benches (`VolatileStorage`, library defaults), 1024 logical callers on one thread,
+//! memory benches (`VolatileStorage`, library defaults), 1024 logical callers (or as many as a
+//! second number says) on one thread,
 //! keys and the clock derived from fixed seeds.
 
 mod common;
@@ -23,11 +24,13 @@ use idem::store::storage::VolatileStorage;
 use idem::store::Store;
 
 fn main() {
-    // `cargo bench` passes `--bench`; a number sets the pairs.
-    let pairs: u64 = std::env::args()
+    // `cargo bench` passes `--bench`; the first number sets the pairs, a second the callers.
+    let numbers: Vec<u64> = std::env::args()
         .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(200_000);
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let pairs = numbers.first().copied().unwrap_or(200_000);
+    let callers = numbers.get(1).copied().unwrap_or(1024) as usize;
     let mut rng = Rng::new(7);
     let body = common::outcome(&mut rng);
     let reqs = common::requests(&mut rng, pairs, 1);
@@ -38,11 +41,11 @@ fn main() {
     )
     .expect("open store");
     let t = Instant::now();
-    let done = common::drive(&store, 1024, &reqs[0], &body);
+    let done = common::drive(&store, callers, &reqs[0], &body);
     let elapsed = t.elapsed();
     assert_eq!(done, pairs);
     println!(
-        "{pairs} pairs, 1024 callers on one thread, in memory: {:.0} ns per pair",
+        "{pairs} pairs, {callers} callers on one thread, in memory: {:.0} ns per pair",
         elapsed.as_nanos() as f64 / pairs as f64
     );
 }

@@ -425,6 +425,8 @@ struct State {
     chunks: Vec<Chunk>,
     /// Frames taken by the flusher in progress, readable until their write has completed.
     inflight: Option<Arc<Vec<Chunk>>>,
+    /// The list of chunks the last flush wrote, emptied, kept for the next flush.
+    written: Option<Arc<Vec<Chunk>>>,
     flushing: bool,
     /// Threads waiting on the condition variable for the flush in progress.
     waiters: usize,
@@ -451,8 +453,9 @@ struct State {
     next_id: SegmentId,
     /// Bytes promised by [`Log::reserve_space`], outstanding.
     reserved: u64,
-    /// Outstanding promises by size (capped at the largest frame): size -> count. The largest
-    /// size bounds what a roll can leave unused at the end of a segment.
+    /// Outstanding promises by size (capped at the largest frame): size -> count, with up to
+    /// [`PROMISE_CLASSES_KEPT`] sizes kept at count zero. The largest size with a nonzero count
+    /// bounds what a roll can leave unused at the end of a segment.
     promises: BTreeMap<u64, u64>,
     segs: BTreeMap<SegmentId, SegMeta>,
     /// Test knob only: a segment written but not yet synced by an acknowledged flush.
@@ -460,6 +463,10 @@ struct State {
     /// Buffer reused for the next chunk, to avoid reallocating on every flush.
     recycled: Vec<u8>,
 }
+
+/// Size classes of [`State::promises`] kept at count zero, so a store whose claims come and go
+/// one at a time does not allocate and free a tree node for every claim.
+const PROMISE_CLASSES_KEPT: usize = 8;
 
 /// Bytes of a segment with `free` bytes left that frames of at most `slack + 1` bytes are sure to
 /// fill: frames are placed in order and a roll happens only when the next one does not fit, so a
@@ -472,9 +479,10 @@ impl State {
     /// The most a roll can leave unused at a segment's end while the promised frames come in.
     fn slack(&self) -> u64 {
         self.promises
-            .keys()
-            .next_back()
-            .map_or(0, |&f| f.saturating_sub(1))
+            .iter()
+            .rev()
+            .find(|&(_, &n)| n > 0)
+            .map_or(0, |(&f, _)| f.saturating_sub(1))
     }
 
     /// Preallocated free space promised frames are sure to fit in (`seg`: size of a spare).
@@ -509,14 +517,21 @@ impl State {
         );
         self.reserved = self.reserved.saturating_sub(bytes);
         if let Some(n) = self.promises.get_mut(&key) {
-            *n -= 1;
-            if *n == 0 {
+            *n = n.saturating_sub(1);
+            // A size class that drops to zero stays (a claim of the same size usually follows:
+            // removing and re-inserting would free and allocate a tree node per claim) unless
+            // stale classes pile up.
+            if *n == 0 && self.promises.len() > PROMISE_CLASSES_KEPT {
                 self.promises.remove(&key);
             }
         }
         if self.reserved == 0 {
-            // Releases that did not match a promise's size leave stale sizes behind; drop them.
-            self.promises.clear();
+            // Releases that did not match a promise's size leave stale counts behind; zero them.
+            if self.promises.len() > PROMISE_CLASSES_KEPT {
+                self.promises.clear();
+            } else {
+                self.promises.values_mut().for_each(|n| *n = 0);
+            }
         }
     }
 
@@ -782,6 +797,7 @@ impl<S: Storage> Log<S> {
                 appended: 0,
                 chunks: Vec::new(),
                 inflight: None,
+                written: None,
                 flushing: false,
                 waiters: 0,
                 flusher_idle: false,
@@ -1274,7 +1290,13 @@ impl<S: Storage> Log<S> {
         mut st: MutexGuard<'a, State>,
     ) -> Result<MutexGuard<'a, State>, LogError> {
         st.flushing = true;
-        let chunks = Arc::new(std::mem::take(&mut st.chunks));
+        // The list the last flush wrote (emptied, its allocations kept) takes the appended
+        // chunks' place: no allocation per flush.
+        let mut chunks = st.written.take().unwrap_or_default();
+        match Arc::get_mut(&mut chunks) {
+            Some(list) => std::mem::swap(list, &mut st.chunks),
+            None => chunks = Arc::new(std::mem::take(&mut st.chunks)),
+        }
         let target = st.appended;
         let end = Loc {
             segment: st.active,
@@ -1304,14 +1326,17 @@ impl<S: Storage> Log<S> {
                 Err(e)
             }
         };
-        // Reuse the largest written buffer for the next chunk.
-        if let Ok(chunks) = Arc::try_unwrap(chunks) {
-            if let Some(mut c) = chunks.into_iter().max_by_key(|c| c.data.capacity()) {
+        // Reuse the largest written buffer for the next chunk, and the emptied list for the next
+        // flush.
+        if let Some(list) = Arc::get_mut(&mut chunks) {
+            if let Some(c) = list.iter_mut().max_by_key(|c| c.data.capacity()) {
                 if c.data.capacity() <= 4 * READ_CHUNK && st.recycled.capacity() == 0 {
                     c.data.clear();
-                    st.recycled = c.data;
+                    st.recycled = std::mem::take(&mut c.data);
                 }
             }
+            list.clear();
+            st.written = Some(chunks);
         }
         // Waking nobody still costs a system call: skip it when no follower waits.
         if st.waiters > 0 {
@@ -2508,6 +2533,36 @@ mod tests {
             log.release_space(FRAME);
         }
         assert_eq!(log.flush().unwrap(), normal as u64 + granted);
+    }
+
+    #[test]
+    fn roll_allowance_follows_the_largest_outstanding_promise() {
+        let log = Log::open(MemStorage::new(), small_cfg()).unwrap();
+        let slack = || lock(&log.state).slack();
+        log.reserve_space(100).unwrap();
+        log.reserve_space(60).unwrap();
+        assert_eq!(slack(), 99);
+        log.release_space(100);
+        assert_eq!(
+            slack(),
+            59,
+            "a size class with nothing outstanding no longer counts"
+        );
+        log.reserve_space(100).unwrap();
+        assert_eq!(slack(), 99, "and counts again once promised again");
+        log.release_space(100);
+        log.release_space(60);
+        assert_eq!(slack(), 0);
+        assert_eq!(log.stats().reserved_bytes, 0);
+        // Many different sizes come and go: the classes kept at zero stay few.
+        for b in 1..=100 {
+            log.reserve_space(b).unwrap();
+            log.reserve_space(200).unwrap();
+            log.release_space(b);
+            log.release_space(200);
+        }
+        assert!(lock(&log.state).promises.len() <= PROMISE_CLASSES_KEPT + 1);
+        assert_eq!(slack(), 0);
     }
 
     #[test]
