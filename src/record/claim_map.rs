@@ -23,6 +23,16 @@ pub(crate) struct ClaimMap {
 }
 
 impl ClaimMap {
+    /// Removes every claim, keeping the allocation.
+    pub(crate) fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    /// Claims the allocation holds room for.
+    pub(crate) fn capacity(&self) -> usize {
+        self.entries.capacity()
+    }
+
     fn position(&self, stamp: &Stamp) -> Result<usize, usize> {
         // Newest claims are looked up most: check the last one before searching.
         match self.entries.last() {

@@ -276,6 +276,17 @@ impl Record {
         self.claims.get(stamp)
     }
 
+    /// Empties the record, keeping its claims' allocation for reuse.
+    pub fn clear(&mut self) {
+        self.claims.clear();
+        self.resolutions.clear();
+    }
+
+    /// Claims the record can hold without allocating.
+    pub fn claim_capacity(&self) -> usize {
+        self.claims.capacity()
+    }
+
     /// The number of claims, placeholders included.
     pub fn claim_count(&self) -> usize {
         self.claims.len()

@@ -9,7 +9,8 @@ use super::index::IndexEntry;
 use super::log::{AppendClass, Loc, Log, Lsn, Promise, Space};
 use super::storage::Storage;
 use super::{
-    hot, reserve, ClaimRequest, Decision, NamespacePolicy, Pending, Store, StoreError, Unavailable,
+    hot, record_pool, reserve, ClaimRequest, Decision, NamespacePolicy, Pending, Store, StoreError,
+    Unavailable,
 };
 use crate::clock::{hlc_physical_ms, ClockError, Stamp};
 use crate::record::{ClaimFacts, Delta, Record, Terminal};
@@ -40,7 +41,7 @@ impl<S: Storage> Store<S> {
         let digest = req.key.digest();
         match self.index.entry(digest) {
             Entry::Vacant(v) => {
-                let mut record = Record::new();
+                let mut record = record_pool::fresh();
                 let g =
                     match self.grant(now_ms, req, policy, &mut record, None, Vec::new(), None)? {
                         Ok(g) => g,
@@ -50,7 +51,7 @@ impl<S: Storage> Store<S> {
                     loc: g.loc,
                     lsn: g.lsn,
                     expires_at_ms: g.expires_at_ms,
-                    hot: Some(Box::new(record)),
+                    hot: Some(record),
                 });
                 Ok(Pending {
                     lsn: g.lsn,

@@ -124,8 +124,9 @@ impl<S: Storage> Store<S> {
                     )?;
                     e.loc = loc;
                     e.lsn = lsn;
-                    // Not applied, so not cached: the next reader reads the log.
-                    *record = Record::new();
+                    // Not applied, so not cached: the next reader reads the log. (Emptied in
+                    // place: its allocation goes back to the pool of records.)
+                    record.clear();
                     return Ok(Pending {
                         lsn,
                         value: Completion {
@@ -279,7 +280,7 @@ impl<S: Storage> Store<S> {
         };
         let record = match &e.hot {
             Some(r) => (**r).clone(),
-            None => self.take_record(&mut e, key)?,
+            None => *self.take_record(&mut e, key)?,
         };
         let items = record.items(
             key,

@@ -40,6 +40,7 @@ pub mod index;
 mod lifecycle;
 pub mod log;
 pub mod policy;
+mod record_pool;
 mod recovery;
 mod replication;
 mod reserve;
@@ -611,9 +612,9 @@ impl<S: Storage> Store<S> {
 
     /// The record of an index entry: the cached one, or read back from the log. A long chain
     /// is capped by appending an image (which the caller's next entry points back to).
-    fn take_record(&self, e: &mut IndexEntry, key: &RecordKey) -> Result<Record, StoreError> {
+    fn take_record(&self, e: &mut IndexEntry, key: &RecordKey) -> Result<Box<Record>, StoreError> {
         if let Some(r) = e.hot.take() {
-            return Ok(*r);
+            return Ok(r);
         }
         let (record, hops) = self.load(e.loc, key)?;
         if hops > IMAGE_AFTER_HOPS {
@@ -633,7 +634,7 @@ impl<S: Storage> Store<S> {
                 self.stats.images.fetch_add(1, Ordering::Relaxed);
             }
         }
-        Ok(record)
+        Ok(Box::new(record))
     }
 
     fn newest_expiry(&self, record: &Record) -> u64 {
@@ -759,14 +760,20 @@ impl<S: Storage> Store<S> {
     }
 }
 
-/// Keeps a record in the index only while its newest generation has a claim in flight.
-fn hot(record: Record) -> Option<Box<Record>> {
+/// Keeps a record in the index only while its newest generation has a claim in flight; one
+/// that leaves goes back to the thread's pool of emptied records.
+fn hot(record: Box<Record>) -> Option<Box<Record>> {
     let newest_in_flight = record
         .claims()
         .rev()
         .take(8)
         .any(|(_, c)| c.status() == ClaimStatus::InFlight);
-    newest_in_flight.then(|| Box::new(record))
+    if newest_in_flight {
+        Some(record)
+    } else {
+        record_pool::recycle(record);
+        None
+    }
 }
 
 #[cfg(test)]

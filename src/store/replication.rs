@@ -12,11 +12,11 @@ use super::index::{self, IndexEntry};
 use super::log::{AppendClass, Loc, Lsn};
 use super::storage::Storage;
 use super::{
-    hot, lock, policy, Merged, Pending, SnapshotChunk, Store, StoreError, Unavailable,
+    hot, lock, policy, record_pool, Merged, Pending, SnapshotChunk, Store, StoreError, Unavailable,
     SEQ_CHECKPOINT_EVERY,
 };
 use crate::clock::{Observed, RegionId};
-use crate::record::{Delta, Item, ItemContext, KeyDigest, Record, RecordKey};
+use crate::record::{Delta, Item, ItemContext, KeyDigest, RecordKey};
 
 /// Per-origin received sequence numbers: the contiguous mark and what lies above it.
 #[derive(Debug, Clone, Default)]
@@ -198,7 +198,7 @@ impl<S: Storage> Store<S> {
             Entry::Vacant(v) => {
                 // A key never seen here: build its record from this one delta and insert the
                 // entry only once the append succeeded.
-                let mut record = Record::new();
+                let mut record = record_pool::fresh();
                 let changed = record.apply(&mutation.delta)?;
                 let expires_at_ms = self.newest_expiry(&record);
                 let (lsn, loc) = self.append_remote(&mutation, None, expires_at_ms, now_ms)?;
