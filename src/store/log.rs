@@ -58,6 +58,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use super::crc;
 use super::encode;
 use super::reserve;
 
@@ -587,7 +588,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 fn frame_crc(len_bytes: [u8; 4], payload: &[u8]) -> u32 {
-    crc32c::crc32c_append(crc32c::crc32c(&len_bytes), payload)
+    crc::frame(len_bytes, payload)
 }
 
 /// Outcome of decoding one frame at an offset.
@@ -957,7 +958,7 @@ impl<S: Storage> Log<S> {
         space: Space,
     ) -> Result<(Lsn, Loc, u64), LogError> {
         let len = payload.len() + encode::SEQ_TRAILER_BYTES;
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&(len as u32).to_le_bytes()), payload);
+        let crc = crc::frame((len as u32).to_le_bytes(), payload);
         let (lsn, loc, seq) = self.append_inner(Payload::Sequenced(payload, crc), class, space)?;
         Ok((lsn, loc, seq.unwrap_or(0)))
     }
@@ -1039,12 +1040,7 @@ impl<S: Storage> Log<S> {
             Payload::Sequenced(b, crc) => {
                 let seq = st.seq.next;
                 let trailer = encode::seq_trailer(seq);
-                (
-                    b,
-                    crc32c::crc32c_append(crc, &trailer),
-                    Some(seq),
-                    Some(trailer),
-                )
+                (b, crc::extend(crc, &trailer), Some(seq), Some(trailer))
             }
         };
         let contiguous = matches!(st.chunks.last(),

@@ -31,6 +31,7 @@
 //! guard is never held across another map access or an `.await`.
 
 mod claim;
+mod crc;
 pub mod decide;
 mod encode;
 pub mod entry;
