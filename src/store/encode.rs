@@ -77,33 +77,25 @@ pub(super) fn seq_trailer(seq: u64) -> [u8; SEQ_TRAILER_BYTES] {
     t
 }
 
-/// Writes into a slice sized beforehand by [`Measure`]: no reallocation path, one bounds check
-/// per write.
-struct Cursor<'a> {
-    /// Where the bytes go.
-    out: &'a mut [u8],
-    /// How many are written.
-    at: usize,
-}
-
-impl Sink for Cursor<'_> {
+/// Appends to a buffer (the per-thread scratch buffer keeps its capacity, so it seldom grows).
+impl Sink for Vec<u8> {
     #[inline(always)]
     fn byte(&mut self, b: u8) {
-        self.out[self.at] = b;
-        self.at += 1;
+        self.push(b);
     }
 
     #[inline(always)]
     fn bytes(&mut self, b: &[u8]) {
-        self.out[self.at..self.at + b.len()].copy_from_slice(b);
-        self.at += b.len();
+        self.extend_from_slice(b);
     }
 }
 
 /// Counts the bytes an encoding would take, writing nothing.
+#[cfg(test)]
 #[derive(Default)]
 struct Measure(usize);
 
+#[cfg(test)]
 impl Sink for Measure {
     #[inline(always)]
     fn byte(&mut self, _: u8) {
@@ -327,30 +319,19 @@ pub(super) struct MutationEntry<'a> {
 
 impl MutationEntry<'_> {
     /// Exact size of the encoding, in bytes.
+    #[cfg(test)]
     pub(super) fn encoded_len(&self) -> usize {
         let mut m = Measure::default();
         self.emit(&mut m);
         m.0
     }
 
-    /// Writes the encoding, the bytes bincode writes for the owned `LogEntry`, into `out`,
-    /// which must be exactly [`encoded_len`](Self::encoded_len) bytes long.
-    ///
-    /// # Panics
-    ///
-    /// If `out` has another length.
-    pub(super) fn encode_into(&self, out: &mut [u8]) {
-        let mut cursor = Cursor { out, at: 0 };
-        self.emit(&mut cursor);
-        assert_eq!(
-            cursor.at,
-            cursor.out.len(),
-            "encoded and measured sizes differ"
-        );
+    /// Appends the encoding, the bytes bincode writes for the owned `LogEntry`, to `out`.
+    pub(super) fn encode_into(&self, out: &mut Vec<u8>) {
+        self.emit(out);
     }
 
-    /// The one walk both [`encoded_len`](Self::encoded_len) and
-    /// [`encode_into`](Self::encode_into) run: `LogEntry::Mutation { mutation: Mutation {
+    /// The one walk both `encoded_len` (tests) and [`encode_into`](Self::encode_into) run: `LogEntry::Mutation { mutation: Mutation {
     /// origin, seq, key, delta }, prev, expires_at_ms }`.
     #[inline(always)]
     fn emit<S: Sink>(&self, out: &mut S) {
@@ -592,8 +573,13 @@ mod tests {
     }
 
     fn hand_encoded(e: &MutationEntry<'_>) -> Vec<u8> {
-        let mut buf = vec![0; e.encoded_len()];
+        let mut buf = Vec::new();
         e.encode_into(&mut buf);
+        assert_eq!(
+            buf.len(),
+            e.encoded_len(),
+            "measured and written sizes agree"
+        );
         buf
     }
 
@@ -674,13 +660,9 @@ mod tests {
     fn hand_varint(v: u128) -> Vec<u8> {
         let mut measure = Measure::default();
         varint_u128(&mut measure, v);
-        let mut out = vec![0; measure.0];
-        let mut cursor = Cursor {
-            out: &mut out,
-            at: 0,
-        };
-        varint_u128(&mut cursor, v);
-        assert_eq!(cursor.at, measure.0);
+        let mut out = Vec::new();
+        varint_u128(&mut out, v);
+        assert_eq!(out.len(), measure.0);
         if let Ok(v) = u64::try_from(v) {
             let mut narrow = Measure::default();
             varint(&mut narrow, v);

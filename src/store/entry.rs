@@ -123,9 +123,8 @@ const SCRATCH_KEEP_MAX: usize = 1 << 20;
 /// key and delta nor allocates an output buffer per entry.
 ///
 /// The bytes come from a hand-written encoder (the store's `encode` module), not from
-/// bincode's serde path, which costs several times more: the entry is measured first (an entry
-/// over [`ENTRY_BYTES_MAX`] is refused before anything is written), the buffer is sized once,
-/// then written.
+/// bincode's serde path, which costs several times more. An entry over [`ENTRY_BYTES_MAX`] is
+/// refused before `f` sees it, so before anything reaches the log.
 pub fn with_encoded_mutation<R>(
     origin: RegionId,
     seq: u64,
@@ -171,32 +170,34 @@ pub fn with_local_mutation<R>(
     with_scratch(&entry, f)
 }
 
-/// Measures `entry`, refuses it if it could never be read back, encodes it into the per-thread
-/// scratch buffer and hands the bytes to `f`.
+/// Encodes `entry` into the per-thread scratch buffer, refuses it if it could never be read
+/// back, and hands the bytes to `f`.
 fn with_scratch<R>(
     entry: &MutationEntry<'_>,
     f: impl FnOnce(&[u8]) -> R,
 ) -> Result<R, EncodeError> {
-    let len = entry.encoded_len();
-    // bincode enforces its limit only when decoding: refuse here what could never be read back
-    // (a local entry gets its 9-byte sequence trailer in the log).
-    let full = len
-        + if entry.local {
-            super::encode::SEQ_TRAILER_BYTES
-        } else {
-            0
-        };
-    if full > ENTRY_BYTES_MAX {
-        return Err(EncodeError::TooLarge(full));
-    }
     SCRATCH.with(|cell| {
         // A re-entrant use (never expected) falls back to a fresh buffer.
         let mut fresh = Vec::new();
         let mut guard = cell.try_borrow_mut().ok();
         let buf = guard.as_deref_mut().unwrap_or(&mut fresh);
         buf.clear();
-        buf.resize(len, 0);
         entry.encode_into(buf);
+        // bincode enforces its limit only when decoding: refuse here what could never be read
+        // back (a local entry gets its 9-byte sequence trailer in the log). Nothing has reached
+        // the log yet.
+        let full = buf.len()
+            + if entry.local {
+                super::encode::SEQ_TRAILER_BYTES
+            } else {
+                0
+            };
+        if full > ENTRY_BYTES_MAX {
+            if buf.capacity() > SCRATCH_KEEP_MAX {
+                *buf = Vec::new();
+            }
+            return Err(EncodeError::TooLarge(full));
+        }
         let out = f(buf);
         if buf.capacity() > SCRATCH_KEEP_MAX {
             *buf = Vec::new();
