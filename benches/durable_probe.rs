@@ -3,11 +3,12 @@
 //!
 //! ```text
 //! cargo bench --bench durable_probe                      # 1M pairs, 1024 callers, 2 rounds
-//! cargo bench --bench durable_probe -- 400000 64 3       # pairs, callers, rounds
+//! cargo bench --bench durable_probe -- 400000 64 3 1     # pairs, callers, rounds, workers
 //! IDEM_ZERO_AHEAD=0 cargo bench --bench durable_probe    # zero-fill ahead off (bytes; default 4 MiB)
 //! ```
 //!
-//! Runs the daemon's shape of `durable/pairs/1024` (two worker threads, a dedicated flusher,
+//! Runs the daemon's shape of `durable/pairs/1024` (two worker threads unless a fourth number
+//! says otherwise, a dedicated flusher,
 //! `FsStorage` under `target/tmp`) and prints, per round: pairs per second, records per
 //! fdatasync and the sync cycle; the machine's CPU split over the round from `/proc/stat`
 //! (user, system, idle, iowait, softirq, steal); the process's CPU in cores; and, sampled every
@@ -62,6 +63,7 @@ fn main() {
     let pairs = numbers.first().copied().unwrap_or(1_000_000);
     let callers = numbers.get(1).copied().unwrap_or(1024) as usize;
     let rounds = numbers.get(2).copied().unwrap_or(2);
+    let workers = numbers.get(3).copied().unwrap_or(2).max(1) as usize;
     let zero_ahead = std::env::var("IDEM_ZERO_AHEAD")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -74,11 +76,11 @@ fn main() {
     let mut rng = Rng::new(7);
     let body = common::outcome(&mut rng);
     println!(
-        "{pairs} pairs a round, {callers} callers on 2 workers and a flusher, zero-fill ahead {zero_ahead} B, {}",
+        "{pairs} pairs a round, {callers} callers on {workers} workers and a flusher, zero-fill ahead {zero_ahead} B, {}",
         common::fs_type(dir.path())
     );
     for round in 0..rounds {
-        let reqs = common::requests(&mut rng, pairs, 2);
+        let reqs = common::requests(&mut rng, pairs, workers);
         let log0 = store.log().stats();
         let cpu0 = cpu_jiffies();
         let proc0 = process_ticks();
