@@ -5,7 +5,8 @@
 //! Typical frames are 150-200 bytes. The `crc32c` crate is built for long buffers: every call
 //! aligns, splits into three interleaved streams and recombines, about 130 instructions of
 //! set-up even for the 9-byte trailer. Here short inputs go straight through the SSE 4.2 CRC
-//! instruction, 8 bytes at a time, when the CPU has it (checked once at run time); long inputs,
+//! instruction, 8 bytes at a time, when the CPU has it (a run-time check the standard library
+//! caches); long inputs,
 //! and CPUs without it, use the crate. Both give the same value (a property test checks it).
 
 /// Inputs up to this long take the straight path; longer ones the crate's interleaved one.
@@ -34,8 +35,13 @@ mod sse42 {
     use std::arch::x86_64::{_mm_crc32_u64, _mm_crc32_u8};
 
     /// Runs the CRC-32C register `state` (not inverted) over `data`.
+    ///
+    /// # Safety
+    ///
+    /// The CPU must support SSE 4.2. (An `unsafe fn` rather than a safe target-feature
+    /// function, which needs Rust 1.86, so the crate keeps building with its `rust-version`.)
     #[target_feature(enable = "sse4.2")]
-    pub(super) fn update(state: u32, data: &[u8]) -> u32 {
+    pub(super) unsafe fn update(state: u32, data: &[u8]) -> u32 {
         let mut words = data.chunks_exact(8);
         let mut wide = u64::from(state);
         for w in &mut words {
