@@ -183,16 +183,62 @@ const MEMORY: [(&str, usize, usize, Model); 5] = [
 ];
 /// The in-memory variant reported against the dashmap reference without a verdict.
 const MEMORY_CROSS_CHECK: &str = "t2_c2";
+/// Dashmap inserts timed right after each in-memory sample, per pair of the sample: at the
+/// target ratio (0.25) both take about as long.
+const PAIRED_REF_INSERTS: u64 = 4;
+
+/// Where the dashmap run paired with each sample of an in-memory variant is recorded.
+fn paired_ref_id(name: &str) -> String {
+    format!("memory/paired_dashmap/{name}")
+}
+
+/// Median over the last samples of (pairs/s of the sample) / (inserts/s of the dashmap run
+/// right after it): the in-memory ratio with the machine's drift between groups cancelled.
+fn paired_ratio(name: &str) -> Option<f64> {
+    let pairs = common::samples(&format!("memory/pairs/{name}"), SAMPLES);
+    let refs = common::samples(&paired_ref_id(name), SAMPLES);
+    let rate = |s: &Sample| s.iters as f64 / s.elapsed.as_secs_f64().max(1e-12);
+    let mut r: Vec<f64> = pairs
+        .iter()
+        .zip(&refs)
+        .filter(|(p, d)| p.iters > 0 && d.iters > 0)
+        .map(|(p, d)| rate(p) / rate(d))
+        .collect();
+    if r.is_empty() {
+        return None;
+    }
+    r.sort_by(f64::total_cmp);
+    let m = r.len() / 2;
+    Some(if r.len() % 2 == 1 {
+        r[m]
+    } else {
+        (r[m - 1] + r[m]) / 2.0
+    })
+}
 
 fn memory(c: &mut Criterion) {
     let mut g = group(c, "memory", 3);
     let mut rng = Rng::new(2);
     for (name, threads, callers, model) in MEMORY {
         let id = format!("memory/pairs/{name}");
+        let ref_id = paired_ref_id(name);
         g.bench_function(BenchmarkId::new("pairs", name), |b| {
             b.iter_custom(|iters| {
                 let store = open_mem("a");
-                pairs_sample(&id, &store, iters, threads, callers, &mut rng, model)
+                let elapsed = pairs_sample(&id, &store, iters, threads, callers, &mut rng, model);
+                drop(store);
+                // The reference right after, on as many threads, about as long at the target
+                // ratio: the pair of timings sees the same state of the machine.
+                let n = PAIRED_REF_INSERTS * iters;
+                common::record(
+                    &ref_id,
+                    Sample {
+                        iters: n,
+                        elapsed: dashmap_run(threads, n),
+                        ..Sample::default()
+                    },
+                );
+                elapsed
             })
         });
     }
@@ -304,34 +350,39 @@ impl<S: Storage> MergeTarget for Store<S> {
 
 static DRIFT_REJECTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// Inserts `iters` random keys into a fresh `DashMap` from `threads` threads; returns the time.
+fn dashmap_run(threads: usize, iters: u64) -> Duration {
+    let map: DashMap<[u8; 16], [u8; 48]> = DashMap::new();
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for th in 0..threads {
+            let map = &map;
+            let n = iters / threads as u64 + u64::from((th as u64) < iters % threads as u64);
+            s.spawn(move || {
+                let mut rng = Rng::new(iters ^ (th as u64) << 40);
+                for _ in 0..n {
+                    let mut k = [0u8; 16];
+                    k[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
+                    k[8..].copy_from_slice(&rng.next_u64().to_le_bytes());
+                    let mut v = [0u8; 48];
+                    v[..16].copy_from_slice(&k);
+                    black_box(map.insert(k, v));
+                }
+            });
+        }
+    });
+    let elapsed = t.elapsed();
+    assert_eq!(map.len() as u64, iters);
+    elapsed
+}
+
 fn dashmap_insert(c: &mut Criterion) {
     let mut g = group(c, "reference", 2);
     for threads in [1usize, 2] {
         let id = format!("reference/dashmap_insert/{threads}");
         g.bench_function(BenchmarkId::new("dashmap_insert", threads), |b| {
             b.iter_custom(|iters| {
-                let map: DashMap<[u8; 16], [u8; 48]> = DashMap::new();
-                let t = Instant::now();
-                std::thread::scope(|s| {
-                    for th in 0..threads {
-                        let map = &map;
-                        let n = iters / threads as u64
-                            + u64::from((th as u64) < iters % threads as u64);
-                        s.spawn(move || {
-                            let mut rng = Rng::new(iters ^ (th as u64) << 40);
-                            for _ in 0..n {
-                                let mut k = [0u8; 16];
-                                k[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
-                                k[8..].copy_from_slice(&rng.next_u64().to_le_bytes());
-                                let mut v = [0u8; 48];
-                                v[..16].copy_from_slice(&k);
-                                black_box(map.insert(k, v));
-                            }
-                        });
-                    }
-                });
-                let elapsed = t.elapsed();
-                assert_eq!(map.len() as u64, iters);
+                let elapsed = dashmap_run(threads, iters);
                 common::record(
                     &id,
                     Sample {
@@ -609,18 +660,23 @@ fn summary() {
             );
         }
     }
+    println!(
+        "  (memory verdicts use the paired ratio: median over samples of each sample's pair rate over the rate of a dashmap run on as many threads right after it)"
+    );
     for (name, threads, ..) in MEMORY {
         let id = format!("memory/pairs/{name}");
         let refid = format!("reference/dashmap_insert/{threads}");
         if let (Some(r), Some(d)) = (rate(&id), rate(&refid)) {
+            let paired = paired_ratio(name);
             println!(
-                "  memory {name:<13} {r:>10.0} pairs/s vs 0.25 x dashmap/{threads} {d:>10.0} = {:>9.0}  ratio {:.3}  {}",
+                "  memory {name:<13} {r:>10.0} pairs/s vs 0.25 x dashmap/{threads} {d:>10.0} = {:>9.0}  ratio {:.3}  paired ratio {}  {}",
                 0.25 * d,
                 r / d,
+                paired.map_or("-".to_owned(), |p| format!("{p:.3}")),
                 if name == MEMORY_CROSS_CHECK {
                     "(cross-check, no target)"
                 } else {
-                    verdict(r >= 0.25 * d)
+                    verdict(paired.unwrap_or(r / d) >= 0.25)
                 }
             );
         }
