@@ -198,22 +198,14 @@ fn paired_ratio(name: &str) -> Option<f64> {
     let pairs = common::samples(&format!("memory/pairs/{name}"), SAMPLES);
     let refs = common::samples(&paired_ref_id(name), SAMPLES);
     let rate = |s: &Sample| s.iters as f64 / s.elapsed.as_secs_f64().max(1e-12);
-    let mut r: Vec<f64> = pairs
-        .iter()
-        .zip(&refs)
-        .filter(|(p, d)| p.iters > 0 && d.iters > 0)
-        .map(|(p, d)| rate(p) / rate(d))
-        .collect();
-    if r.is_empty() {
-        return None;
-    }
-    r.sort_by(f64::total_cmp);
-    let m = r.len() / 2;
-    Some(if r.len() % 2 == 1 {
-        r[m]
-    } else {
-        (r[m - 1] + r[m]) / 2.0
-    })
+    common::median(
+        pairs
+            .iter()
+            .zip(&refs)
+            .filter(|(p, d)| p.iters > 0 && d.iters > 0)
+            .map(|(p, d)| rate(p) / rate(d))
+            .collect(),
+    )
 }
 
 fn memory(c: &mut Criterion) {

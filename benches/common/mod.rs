@@ -446,20 +446,26 @@ pub fn samples(id: &str, n: usize) -> Vec<Sample> {
 /// Elements per second: median over the last `n` samples of each sample's rate (criterion's
 /// median of the per-sample times, as a rate).
 pub fn median_rate(id: &str, n: usize) -> Option<f64> {
-    let mut rates: Vec<f64> = samples(id, n)
-        .iter()
-        .filter(|s| s.iters > 0 && !s.elapsed.is_zero())
-        .map(|s| s.iters as f64 / s.elapsed.as_secs_f64())
-        .collect();
-    if rates.is_empty() {
+    median(
+        samples(id, n)
+            .iter()
+            .filter(|s| s.iters > 0 && !s.elapsed.is_zero())
+            .map(|s| s.iters as f64 / s.elapsed.as_secs_f64())
+            .collect(),
+    )
+}
+
+/// The median of `v` (the mean of the middle two for an even count); `None` if empty.
+pub fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
         return None;
     }
-    rates.sort_by(f64::total_cmp);
-    let m = rates.len() / 2;
-    Some(if rates.len() % 2 == 1 {
-        rates[m]
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    Some(if v.len() % 2 == 1 {
+        v[m]
     } else {
-        (rates[m - 1] + rates[m]) / 2.0
+        (v[m - 1] + v[m]) / 2.0
     })
 }
 
