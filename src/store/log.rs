@@ -1002,17 +1002,24 @@ impl<S: Storage> Log<S> {
         loop {
             self.check_poison()?;
             let fits = st.end + frame_len <= st.active_size;
+            // Only the space checks below need it, and a reserved append without a promise has
+            // none (a completion: the common case).
+            let slack = if class == AppendClass::Normal || reserve > 0 {
+                st.slack()
+            } else {
+                0
+            };
             let placeable = match class {
                 AppendClass::Reserved => fits || !st.spares.is_empty(),
                 AppendClass::Normal => {
                     let needed = st.reserved.saturating_add(self.cfg.reserve_bytes);
-                    st.guaranteed_after(frame_len, seg, st.slack())
+                    st.guaranteed_after(frame_len, seg, slack)
                         .is_some_and(|g| g >= needed)
                 }
             };
             // The promise must hold once the frame is placed, as `reserve_space` would require.
             let promisable = reserve == 0 || {
-                let slack = st.slack().max(promise_key.saturating_sub(1));
+                let slack = slack.max(promise_key.saturating_sub(1));
                 let needed = st
                     .reserved
                     .saturating_add(reserve)
