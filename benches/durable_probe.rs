@@ -56,10 +56,7 @@ fn process_ticks() -> (u64, u64) {
 }
 
 fn main() {
-    let numbers: Vec<u64> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
+    let numbers = common::numeric_args();
     let pairs = numbers.first().copied().unwrap_or(1_000_000);
     let callers = numbers.get(1).copied().unwrap_or(1024) as usize;
     let rounds = numbers.get(2).copied().unwrap_or(2);

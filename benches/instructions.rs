@@ -25,10 +25,7 @@ use idem::store::Store;
 
 fn main() {
     // `cargo bench` passes `--bench`; the first number sets the pairs, a second the callers.
-    let numbers: Vec<u64> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
+    let numbers = common::numeric_args();
     let pairs = numbers.first().copied().unwrap_or(200_000);
     let callers = numbers.get(1).copied().unwrap_or(1024) as usize;
     let mut rng = Rng::new(7);

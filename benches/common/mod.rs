@@ -90,6 +90,15 @@ pub fn outcome(rng: &mut Rng) -> Outcome {
     Outcome::new(200, body)
 }
 
+/// The numbers among the command-line arguments, in order (`cargo bench` adds `--bench`): the
+/// diagnostic benches take their sizes from them.
+pub fn numeric_args() -> Vec<u64> {
+    std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect()
+}
+
 /// A fresh directory on the file system of the cargo target dir (not tmpfs: fdatasync is real).
 pub fn bench_dir() -> tempfile::TempDir {
     tempfile::Builder::new()
