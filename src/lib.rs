@@ -12,6 +12,8 @@
 //! * [`record`]: the replicated record of a key, a join-semilattice whose merge is order-free;
 //!   generations, first-writer-wins winners and compensation items are derived from it.
 //! * [`store`]: the region's linearizable key map over a crash-safe, group-committed log.
+//! * [`wire`]: the messages regions exchange, their framing and limits (the replication
+//!   protocol's format; the protocol itself comes next).
 //!
 //! The core takes time from its caller (`now_ms` arguments) and does I/O only through the
 //! [`store::storage::Storage`] interface, so a deterministic simulator drives the very same
@@ -61,9 +63,12 @@
 
 #![warn(missing_docs)]
 
+#[cfg(test)]
+mod arb;
 pub mod clock;
 pub mod record;
 pub mod store;
+pub mod wire;
 
 pub use clock::{RegionId, Stamp};
 pub use record::{AttemptToken, Fingerprint, Outcome, RecordKey};
