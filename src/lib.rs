@@ -67,6 +67,8 @@
 mod arb;
 pub mod clock;
 pub mod record;
+pub mod replica;
+mod splitmix;
 pub mod store;
 pub mod wire;
 

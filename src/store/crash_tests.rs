@@ -13,9 +13,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 
-use super::storage::{MemStorage, SplitMix64};
+use super::storage::MemStorage;
 use super::*;
 use crate::record::Terminal;
+use crate::splitmix::SplitMix64;
 
 const T0: u64 = 1_900_000_000_000;
 const KEYS: u64 = 6;

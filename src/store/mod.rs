@@ -64,6 +64,7 @@ pub use error::{StoreError, Unavailable};
 use index::{IndexEntry, IndexMap};
 use log::{AppendClass, Loc, Log, LogConfig, LogError, Lsn, Space};
 pub use policy::{Disposition, Keep, NamespaceConfig, NamespacePolicy, StatusRange};
+pub use replication::Holding;
 use replication::Replication;
 use storage::Storage;
 

@@ -25,7 +25,41 @@ pub(super) struct SeqSet {
     above: BTreeSet<u64>,
 }
 
+/// What a region holds of one origin's log (see [`Store::holdings`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holding {
+    /// The origin.
+    pub origin: RegionId,
+    /// Every number up to here is held.
+    pub mark: u64,
+    /// The lowest missing ranges above `mark` (inclusive bounds), in order, all below `head`.
+    pub gaps: Vec<(u64, u64)>,
+    /// The highest number held (`mark` when nothing is held above it).
+    pub head: u64,
+}
+
 impl SeqSet {
+    /// The set as a mark, its lowest `gaps_max` gaps and its head.
+    fn holding(&self, origin: RegionId, gaps_max: usize) -> Holding {
+        let mut gaps = Vec::new();
+        let mut next = self.mark + 1;
+        for &s in &self.above {
+            if gaps.len() == gaps_max {
+                break;
+            }
+            if s > next {
+                gaps.push((next, s - 1));
+            }
+            next = s + 1;
+        }
+        Holding {
+            origin,
+            mark: self.mark,
+            gaps,
+            head: self.above.last().copied().unwrap_or(self.mark),
+        }
+    }
+
     pub(super) fn contains(&self, seq: u64) -> bool {
         seq <= self.mark || self.above.contains(&seq)
     }
@@ -286,6 +320,34 @@ impl<S: Storage> Store<S> {
         out
     }
 
+    /// Per origin, what is held here durably: the contiguous mark, then up to `gaps_max` of the
+    /// lowest missing ranges above it, and the highest number held. Origins in order; this
+    /// region's own log is one contiguous prefix. What an anti-entropy digest advertises.
+    pub fn holdings(&self, gaps_max: usize) -> Vec<Holding> {
+        let durable_lsn = self.log.durable_lsn();
+        let mut out: Vec<Holding> = {
+            let mut repl = lock(&self.replication);
+            repl.settle(durable_lsn);
+            repl.durable
+                .iter()
+                .filter(|(r, _)| **r != self.region)
+                .map(|(r, set)| set.holding(*r, gaps_max))
+                .collect()
+        };
+        let own = self.log.durable_seq();
+        let at = out.partition_point(|h| h.origin < self.region);
+        out.insert(
+            at,
+            Holding {
+                origin: self.region,
+                mark: own,
+                gaps: Vec::new(),
+                head: own,
+            },
+        );
+        out
+    }
+
     /// Durable mutations of `origin` with sequence numbers in `from_seq..from_seq + max`, in
     /// sequence order (numbers this region does not hold are simply absent). Any region serves
     /// any origin's log, so partial partitions heal. Mutations older than the log retention are
@@ -441,5 +503,40 @@ impl<S: Storage> Store<S> {
                 None => return Ok(out),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_holding_lists_the_lowest_gaps_above_the_mark() {
+        let r = RegionId::new("a").unwrap();
+        let mut set = SeqSet::default();
+        assert_eq!(
+            set.holding(r, 8),
+            Holding {
+                origin: r,
+                mark: 0,
+                gaps: vec![],
+                head: 0
+            }
+        );
+        for s in [1, 2, 3, 5, 6, 9, 12] {
+            set.insert(s);
+        }
+        let h = set.holding(r, 8);
+        assert_eq!((h.mark, h.head), (3, 12));
+        assert_eq!(h.gaps, vec![(4, 4), (7, 8), (10, 11)]);
+        assert_eq!(set.holding(r, 1).gaps, vec![(4, 4)]);
+        assert_eq!(
+            set.holding(r, 1).head,
+            12,
+            "the head stays the highest held"
+        );
+        set.insert(4);
+        assert_eq!(set.holding(r, 8).gaps, vec![(7, 8), (10, 11)]);
+        assert_eq!(set.holding(r, 8).mark, 6);
     }
 }

@@ -22,6 +22,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use crate::splitmix::SplitMix64;
+
 /// Identifies a log segment; segments are ordered by id, which is also their order in time.
 pub type SegmentId = u32;
 
@@ -558,19 +560,8 @@ pub struct MemStorage {
     inner: Arc<Mutex<MemInner>>,
 }
 
-/// splitmix64: tiny, seedable and good enough to pick crash outcomes reproducibly.
-#[derive(Debug)]
-pub(crate) struct SplitMix64(pub(crate) u64);
-
+/// Crash outcomes drawn from the crate's seeded generator.
 impl SplitMix64 {
-    pub(crate) fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
     fn coin(&mut self) -> bool {
         self.next() & 1 == 1
     }

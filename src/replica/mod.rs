@@ -1,0 +1,932 @@
+//! Replication between regions as a sans-IO state machine.
+//!
+//! A [`Replica`] holds one region's view of its peers: the handshake state of each link, the
+//! per-peer push queues, the anti-entropy schedule and the range requests in flight. It reads
+//! and writes the region's [`Store`] (merging what peers send, serving ranges of any origin's
+//! log) but owns no socket, no timer and no clock: the driver (the daemon over QUIC, or the
+//! simulator) feeds it inputs and carries out what it asks for.
+//!
+//! # Driving a replica
+//!
+//! The call and poll order, the way quinn-proto documents its `Connection`:
+//!
+//! 1. Feed every input as it happens, with the current time: [`Replica::connected`] and
+//!    [`Replica::disconnected`] when the transport's link to a peer comes up (authenticated as
+//!    that region) or goes down, [`Replica::receive`] for each message that arrives, and
+//!    [`Replica::handle_timeout`] once the time from [`Replica::poll_timeout`] has come.
+//! 2. After any input, drain [`Replica::poll_transmit`] (send each message to its peer, in
+//!    order) and [`Replica::poll_event`] (metrics, logs, alarms).
+//! 3. Then ask [`Replica::poll_timeout`] again: the earliest time the replica wants
+//!    `handle_timeout`, which may have moved.
+//!
+//! The store must be flushed by its own driver (a flusher thread in the daemon, explicit
+//! flushes in the simulator): the replica only pushes and serves *durable* mutations, and what
+//! it merges becomes durable with the store's next group commit.
+//!
+//! Randomness (the jitter of anti-entropy rounds) comes from a seed given at creation, so a
+//! simulator run replays exactly. Peers are kept in a B-tree: no hash order decides anything.
+
+mod peer;
+mod sync;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::clock::RegionId;
+use crate::record::{Body, Delta, Terminal};
+use crate::store::entry::Mutation;
+use crate::store::storage::Storage;
+use crate::store::{Store, StoreError};
+use crate::wire::{
+    self, Busy, ClusterId, Digest, Hello, Message, Ping, Pong, Push, Range, RangeRequest, Reject,
+    RejectReason, ResetRequired, SeqRange, VersionRange, BATCH_MUTATIONS_MAX, FRAME_BYTES_MAX,
+    GAPS_MAX, ORIGINS_MAX,
+};
+
+use crate::splitmix::SplitMix64;
+use peer::{Link, Peer};
+
+/// How a replica paces and bounds its work. Times in ms, sizes in bytes.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    /// The cluster this region belongs to.
+    pub cluster: ClusterId,
+    /// Digest of this region's namespace policies (compared in the handshake, never refused).
+    pub policy_digest: [u8; 32],
+    /// The protocol versions spoken.
+    pub versions: VersionRange,
+    /// Longest a new mutation waits in a push queue for others to share its message.
+    pub push_delay_ms: u64,
+    /// A push queue holding this much is sent at once.
+    pub push_batch_bytes: usize,
+    /// Most bytes a push queue holds; beyond it the oldest mutations are dropped (and counted):
+    /// anti-entropy fetches them later.
+    pub push_queue_bytes: usize,
+    /// Anti-entropy rounds with each peer are `digest_min_ms..=digest_max_ms` apart, jittered.
+    pub digest_min_ms: u64,
+    /// See `digest_min_ms`.
+    pub digest_max_ms: u64,
+    /// Most numbers asked for in one range request.
+    pub range_chunk: u64,
+    /// Answer budget asked for in a range request.
+    pub range_bytes: u32,
+    /// How long a range request may go unanswered before it is asked again.
+    pub range_timeout_ms: u64,
+    /// Bytes of ranges served per second to all peers together; beyond it askers get [`Busy`].
+    pub serve_bytes_per_s: u64,
+    /// Heartbeat period.
+    pub ping_every_ms: u64,
+}
+
+impl ReplicaConfig {
+    /// Defaults for a cluster: pushes batched up to 5 ms or 64 KiB, 4 MiB queues, anti-entropy
+    /// every 1-5 s, ranges of up to 1024 mutations or 1 MiB, 64 MiB/s served, a ping a second.
+    pub fn new(cluster: ClusterId) -> Self {
+        Self {
+            cluster,
+            policy_digest: [0; 32],
+            versions: wire::PROTOCOL_VERSIONS,
+            push_delay_ms: 5,
+            push_batch_bytes: 64 << 10,
+            push_queue_bytes: 4 << 20,
+            digest_min_ms: 1_000,
+            digest_max_ms: 5_000,
+            range_chunk: 1024,
+            range_bytes: 1 << 20,
+            range_timeout_ms: 10_000,
+            serve_bytes_per_s: 64 << 20,
+            ping_every_ms: 1_000,
+        }
+    }
+}
+
+/// Something the driver should know (metrics, logs, alarms). Nothing here needs an answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The handshake with a peer completed.
+    PeerUp {
+        /// The peer.
+        peer: RegionId,
+        /// The protocol version agreed.
+        version: u16,
+    },
+    /// The link to a peer went down.
+    PeerDown {
+        /// The peer.
+        peer: RegionId,
+    },
+    /// This side refused a peer's handshake (and told it why).
+    Rejected {
+        /// The peer.
+        peer: RegionId,
+        /// Why.
+        reason: RejectReason,
+    },
+    /// The peer refused this side's handshake.
+    RejectedBy {
+        /// The peer.
+        peer: RegionId,
+        /// Why.
+        reason: RejectReason,
+    },
+    /// The peer's namespace policies differ from ours (reported and alarmed, not refused).
+    PolicyMismatch {
+        /// The peer.
+        peer: RegionId,
+    },
+    /// A peer sent something the protocol does not allow at that point; it was ignored.
+    ProtocolViolation {
+        /// The peer.
+        peer: RegionId,
+        /// What.
+        what: String,
+    },
+    /// A peer's mutation was refused by the store.
+    InvalidMutation {
+        /// The peer that sent it.
+        peer: RegionId,
+        /// The store's reason.
+        error: String,
+    },
+    /// A merged mutation carried a stamp too far ahead to move the clock.
+    DriftRejected {
+        /// The peer that sent it.
+        peer: RegionId,
+        /// Its origin.
+        origin: RegionId,
+        /// Its number.
+        seq: u64,
+    },
+    /// The store could not take a peer's mutations now; anti-entropy retries later.
+    MergeUnavailable {
+        /// The peer.
+        peer: RegionId,
+        /// The store's reason.
+        error: String,
+    },
+    /// Mutations were dropped from a full push queue.
+    PushDropped {
+        /// The peer.
+        peer: RegionId,
+        /// How many.
+        count: u64,
+    },
+    /// A peer no longer retains the range asked for: this region needs a snapshot of it.
+    ResetRequired {
+        /// The peer.
+        peer: RegionId,
+        /// The origin whose log was truncated.
+        origin: RegionId,
+        /// The oldest number the peer still has.
+        retained_from: u64,
+    },
+    /// A heartbeat answer: the round trip and the peer's clock offset (peer minus us).
+    ClockSample {
+        /// The peer.
+        peer: RegionId,
+        /// Round trip, ms.
+        rtt_ms: u64,
+        /// The peer's clock minus ours, ms (NTP-style estimate).
+        offset_ms: i64,
+    },
+    /// A message kind this version does not act on yet was received and ignored.
+    Unhandled {
+        /// The peer.
+        peer: RegionId,
+        /// The message's kind.
+        kind: &'static str,
+    },
+}
+
+/// Counters, for metrics and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplicaStats {
+    /// Mutations sent in pushes.
+    pub pushed: u64,
+    /// Mutations dropped from full push queues.
+    pub push_dropped: u64,
+    /// Mutations received (push or range) that were new here.
+    pub merged_new: u64,
+    /// Mutations received that were already here.
+    pub merged_dup: u64,
+    /// Range requests sent.
+    pub ranges_asked: u64,
+    /// Mutations served in ranges.
+    pub served: u64,
+    /// Range requests answered Busy.
+    pub busy_sent: u64,
+}
+
+/// One region's replication state machine. See the module docs for the driving protocol.
+#[derive(Debug)]
+pub struct Replica {
+    region: RegionId,
+    cfg: ReplicaConfig,
+    peers: BTreeMap<RegionId, Peer>,
+    rng: SplitMix64,
+    transmits: VecDeque<(RegionId, Message)>,
+    events: VecDeque<Event>,
+    next_request: u64,
+    /// This region's own log: the last number queued for pushing.
+    pushed_up_to: u64,
+    /// Serving budget: bytes still allowed in the current second, and that second.
+    serve_left: u64,
+    serve_second: u64,
+    stats: ReplicaStats,
+}
+
+impl Replica {
+    /// A replica for `region`, replicating with `peers` (fixed membership), its jitter drawn
+    /// from `seed`. `pushed_up_to` is the last local number peers are known to have been sent
+    /// (0 on a fresh region; anti-entropy covers anything sent before a restart).
+    pub fn new(
+        region: RegionId,
+        peers: &[RegionId],
+        cfg: ReplicaConfig,
+        seed: u64,
+        pushed_up_to: u64,
+    ) -> Self {
+        let peers = peers
+            .iter()
+            .filter(|p| **p != region)
+            .map(|p| (*p, Peer::default()))
+            .collect();
+        Self {
+            region,
+            cfg,
+            peers,
+            rng: SplitMix64::new(seed),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            next_request: 1,
+            pushed_up_to,
+            serve_left: 0,
+            serve_second: u64::MAX,
+            stats: ReplicaStats::default(),
+        }
+    }
+
+    /// This region.
+    pub fn region(&self) -> RegionId {
+        self.region
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &ReplicaStats {
+        &self.stats
+    }
+
+    /// Whether the handshake with `peer` has completed and the link is up.
+    pub fn is_up(&self, peer: RegionId) -> bool {
+        self.peers
+            .get(&peer)
+            .is_some_and(|p| matches!(p.link, Link::Up { .. }))
+    }
+
+    /// The transport's link to `peer` is up: the handshake starts. A region that is not a
+    /// configured peer is refused.
+    pub fn connected(&mut self, now_ms: u64, peer: RegionId) {
+        let hello = self.hello();
+        let Some(p) = self.peers.get_mut(&peer) else {
+            self.reject(peer, RejectReason::UnexpectedRegion { expected: peer });
+            return;
+        };
+        p.reset();
+        p.link = Link::HelloSent;
+        p.connected_at_ms = now_ms;
+        self.transmits.push_back((peer, Message::Hello(hello)));
+    }
+
+    /// The transport's link to `peer` went down: its queue and requests are dropped (what they
+    /// carried is fetched again by anti-entropy).
+    pub fn disconnected(&mut self, _now_ms: u64, peer: RegionId) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            let was_up = matches!(p.link, Link::Up { .. });
+            p.reset();
+            if was_up {
+                self.events.push_back(Event::PeerDown { peer });
+            }
+        }
+    }
+
+    /// A message from `peer` arrived (already decoded and validated by [`wire`]).
+    pub fn receive<S: Storage>(
+        &mut self,
+        store: &Store<S>,
+        now_ms: u64,
+        peer: RegionId,
+        msg: Message,
+    ) {
+        let Some(p) = self.peers.get(&peer) else {
+            self.violation(peer, format!("{} from an unknown region", msg.kind()));
+            return;
+        };
+        match (&p.link, msg) {
+            (_, Message::Hello(h)) => self.on_hello(now_ms, peer, h),
+            (_, Message::Reject(r)) => {
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    p.reset();
+                }
+                self.events.push_back(Event::RejectedBy {
+                    peer,
+                    reason: r.reason,
+                });
+            }
+            (Link::Up { .. }, msg) => self.on_message(store, now_ms, peer, msg),
+            (_, msg) => self.violation(peer, format!("{} before the handshake", msg.kind())),
+        }
+    }
+
+    /// Time-driven work: new durable local mutations are queued for every peer, due push
+    /// batches are sent, anti-entropy rounds and heartbeats start, stale range requests are
+    /// asked again.
+    pub fn handle_timeout<S: Storage>(&mut self, store: &Store<S>, now_ms: u64) {
+        self.queue_local(store, now_ms);
+        let ids: Vec<RegionId> = self.peers.keys().copied().collect();
+        for id in ids {
+            if !self.is_up(id) {
+                continue;
+            }
+            self.flush_push(id, now_ms, false);
+            let p = &self.peers[&id];
+            if p.next_digest_ms <= now_ms {
+                self.send_digest(store, now_ms, id);
+            }
+            let p = &self.peers[&id];
+            if p.next_ping_ms <= now_ms {
+                let p = self.peers.get_mut(&id).expect("peer");
+                p.next_ping_ms = now_ms + self.cfg.ping_every_ms;
+                p.ping_nonce += 1;
+                let nonce = p.ping_nonce;
+                self.transmits.push_back((
+                    id,
+                    Message::Ping(Ping {
+                        nonce,
+                        sent_ms: now_ms,
+                    }),
+                ));
+            }
+            self.retry_ranges(id, now_ms);
+        }
+    }
+
+    /// The next message to send, and to whom.
+    pub fn poll_transmit(&mut self) -> Option<(RegionId, Message)> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// The earliest time [`Replica::handle_timeout`] has work, if any. Local mutations that
+    /// became durable are picked up at each call, so a driver that has just flushed the store
+    /// may call it early.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.peers
+            .values()
+            .filter(|p| matches!(p.link, Link::Up { .. }))
+            .flat_map(|p| {
+                let ranges = p.ranges.values().map(|r| r.resend_at_ms).min().into_iter();
+                [
+                    Some(p.next_digest_ms),
+                    Some(p.next_ping_ms),
+                    p.push_deadline_ms,
+                ]
+                .into_iter()
+                .flatten()
+                .chain(ranges)
+            })
+            .min()
+    }
+
+    fn hello(&self) -> Hello {
+        Hello {
+            cluster: self.cfg.cluster.clone(),
+            region: self.region,
+            versions: self.cfg.versions,
+            policy_digest: self.cfg.policy_digest,
+        }
+    }
+
+    fn reject(&mut self, peer: RegionId, reason: RejectReason) {
+        self.transmits.push_back((
+            peer,
+            Message::Reject(Reject {
+                reason: reason.clone(),
+            }),
+        ));
+        self.events.push_back(Event::Rejected { peer, reason });
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.reset();
+        }
+    }
+
+    fn violation(&mut self, peer: RegionId, what: String) {
+        self.events
+            .push_back(Event::ProtocolViolation { peer, what });
+    }
+
+    fn on_hello(&mut self, now_ms: u64, peer: RegionId, h: Hello) {
+        let reason = if h.cluster != self.cfg.cluster {
+            Some(RejectReason::ClusterMismatch {
+                ours: self.cfg.cluster.clone(),
+            })
+        } else if h.region == self.region {
+            Some(RejectReason::SameRegion)
+        } else if h.region != peer {
+            Some(RejectReason::UnexpectedRegion { expected: peer })
+        } else {
+            None
+        };
+        let version = self.cfg.versions.highest_common(&h.versions);
+        let reason = reason.or_else(|| {
+            version.is_none().then_some(RejectReason::NoCommonVersion {
+                ours: self.cfg.versions,
+            })
+        });
+        if let Some(reason) = reason {
+            self.reject(peer, reason);
+            return;
+        }
+        let version = version.expect("checked above");
+        let hello = self.hello();
+        let p = self.peers.get_mut(&peer).expect("a configured peer");
+        match p.link {
+            Link::Up { .. } => {
+                self.violation(peer, "a second hello".into());
+                return;
+            }
+            Link::Down => {
+                // The peer spoke first on a link we had not seen come up: answer it.
+                p.reset();
+                p.connected_at_ms = now_ms;
+                self.transmits.push_back((peer, Message::Hello(hello)));
+            }
+            Link::HelloSent => {}
+        }
+        let p = self.peers.get_mut(&peer).expect("a configured peer");
+        p.link = Link::Up { version };
+        // Anti-entropy at once on (re)connect, then on the jittered schedule.
+        p.next_digest_ms = now_ms;
+        p.next_ping_ms = now_ms;
+        if h.policy_digest != self.cfg.policy_digest {
+            self.events.push_back(Event::PolicyMismatch { peer });
+        }
+        self.events.push_back(Event::PeerUp { peer, version });
+    }
+
+    fn on_message<S: Storage>(
+        &mut self,
+        store: &Store<S>,
+        now_ms: u64,
+        peer: RegionId,
+        msg: Message,
+    ) {
+        match msg {
+            Message::Push(push) => {
+                if push.origin != peer {
+                    self.violation(peer, format!("push of {}'s log", push.origin));
+                    return;
+                }
+                self.merge(store, now_ms, peer, push.mutations);
+            }
+            Message::Digest(d) => self.on_digest(store, now_ms, peer, d),
+            Message::RangeRequest(r) => self.on_range_request(store, now_ms, peer, r),
+            Message::Range(r) => self.on_range(store, now_ms, peer, r),
+            Message::Busy(b) => {
+                let p = self.peers.get_mut(&peer).expect("peer");
+                if let Some(r) = p.ranges.get_mut(&b.request) {
+                    r.resend_at_ms = now_ms + u64::from(b.retry_after_ms);
+                }
+            }
+            Message::ResetRequired(r) => {
+                let p = self.peers.get_mut(&peer).expect("peer");
+                if p.ranges.remove(&r.request).is_none() {
+                    self.violation(peer, "reset-required for no request".into());
+                    return;
+                }
+                self.events.push_back(Event::ResetRequired {
+                    peer,
+                    origin: r.origin,
+                    retained_from: r.retained_from,
+                });
+            }
+            Message::Ping(ping) => self.transmits.push_back((
+                peer,
+                Message::Pong(Pong {
+                    nonce: ping.nonce,
+                    ping_sent_ms: ping.sent_ms,
+                    received_ms: now_ms,
+                    sent_ms: now_ms,
+                }),
+            )),
+            Message::Pong(pong) => {
+                let p = &self.peers[&peer];
+                if pong.nonce != p.ping_nonce || pong.ping_sent_ms > now_ms {
+                    return;
+                }
+                let rtt =
+                    (now_ms - pong.ping_sent_ms).saturating_sub(pong.sent_ms - pong.received_ms);
+                let ours_mid = (i128::from(pong.ping_sent_ms) + i128::from(now_ms)) / 2;
+                let theirs_mid = (i128::from(pong.received_ms) + i128::from(pong.sent_ms)) / 2;
+                let offset = (theirs_mid - ours_mid).clamp(i64::MIN.into(), i64::MAX.into());
+                self.events.push_back(Event::ClockSample {
+                    peer,
+                    rtt_ms: rtt,
+                    offset_ms: offset as i64,
+                });
+            }
+            other => {
+                let kind = other.kind();
+                self.events.push_back(Event::Unhandled { peer, kind });
+            }
+        }
+    }
+
+    /// Merges mutations a peer sent; stops at the first the store cannot take now.
+    fn merge<S: Storage>(
+        &mut self,
+        store: &Store<S>,
+        now_ms: u64,
+        peer: RegionId,
+        mutations: Vec<Mutation>,
+    ) {
+        for m in mutations {
+            if m.origin == self.region {
+                // Our own log comes back through a peer's range: we hold all of it.
+                self.stats.merged_dup += 1;
+                continue;
+            }
+            let (origin, seq) = (m.origin, m.seq);
+            match store.merge_remote(now_ms, m) {
+                Ok(p) => {
+                    let merged = p.peek();
+                    if merged.new {
+                        self.stats.merged_new += 1;
+                    } else {
+                        self.stats.merged_dup += 1;
+                    }
+                    if merged.drift_rejected {
+                        self.events
+                            .push_back(Event::DriftRejected { peer, origin, seq });
+                    }
+                }
+                Err(StoreError::InvalidMutation { .. }) | Err(StoreError::Corrupt(_)) => {
+                    // Corrupt here means a delta that contradicts the record: the peer's fault.
+                    let error = format!("{origin} seq {seq} refused");
+                    self.events
+                        .push_back(Event::InvalidMutation { peer, error });
+                }
+                Err(e) => {
+                    self.events.push_back(Event::MergeUnavailable {
+                        peer,
+                        error: e.to_string(),
+                    });
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Queues this region's new durable mutations for every peer that is up.
+    fn queue_local<S: Storage>(&mut self, store: &Store<S>, now_ms: u64) {
+        loop {
+            let durable = store.log().durable_seq();
+            if durable <= self.pushed_up_to {
+                return;
+            }
+            let want = (durable - self.pushed_up_to).min(BATCH_MUTATIONS_MAX as u64) as usize;
+            let batch = match store.log_from(now_ms, self.region, self.pushed_up_to + 1, want) {
+                Ok(b) if !b.is_empty() => b,
+                // Not readable now (or beyond retention): anti-entropy covers it.
+                _ => {
+                    self.pushed_up_to = durable;
+                    return;
+                }
+            };
+            self.pushed_up_to = batch.last().map_or(durable, |m| m.seq);
+            let ids: Vec<RegionId> = self.peers.keys().copied().collect();
+            for id in ids {
+                if !self.is_up(id) {
+                    continue;
+                }
+                let p = self.peers.get_mut(&id).expect("peer");
+                let dropped = p.enqueue(&batch, self.cfg.push_queue_bytes, approx_bytes);
+                if p.push_deadline_ms.is_none() && !p.queue.is_empty() {
+                    p.push_deadline_ms = Some(now_ms + self.cfg.push_delay_ms);
+                }
+                if dropped > 0 {
+                    self.stats.push_dropped += dropped;
+                    self.events.push_back(Event::PushDropped {
+                        peer: id,
+                        count: dropped,
+                    });
+                }
+                self.flush_push(id, now_ms, true);
+            }
+        }
+    }
+
+    /// Sends `peer`'s queued mutations if its batch is due (or full, when `only_full`).
+    fn flush_push(&mut self, peer: RegionId, now_ms: u64, only_full: bool) {
+        let batch_bytes = self.cfg.push_batch_bytes;
+        let p = self.peers.get_mut(&peer).expect("peer");
+        loop {
+            let full = p.queue_bytes >= batch_bytes || p.queue.len() >= BATCH_MUTATIONS_MAX;
+            let due = p.push_deadline_ms.is_some_and(|d| d <= now_ms);
+            if p.queue.is_empty() || !(full || (!only_full && due)) {
+                break;
+            }
+            let mut mutations = Vec::new();
+            let mut bytes = 0;
+            while let Some(m) = p.queue.front() {
+                let b = approx_bytes(m);
+                if !mutations.is_empty()
+                    && (bytes + b > batch_bytes.min(FRAME_BYTES_MAX / 2)
+                        || mutations.len() == BATCH_MUTATIONS_MAX)
+                {
+                    break;
+                }
+                bytes += b;
+                p.queue_bytes -= b;
+                mutations.push(p.queue.pop_front().expect("front"));
+            }
+            self.stats.pushed += mutations.len() as u64;
+            self.transmits.push_back((
+                peer,
+                Message::Push(Push {
+                    origin: self.region,
+                    mutations,
+                }),
+            ));
+        }
+        p.push_deadline_ms = (!p.queue.is_empty())
+            .then(|| {
+                p.push_deadline_ms
+                    .unwrap_or(now_ms + self.cfg.push_delay_ms)
+            })
+            .map(|d| d.max(now_ms));
+    }
+
+    fn send_digest<S: Storage>(&mut self, store: &Store<S>, now_ms: u64, peer: RegionId) {
+        let origins: Vec<_> = store
+            .holdings(GAPS_MAX)
+            .iter()
+            .take(ORIGINS_MAX)
+            .map(sync::digest_entry)
+            .collect();
+        let jitter = self.rng.below(
+            self.cfg
+                .digest_max_ms
+                .saturating_sub(self.cfg.digest_min_ms)
+                + 1,
+        );
+        let p = self.peers.get_mut(&peer).expect("peer");
+        p.next_digest_ms = now_ms + self.cfg.digest_min_ms + jitter;
+        self.transmits
+            .push_back((peer, Message::Digest(Digest { origins })));
+    }
+
+    /// A peer's digest: ask it for what it holds and we lack, one range per origin at a time.
+    fn on_digest<S: Storage>(&mut self, store: &Store<S>, now_ms: u64, peer: RegionId, d: Digest) {
+        let ours: BTreeMap<RegionId, _> = store
+            .holdings(GAPS_MAX)
+            .into_iter()
+            .map(|h| (h.origin, h))
+            .collect();
+        let p = self.peers.get_mut(&peer).expect("peer");
+        p.holds = d.origins.iter().map(|o| (o.origin, o.clone())).collect();
+        for theirs in &d.origins {
+            if theirs.origin == self.region {
+                continue;
+            }
+            if self.peers[&peer]
+                .ranges
+                .values()
+                .any(|r| r.origin == theirs.origin)
+            {
+                continue;
+            }
+            if let Some(range) =
+                sync::next_missing(ours.get(&theirs.origin), theirs, self.cfg.range_chunk)
+            {
+                self.ask_range(now_ms, peer, theirs.origin, range);
+            }
+        }
+    }
+
+    /// After a range of `origin` up to `done` arrived: the next chunk the peer's digest says it
+    /// holds, at once (what was merged is not durable yet, so our holdings cannot tell).
+    fn continue_ranges<S: Storage>(
+        &mut self,
+        store: &Store<S>,
+        now_ms: u64,
+        peer: RegionId,
+        origin: RegionId,
+        done: u64,
+    ) {
+        let Some(theirs) = self.peers[&peer].holds.get(&origin).cloned() else {
+            return;
+        };
+        let ours = store
+            .holdings(GAPS_MAX)
+            .into_iter()
+            .find(|h| h.origin == origin);
+        let ours = sync::held_through(ours, origin, done);
+        if let Some(range) = sync::next_missing(Some(&ours), &theirs, self.cfg.range_chunk) {
+            self.ask_range(now_ms, peer, origin, range);
+        }
+    }
+
+    fn ask_range(&mut self, now_ms: u64, peer: RegionId, origin: RegionId, range: SeqRange) {
+        let request = self.next_request;
+        self.next_request += 1;
+        let p = self.peers.get_mut(&peer).expect("peer");
+        p.ranges.insert(
+            request,
+            peer::Asked {
+                origin,
+                range,
+                resend_at_ms: now_ms + self.cfg.range_timeout_ms,
+            },
+        );
+        self.stats.ranges_asked += 1;
+        self.transmits.push_back((
+            peer,
+            Message::RangeRequest(RangeRequest {
+                request,
+                origin,
+                range,
+                max_bytes: self.cfg.range_bytes,
+            }),
+        ));
+    }
+
+    fn retry_ranges(&mut self, peer: RegionId, now_ms: u64) {
+        let due: Vec<u64> = self.peers[&peer]
+            .ranges
+            .iter()
+            .filter(|(_, r)| r.resend_at_ms <= now_ms)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            let p = self.peers.get_mut(&peer).expect("peer");
+            let asked = p.ranges.remove(&id).expect("listed");
+            self.ask_range(now_ms, peer, asked.origin, asked.range);
+        }
+    }
+
+    fn on_range_request<S: Storage>(
+        &mut self,
+        store: &Store<S>,
+        now_ms: u64,
+        peer: RegionId,
+        r: RangeRequest,
+    ) {
+        let second = now_ms / 1000;
+        if second != self.serve_second {
+            self.serve_second = second;
+            self.serve_left = self.cfg.serve_bytes_per_s;
+        }
+        if self.serve_left == 0 {
+            self.stats.busy_sent += 1;
+            let retry_after_ms = (1000 - now_ms % 1000) as u32;
+            self.transmits.push_back((
+                peer,
+                Message::Busy(Busy {
+                    request: r.request,
+                    retry_after_ms,
+                }),
+            ));
+            return;
+        }
+        let count = (r.range.last - r.range.first + 1).min(BATCH_MUTATIONS_MAX as u64) as usize;
+        let found = match store.log_from(now_ms, r.origin, r.range.first, count) {
+            Ok(found) => found,
+            Err(StoreError::LogTruncated { first_retained, .. }) => {
+                self.transmits.push_back((
+                    peer,
+                    Message::ResetRequired(ResetRequired {
+                        request: r.request,
+                        origin: r.origin,
+                        retained_from: first_retained.max(1),
+                    }),
+                ));
+                return;
+            }
+            Err(_) => {
+                // Unreadable now: the asker's timeout asks again.
+                return;
+            }
+        };
+        let budget = (r.max_bytes as usize).min(FRAME_BYTES_MAX / 2);
+        let mut mutations = Vec::new();
+        let mut bytes = 0;
+        let mut next = None;
+        for m in found {
+            if m.seq > r.range.last {
+                break;
+            }
+            let b = approx_bytes(&m);
+            if !mutations.is_empty() && bytes + b > budget {
+                next = Some(m.seq);
+                break;
+            }
+            bytes += b;
+            mutations.push(m);
+        }
+        if next.is_none() {
+            // Cut short by the count cap: resume above what was sent.
+            if let Some(last) = mutations.last() {
+                if last.seq < r.range.last && mutations.len() == count {
+                    next = Some(last.seq + 1);
+                }
+            }
+        }
+        self.serve_left = self.serve_left.saturating_sub(bytes as u64);
+        self.stats.served += mutations.len() as u64;
+        self.transmits.push_back((
+            peer,
+            Message::Range(Range {
+                request: r.request,
+                origin: r.origin,
+                mutations,
+                next,
+            }),
+        ));
+    }
+
+    fn on_range<S: Storage>(&mut self, store: &Store<S>, now_ms: u64, peer: RegionId, r: Range) {
+        let p = self.peers.get_mut(&peer).expect("peer");
+        let Some(asked) = p.ranges.remove(&r.request) else {
+            self.violation(peer, "a range for no request".into());
+            return;
+        };
+        if asked.origin != r.origin
+            || r.mutations
+                .iter()
+                .any(|m| m.seq < asked.range.first || m.seq > asked.range.last)
+        {
+            self.violation(peer, "a range outside what was asked".into());
+            return;
+        }
+        self.merge(store, now_ms, peer, r.mutations);
+        match r.next.filter(|n| *n <= asked.range.last) {
+            Some(next) => self.ask_range(
+                now_ms,
+                peer,
+                asked.origin,
+                SeqRange {
+                    first: next,
+                    last: asked.range.last,
+                },
+            ),
+            None => self.continue_ranges(store, now_ms, peer, asked.origin, asked.range.last),
+        }
+    }
+}
+
+/// An upper bound on a mutation's encoded size, for batching (bincode: a varint is at most 9
+/// bytes for a `u64`, 17 for a `u128`; lengths are varints too).
+fn approx_bytes(m: &Mutation) -> usize {
+    let key = m.key.namespace().len() + m.key.principal().len() + m.key.key().len() + 3 * 9;
+    let stamp = 9 + 16;
+    let outcome = |o: &crate::record::Outcome| {
+        let body = match &o.body {
+            Body::Full(b) | Body::Redacted(b) => b.len() + 9,
+            Body::Digest { .. } => 9 + 32,
+        };
+        4 + 9
+            + o.headers
+                .iter()
+                .map(|(n, v)| n.len() + v.len() + 18)
+                .sum::<usize>()
+            + 1
+            + body
+    };
+    let delta = match &m.delta {
+        Delta::Claim { facts, .. } => stamp + 32 + 17 + 3 * 9 + 9 + facts.takes_over.len() * stamp,
+        Delta::Extend { .. } => stamp + 9,
+        Delta::Finish { terminal, .. } => {
+            stamp
+                + 1
+                + match terminal {
+                    Terminal::Released => 0,
+                    Terminal::Completed(o) | Terminal::Indeterminate(o) => outcome(o),
+                }
+        }
+        Delta::Resolve(r) => {
+            16 + stamp
+                + r.by.len()
+                + r.note.len()
+                + r.hook_result.as_ref().map_or(0, String::len)
+                + r.provider_ref.as_ref().map_or(0, String::len)
+                + 4 * 10
+        }
+    };
+    16 + 9 + key + 1 + delta
+}

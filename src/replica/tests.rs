@@ -1,0 +1,540 @@
+//! Regions wired together in one thread: real stores (in memory), real replicas, every message
+//! through the wire codec, links that can be cut one way or both, virtual time.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use super::*;
+use crate::record::{AttemptToken, Fingerprint, ItemKind, Outcome, RecordKey};
+use crate::store::storage::VolatileStorage;
+use crate::store::{ClaimRequest, Decision, StoreConfig};
+use crate::wire::frame::{self, FrameDecoder};
+
+const T0: u64 = 1_800_000_000_000;
+
+struct Region {
+    store: Store<VolatileStorage>,
+    replica: Replica,
+    events: Vec<Event>,
+}
+
+struct Net {
+    regions: BTreeMap<RegionId, Region>,
+    now: u64,
+    /// Directed links that drop everything.
+    cut: BTreeSet<(RegionId, RegionId)>,
+    wire: VecDeque<(RegionId, RegionId, Vec<u8>)>,
+    delivered: u64,
+}
+
+fn rid(name: &str) -> RegionId {
+    RegionId::new(name).unwrap()
+}
+
+fn cluster() -> ClusterId {
+    ClusterId::new("test").unwrap()
+}
+
+impl Net {
+    fn new(names: &[&str], tweak: impl Fn(&mut ReplicaConfig)) -> Self {
+        let ids: Vec<RegionId> = names.iter().map(|n| rid(n)).collect();
+        let regions = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let store = Store::open(
+                    VolatileStorage::new(),
+                    StoreConfig::new(*id, &["payments"]),
+                    T0,
+                )
+                .unwrap();
+                let mut cfg = ReplicaConfig::new(cluster());
+                tweak(&mut cfg);
+                let replica = Replica::new(*id, &ids, cfg, i as u64 + 1, 0);
+                (
+                    *id,
+                    Region {
+                        store,
+                        replica,
+                        events: Vec::new(),
+                    },
+                )
+            })
+            .collect();
+        Self {
+            regions,
+            now: T0,
+            cut: BTreeSet::new(),
+            wire: VecDeque::new(),
+            delivered: 0,
+        }
+    }
+
+    fn ids(&self) -> Vec<RegionId> {
+        self.regions.keys().copied().collect()
+    }
+
+    fn region(&mut self, name: &str) -> &mut Region {
+        self.regions.get_mut(&rid(name)).unwrap()
+    }
+
+    /// Brings every link up (both ends see it) and runs the handshakes.
+    fn connect_all(&mut self) {
+        let ids = self.ids();
+        for a in &ids {
+            for b in &ids {
+                if a != b {
+                    let now = self.now;
+                    self.regions.get_mut(a).unwrap().replica.connected(now, *b);
+                }
+            }
+        }
+        self.pump();
+    }
+
+    /// Moves messages until none is left: each goes through the frame codec.
+    fn pump(&mut self) {
+        loop {
+            let ids = self.ids();
+            for id in &ids {
+                let r = self.regions.get_mut(id).unwrap();
+                while let Some((to, msg)) = r.replica.poll_transmit() {
+                    if !self.cut.contains(&(*id, to)) {
+                        self.wire.push_back((*id, to, frame::encode(&msg).unwrap()));
+                    }
+                }
+                while let Some(e) = r.replica.poll_event() {
+                    r.events.push(e);
+                }
+            }
+            let Some((from, to, bytes)) = self.wire.pop_front() else {
+                return;
+            };
+            let mut d = FrameDecoder::new();
+            d.push(&bytes).unwrap();
+            let msg = d.next().unwrap().unwrap();
+            self.delivered += 1;
+            let now = self.now;
+            let r = self.regions.get_mut(&to).unwrap();
+            r.replica.receive(&r.store, now, from, msg);
+            r.store.flush().unwrap();
+        }
+    }
+
+    /// Advances virtual time in steps of `step` ms, flushing stores and running timeouts.
+    fn run(&mut self, ms: u64, step: u64) {
+        let end = self.now + ms;
+        while self.now < end {
+            self.now += step;
+            let now = self.now;
+            for r in self.regions.values_mut() {
+                r.store.flush().unwrap();
+                r.replica.handle_timeout(&r.store, now);
+            }
+            self.pump();
+        }
+    }
+
+    fn cut_both(&mut self, a: &str, b: &str) {
+        self.cut.insert((rid(a), rid(b)));
+        self.cut.insert((rid(b), rid(a)));
+    }
+
+    fn heal(&mut self) {
+        self.cut.clear();
+    }
+
+    fn marks(&mut self, name: &str) -> BTreeMap<RegionId, u64> {
+        self.region(name).store.marks()
+    }
+}
+
+fn request(key: &str, body: &str) -> ClaimRequest {
+    ClaimRequest {
+        key: RecordKey::new("payments", "acct", key),
+        fingerprint: Fingerprint::of(body.as_bytes()),
+        attempt: AttemptToken(1),
+    }
+}
+
+/// Claims and completes `key` in `region`, returning the outcome stored.
+fn pair(net: &mut Net, region: &str, key: &str, result: &str) -> Outcome {
+    let now = net.now;
+    let r = net.region(region);
+    let req = request(key, "POST /charge");
+    let Decision::Execute { claim, .. } = r.store.wait(r.store.claim(now, &req).unwrap()).unwrap()
+    else {
+        panic!("a fresh key in {region} is ours to execute");
+    };
+    let outcome = Outcome::new(201, result.as_bytes().to_vec());
+    r.store
+        .wait(
+            r.store
+                .complete(now, &req.key, claim, outcome.clone())
+                .unwrap(),
+        )
+        .unwrap();
+    outcome
+}
+
+fn claim(net: &mut Net, region: &str, key: &str) -> Decision {
+    let now = net.now;
+    let r = net.region(region);
+    let mut req = request(key, "POST /charge");
+    req.attempt = AttemptToken(99);
+    r.store.wait(r.store.claim(now, &req).unwrap()).unwrap()
+}
+
+#[test]
+fn pushes_carry_a_completed_claim_to_every_peer_who_then_replays_it() {
+    let mut net = Net::new(&["a", "b", "c"], |_| {});
+    net.connect_all();
+    for id in net.ids() {
+        let r = &net.regions[&id];
+        for peer in net.ids().into_iter().filter(|p| *p != id) {
+            assert!(r.replica.is_up(peer), "{id} -> {peer}");
+        }
+    }
+    let outcome = pair(&mut net, "a", "order-1", "charged once");
+    net.run(10, 1);
+    for name in ["b", "c"] {
+        assert_eq!(
+            net.marks(name)[&rid("a")],
+            2,
+            "{name} holds a's claim and completion"
+        );
+        match claim(&mut net, name, "order-1") {
+            Decision::Replay { outcome: o, .. } => assert_eq!(o, outcome),
+            other => panic!("{name} should replay a's outcome, got {other:?}"),
+        }
+    }
+    let a = net.region("a").replica.stats().clone();
+    assert_eq!(a.pushed, 4, "two mutations to each of two peers");
+    assert_eq!(a.ranges_asked, 0, "nothing was missing: no pull");
+}
+
+#[test]
+fn anti_entropy_fetches_what_a_cut_link_lost() {
+    let mut net = Net::new(&["a", "b", "c"], |_| {});
+    net.connect_all();
+    net.cut.insert((rid("a"), rid("b")));
+    for i in 0..50 {
+        pair(&mut net, "a", &format!("k{i}"), "ok");
+    }
+    net.run(20, 1);
+    assert_eq!(net.marks("c")[&rid("a")], 100);
+    assert_eq!(net.marks("b").get(&rid("a")).copied().unwrap_or(0), 0);
+    net.heal();
+    // Within one anti-entropy period (at most 5 s) b asks a peer for the range.
+    net.run(6_000, 50);
+    assert_eq!(net.marks("b")[&rid("a")], 100);
+    assert!(net.region("b").replica.stats().ranges_asked >= 1);
+}
+
+#[test]
+fn a_partial_partition_heals_through_a_third_region() {
+    let mut net = Net::new(&["a", "b", "c"], |c| c.range_chunk = 16);
+    net.connect_all();
+    net.cut_both("a", "b");
+    for i in 0..40 {
+        pair(&mut net, "a", &format!("k{i}"), "ok");
+    }
+    net.run(12_000, 50);
+    assert_eq!(
+        net.marks("b")[&rid("a")],
+        80,
+        "b got a's log from c, in chunks of 16"
+    );
+    assert!(net.region("c").replica.stats().served >= 80);
+}
+
+#[test]
+fn claims_made_on_both_sides_of_a_partition_converge_to_one_winner_and_a_duplicate() {
+    let mut net = Net::new(&["a", "b"], |_| {});
+    net.connect_all();
+    net.cut_both("a", "b");
+    let from_a = pair(&mut net, "a", "order-9", "charge ch_A");
+    net.now += 3;
+    let from_b = pair(&mut net, "b", "order-9", "charge ch_B");
+    assert_ne!(from_a, from_b);
+    net.heal();
+    net.run(6_000, 50);
+    // a claimed first (lower stamp): both regions now replay a's outcome.
+    for name in ["a", "b"] {
+        match claim(&mut net, name, "order-9") {
+            Decision::Replay { outcome, .. } => assert_eq!(outcome, from_a, "{name}"),
+            other => panic!("{name}: expected a replay, got {other:?}"),
+        }
+    }
+    // ... and both flag b's execution as a duplicate to compensate, with the same id.
+    let items = |net: &mut Net, name: &str| {
+        let mut v: Vec<_> = net
+            .region(name)
+            .store
+            .all_items()
+            .unwrap()
+            .into_iter()
+            .map(|(_, item)| (item.kind, item.id))
+            .collect();
+        v.sort();
+        v
+    };
+    let (ia, ib) = (items(&mut net, "a"), items(&mut net, "b"));
+    assert_eq!(ia, ib);
+    assert_eq!(ia.len(), 1);
+    assert_eq!(ia[0].0, ItemKind::Duplicate);
+}
+
+#[test]
+fn a_full_push_queue_drops_the_oldest_and_anti_entropy_makes_up_for_them() {
+    let mut net = Net::new(&["a", "b"], |c| {
+        c.push_delay_ms = 1_000_000;
+        c.push_batch_bytes = 1 << 30;
+        c.push_queue_bytes = 2_000;
+    });
+    net.connect_all();
+    for i in 0..30 {
+        pair(&mut net, "a", &format!("k{i}"), "ok");
+    }
+    net.run(5, 1);
+    let dropped = net.region("a").replica.stats().push_dropped;
+    assert!(dropped > 0);
+    assert!(net
+        .region("a")
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::PushDropped { peer, .. } if *peer == rid("b"))));
+    net.run(6_000, 50);
+    assert_eq!(net.marks("b")[&rid("a")], 60);
+}
+
+#[test]
+fn a_serving_budget_answers_busy_and_the_asker_comes_back() {
+    let mut net = Net::new(&["a", "b"], |c| {
+        c.range_chunk = 4;
+        c.serve_bytes_per_s = 1_000;
+    });
+    net.connect_all();
+    net.cut.insert((rid("a"), rid("b")));
+    for i in 0..20 {
+        pair(&mut net, "a", &format!("k{i}"), "ok");
+    }
+    net.run(20, 1);
+    assert_eq!(
+        net.region("b").replica.stats().merged_new,
+        0,
+        "pushes were lost"
+    );
+    net.heal();
+    net.run(30_000, 50);
+    assert_eq!(net.marks("b")[&rid("a")], 40);
+    let a = net.region("a").replica.stats().clone();
+    assert!(a.busy_sent > 0, "{a:?}");
+    assert_eq!(a.served, 40, "each mutation served once: {a:?}");
+}
+
+#[test]
+fn handshakes_refuse_another_cluster_and_versions_in_common_but_not_a_policy_difference() {
+    // Another cluster.
+    let mut net = Net::new(&["a", "b"], |_| {});
+    net.region("b").replica.cfg.cluster = ClusterId::new("other").unwrap();
+    net.connect_all();
+    assert!(!net.region("a").replica.is_up(rid("b")));
+    assert!(!net.region("b").replica.is_up(rid("a")));
+    assert!(net.region("a").events.iter().any(|e| matches!(
+        e,
+        Event::Rejected {
+            reason: RejectReason::ClusterMismatch { .. },
+            ..
+        }
+    )));
+    assert!(net.region("a").events.iter().any(|e| matches!(
+        e,
+        Event::RejectedBy {
+            reason: RejectReason::ClusterMismatch { .. },
+            ..
+        }
+    )));
+
+    // No version in common.
+    let mut net = Net::new(&["a", "b"], |_| {});
+    net.region("b").replica.cfg.versions = VersionRange { min: 7, max: 9 };
+    net.connect_all();
+    assert!(!net.region("a").replica.is_up(rid("b")));
+    assert!(net.region("b").events.iter().any(|e| matches!(
+        e,
+        Event::Rejected {
+            reason: RejectReason::NoCommonVersion { .. },
+            ..
+        }
+    )));
+
+    // A policy difference: reported on both sides, the link is up and data flows.
+    let mut net = Net::new(&["a", "b"], |_| {});
+    net.region("b").replica.cfg.policy_digest = [1; 32];
+    net.connect_all();
+    assert!(net.region("a").replica.is_up(rid("b")));
+    for name in ["a", "b"] {
+        assert!(net
+            .region(name)
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::PolicyMismatch { .. })));
+    }
+    pair(&mut net, "a", "k", "ok");
+    net.run(10, 1);
+    assert_eq!(net.marks("b")[&rid("a")], 2);
+}
+
+#[test]
+fn messages_out_of_place_are_ignored_and_reported() {
+    let mut net = Net::new(&["a", "b", "c"], |_| {});
+    let now = net.now;
+    let r = net.region("a");
+    // Before any handshake.
+    r.replica.receive(
+        &r.store,
+        now,
+        rid("b"),
+        Message::Ping(Ping {
+            nonce: 1,
+            sent_ms: now,
+        }),
+    );
+    // From a region that is not a peer.
+    r.replica.receive(
+        &r.store,
+        now,
+        rid("zz"),
+        Message::Ping(Ping {
+            nonce: 1,
+            sent_ms: now,
+        }),
+    );
+    while let Some(e) = r.replica.poll_event() {
+        r.events.push(e);
+    }
+    assert_eq!(
+        r.events
+            .iter()
+            .filter(|e| matches!(e, Event::ProtocolViolation { .. }))
+            .count(),
+        2
+    );
+    assert!(r.replica.poll_transmit().is_none(), "nothing answered");
+
+    // A push of someone else's log, and a range nobody asked for.
+    net.connect_all();
+    let now = net.now;
+    let r = net.region("a");
+    r.events.clear();
+    let foreign = Message::Push(Push {
+        origin: rid("c"),
+        mutations: vec![],
+    });
+    r.replica.receive(&r.store, now, rid("b"), foreign);
+    let unasked = Message::Range(Range {
+        request: 999,
+        origin: rid("c"),
+        mutations: vec![],
+        next: None,
+    });
+    r.replica.receive(&r.store, now, rid("b"), unasked);
+    let mut v = Vec::new();
+    while let Some(e) = r.replica.poll_event() {
+        v.push(e);
+    }
+    assert_eq!(
+        v.iter()
+            .filter(|e| matches!(e, Event::ProtocolViolation { .. }))
+            .count(),
+        2,
+        "{v:?}"
+    );
+}
+
+#[test]
+fn heartbeats_estimate_the_round_trip_and_offset() {
+    let mut net = Net::new(&["a", "b"], |_| {});
+    net.connect_all();
+    let now = net.now;
+    let r = net.region("a");
+    // b answers a ping sent at `now`, received at now+5 by b's clock that runs 40 ms ahead,
+    // and the pong arrives at now+10 by a's clock.
+    let ping_nonce = r.replica.peers[&rid("b")].ping_nonce;
+    r.replica.receive(
+        &r.store,
+        now + 10,
+        rid("b"),
+        Message::Pong(Pong {
+            nonce: ping_nonce,
+            ping_sent_ms: now,
+            received_ms: now + 45,
+            sent_ms: now + 45,
+        }),
+    );
+    let mut samples = Vec::new();
+    while let Some(e) = r.replica.poll_event() {
+        if let Event::ClockSample {
+            rtt_ms, offset_ms, ..
+        } = e
+        {
+            samples.push((rtt_ms, offset_ms));
+        }
+    }
+    assert_eq!(samples, vec![(10, 40)]);
+}
+
+#[test]
+fn a_link_that_drops_and_returns_resumes_with_a_digest() {
+    let mut net = Net::new(&["a", "b"], |_| {});
+    net.connect_all();
+    let (a, b) = (rid("a"), rid("b"));
+    let now = net.now;
+    net.region("a").replica.disconnected(now, b);
+    net.region("b").replica.disconnected(now, a);
+    assert!(net
+        .region("a")
+        .events
+        .iter()
+        .all(|e| !matches!(e, Event::PeerDown { .. })));
+    net.pump();
+    assert!(net
+        .region("a")
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::PeerDown { .. })));
+    // Written while down: not pushed (no link), fetched after the reconnect's digest.
+    for i in 0..5 {
+        pair(&mut net, "a", &format!("k{i}"), "ok");
+    }
+    net.run(5, 1);
+    assert_eq!(net.marks("b").get(&a).copied().unwrap_or(0), 0);
+    net.connect_all();
+    net.run(5, 1);
+    assert_eq!(
+        net.marks("b")[&a],
+        10,
+        "the digest on reconnect, not the 1-5 s timer"
+    );
+}
+
+#[test]
+fn the_same_seeds_give_the_same_traffic() {
+    let run = || {
+        let mut net = Net::new(&["a", "b", "c"], |c| c.range_chunk = 8);
+        net.connect_all();
+        net.cut_both("a", "c");
+        for i in 0..20 {
+            pair(&mut net, "a", &format!("k{i}"), "ok");
+            pair(&mut net, "c", &format!("j{i}"), "ok");
+        }
+        net.run(9_000, 37);
+        let stats: Vec<_> = net
+            .ids()
+            .iter()
+            .map(|id| net.regions[id].replica.stats().clone())
+            .collect();
+        (net.delivered, stats)
+    };
+    assert_eq!(run(), run());
+}
