@@ -601,17 +601,23 @@ enum Frame<'a> {
 }
 
 /// Reads a segment front to back in large chunks so recovery and scans cost one pread per MiB,
-/// not two per frame.
+/// not two per frame; or, for a point read of one frame, in a small chunk that holds most
+/// frames whole.
 struct SegReader<'s, S: Storage> {
     storage: &'s S,
     seg: SegmentId,
     size: u64,
     max_payload: u32,
+    /// Least bytes read at once.
+    chunk: usize,
     buf: Vec<u8>,
     buf_off: u64,
 }
 
+/// Read size of scans.
 const READ_CHUNK: usize = 1 << 20;
+/// Read size of a point read: one pread for a frame up to this size, header included.
+const POINT_READ_CHUNK: usize = 4 << 10;
 
 impl<'s, S: Storage> SegReader<'s, S> {
     fn new(storage: &'s S, seg: SegmentId, max_payload: u32) -> Result<Self, LogError> {
@@ -623,9 +629,17 @@ impl<'s, S: Storage> SegReader<'s, S> {
             seg,
             size,
             max_payload,
+            chunk: READ_CHUNK,
             buf: Vec::new(),
             buf_off: 0,
         })
+    }
+
+    /// A reader for one frame (see [`POINT_READ_CHUNK`]).
+    fn point(storage: &'s S, seg: SegmentId, max_payload: u32) -> Result<Self, LogError> {
+        let mut r = Self::new(storage, seg, max_payload)?;
+        r.chunk = POINT_READ_CHUNK;
+        Ok(r)
     }
 
     /// Ensures `[off, off + len)` is buffered (clamped to the segment size) and returns it.
@@ -634,8 +648,8 @@ impl<'s, S: Storage> SegReader<'s, S> {
         let want_end = (off + len as u64).min(self.size);
         if off < self.buf_off || want_end > have_end {
             let n = (want_end.saturating_sub(off) as usize).max(
-                READ_CHUNK
-                    .min(usize::try_from(self.size.saturating_sub(off)).unwrap_or(READ_CHUNK)),
+                self.chunk
+                    .min(usize::try_from(self.size.saturating_sub(off)).unwrap_or(self.chunk)),
             );
             self.buf.resize(n, 0);
             let got = self
@@ -1611,7 +1625,7 @@ impl<S: Storage> Log<S> {
                 });
             }
         }
-        let mut r = SegReader::new(&self.storage, loc.segment, self.cfg.max_payload_bytes)?;
+        let mut r = SegReader::point(&self.storage, loc.segment, self.cfg.max_payload_bytes)?;
         match r.frame(u64::from(loc.offset))? {
             Frame::Valid(p) => Ok(p.to_vec()),
             Frame::End => Err(LogError::BadLoc {
@@ -1629,7 +1643,7 @@ impl<S: Storage> Log<S> {
     /// Whether the frames of a sealed segment end exactly at `loc` (no frame starts there): how
     /// a hint file's claim to cover a whole segment is checked without reading the segment.
     pub fn ends_at(&self, loc: Loc) -> Result<bool, LogError> {
-        let mut r = SegReader::new(&self.storage, loc.segment, self.cfg.max_payload_bytes)?;
+        let mut r = SegReader::point(&self.storage, loc.segment, self.cfg.max_payload_bytes)?;
         Ok(matches!(r.frame(u64::from(loc.offset))?, Frame::End))
     }
 
