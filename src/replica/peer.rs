@@ -1,7 +1,7 @@
 //! What a replica keeps per peer: the link's handshake state, the push queue, the schedule and
 //! the range requests in flight.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::clock::RegionId;
 use crate::store::entry::Mutation;
@@ -31,6 +31,8 @@ pub(super) struct Asked {
     pub(super) range: SeqRange,
     /// When to ask again if no answer came.
     pub(super) resend_at_ms: u64,
+    /// How many times it was sent.
+    pub(super) tries: u32,
 }
 
 /// Per-peer state.
@@ -48,10 +50,14 @@ pub(super) struct Peer {
     pub(super) next_ping_ms: u64,
     /// The last ping's nonce (kept across links, so a late pong of an old link is ignored).
     pub(super) ping_nonce: u64,
+    /// When the last ping was sent, until its pong came (one sample per ping).
+    pub(super) ping_sent_ms: Option<u64>,
     /// Range requests in flight, by request id.
     pub(super) ranges: BTreeMap<u64, Asked>,
     /// The peer's last digest, per origin: what it can serve.
     pub(super) holds: BTreeMap<RegionId, OriginDigest>,
+    /// Origins the peer answered `ResetRequired` for: not asked of it again on this link.
+    pub(super) truncated: BTreeSet<RegionId>,
 }
 
 impl Peer {
@@ -63,6 +69,8 @@ impl Peer {
         self.push_deadline_ms = None;
         self.ranges.clear();
         self.holds.clear();
+        self.truncated.clear();
+        self.ping_sent_ms = None;
     }
 
     /// Appends `batch` to the queue, dropping the oldest mutations while the queue holds more

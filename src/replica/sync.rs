@@ -34,7 +34,7 @@ pub(crate) fn held_through(ours: Option<Holding>, origin: RegionId, done: u64) -
     h.gaps.retain(|&(_, last)| last > done);
     match h.gaps.first_mut() {
         Some(g) if g.0 <= done => {
-            g.0 = done + 1;
+            g.0 = done.saturating_add(1);
             h.mark = done;
         }
         Some(_) => {
@@ -68,7 +68,7 @@ fn first_held(theirs: &OriginDigest, from: u64, to: u64) -> Option<u64> {
         if g.first > at {
             break;
         }
-        at = g.last + 1;
+        at = g.last.saturating_add(1);
     }
     (at <= to.min(theirs.head)).then_some(at)
 }
@@ -90,7 +90,7 @@ pub(crate) fn next_missing(
     let lacking = gaps
         .iter()
         .copied()
-        .chain(std::iter::once((head + 1, u64::MAX)))
+        .chain(std::iter::once((head.saturating_add(1), u64::MAX)))
         .filter(|&(first, _)| first > mark);
     for (first, last) in lacking {
         let last = last.min(theirs.head);

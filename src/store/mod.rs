@@ -64,8 +64,8 @@ pub use error::{StoreError, Unavailable};
 use index::{IndexEntry, IndexMap};
 use log::{AppendClass, Loc, Log, LogConfig, LogError, Lsn, Space};
 pub use policy::{Disposition, Keep, NamespaceConfig, NamespacePolicy, StatusRange};
-pub use replication::Holding;
 use replication::Replication;
+pub use replication::{Holding, SEQ_MAX};
 use storage::Storage;
 
 /// How many back-pointer hops a read may take before the store writes an image of the record.

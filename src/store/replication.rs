@@ -50,7 +50,7 @@ impl SeqSet {
             if s > next {
                 gaps.push((next, s - 1));
             }
-            next = s + 1;
+            next = s.saturating_add(1);
         }
         Holding {
             origin,
@@ -141,6 +141,10 @@ impl Replication {
     }
 }
 
+/// Highest sequence number a peer's mutation may carry (2^62): far beyond any real log, and
+/// far enough from `u64::MAX` that arithmetic on numbers never overflows.
+pub const SEQ_MAX: u64 = 1 << 62;
+
 /// Most claims one record may hold: beyond it a peer's new claim is refused (a record that
 /// large is a bug or an attack, and every decision on the key reads it whole).
 pub const CLAIMS_PER_RECORD_MAX: usize = 1024;
@@ -156,8 +160,8 @@ impl<S: Storage> Store<S> {
         if m.origin == self.region {
             return Err(invalid("a peer sent this region's own mutation".into()));
         }
-        if m.seq == 0 {
-            return Err(invalid("sequence numbers start at 1".into()));
+        if m.seq == 0 || m.seq > SEQ_MAX {
+            return Err(invalid(format!("sequence numbers run from 1 to {SEQ_MAX}")));
         }
         m.delta.validate().map_err(|e| invalid(e.to_string()))?;
         // Only a claim's owner writes its chain, and a region numbers only its own mutations.

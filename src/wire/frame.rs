@@ -3,9 +3,10 @@
 //!
 //! [`FrameDecoder`] takes bytes as they arrive, in any split, and yields whole messages. It
 //! refuses a frame whose announced length exceeds [`FRAME_BYTES_MAX`] as soon as the four length
-//! bytes are in, so a peer cannot make it buffer more than one frame's worth. After an error the
-//! stream is out of step for good: the decoder keeps returning that error and the connection
-//! must be closed.
+//! bytes are in, so no frame can make it wait for (and buffer) more than the cap. It buffers what it
+//! is given: the caller bounds that by reading from the transport only as fast as it takes
+//! messages out. After an error the stream is out of step for good: the decoder keeps
+//! returning that error and the connection must be closed.
 
 use super::{Message, WireError, FRAME_BYTES_MAX};
 
@@ -25,8 +26,10 @@ pub fn encode(msg: &Message) -> Result<Vec<u8>, WireError> {
 /// Splits a byte stream into messages.
 #[derive(Debug, Default)]
 pub struct FrameDecoder {
-    /// Received bytes not yet returned as messages; starts at a frame boundary.
+    /// Received bytes; `buf[start..]` is not yet returned as messages and starts at a frame
+    /// boundary.
     buf: Vec<u8>,
+    start: usize,
     /// The first error met: the stream cannot be resynchronised after it.
     failed: Option<WireError>,
 }
@@ -43,6 +46,12 @@ impl FrameDecoder {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
+        // Drop what was consumed once per push, not once per frame: many small frames in one
+        // push cost linear time.
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
         self.buf.extend_from_slice(bytes);
         self.check_length().map(|_| ())
     }
@@ -54,12 +63,12 @@ impl FrameDecoder {
         let Some(len) = self.check_length()? else {
             return Ok(None);
         };
-        let end = PREFIX_BYTES + len;
+        let end = self.start + PREFIX_BYTES + len;
         if self.buf.len() < end {
             return Ok(None);
         }
-        let decoded = Message::decode(&self.buf[PREFIX_BYTES..end]);
-        self.buf.drain(..end);
+        let decoded = Message::decode(&self.buf[self.start + PREFIX_BYTES..end]);
+        self.start = end;
         match decoded {
             Ok(m) => Ok(Some(m)),
             Err(e) => Err(self.fail(e)),
@@ -68,7 +77,7 @@ impl FrameDecoder {
 
     /// Bytes buffered and not yet returned.
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.start
     }
 
     /// The length of the frame at the front, once its prefix is in; an error if it is too long.
@@ -76,12 +85,13 @@ impl FrameDecoder {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
-        let Some(prefix) = self.buf.first_chunk::<PREFIX_BYTES>() else {
+        let Some(prefix) = self.buf[self.start..].first_chunk::<PREFIX_BYTES>() else {
             return Ok(None);
         };
         let len = u32::from_be_bytes(*prefix) as usize;
         if len > FRAME_BYTES_MAX {
             self.buf = Vec::new();
+            self.start = 0;
             return Err(self.fail(WireError::FrameTooLarge { len: len as u64 }));
         }
         Ok(Some(len))

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::clock::RegionId;
 use crate::record::{KeyDigest, Record, RecordKey};
 use crate::store::entry::Mutation;
+use crate::store::SEQ_MAX;
 
 /// Largest message (frame body) sent or accepted, bytes. A stored outcome is at most 8 MiB, so
 /// one mutation always fits.
@@ -462,7 +463,7 @@ impl Message {
                 "busy: retry-after above the limit",
             ),
             Message::ResetRequired(r) => check(
-                r.retained_from >= 1,
+                (1..=SEQ_MAX).contains(&r.retained_from),
                 "reset required: sequence numbers start at 1",
             ),
             Message::SnapshotRequest(r) => check(
@@ -492,8 +493,8 @@ fn check(ok: bool, what: &str) -> Result<(), WireError> {
 
 fn seq_range(r: &SeqRange) -> Result<(), WireError> {
     check(
-        r.first >= 1 && r.first <= r.last,
-        "sequence range empty or starting at 0",
+        r.first >= 1 && r.first <= r.last && r.last <= SEQ_MAX,
+        "sequence range empty, starting at 0, or above the limit",
     )
 }
 
@@ -514,7 +515,10 @@ fn batch(
             &m.origin == origin,
             "a mutation of another origin in a batch",
         )?;
-        check(m.seq > prev, "batch numbers not strictly increasing from 1")?;
+        check(
+            m.seq > prev && m.seq <= SEQ_MAX,
+            "batch numbers not strictly increasing from 1, or above the limit",
+        )?;
         prev = m.seq;
     }
     if let Some(Range { next: Some(n), .. }) = range {
@@ -531,6 +535,7 @@ fn digest(d: &Digest) -> Result<(), WireError> {
     )?;
     for o in &d.origins {
         check(o.mark <= o.head, "digest: mark above head")?;
+        check(o.head <= SEQ_MAX, "digest: head above the limit")?;
         check(o.gaps.len() <= GAPS_MAX, "digest: too many gaps")?;
         // Gaps lie above the mark, in order, with at least one held number between two of
         // them, and below the head (which is held).

@@ -183,13 +183,15 @@ fn messages() -> impl Strategy<Value = Message> {
                 retry_after_ms,
             })
         }),
-        (u64s(), regions(), 1u64..).prop_map(|(request, origin, retained_from)| {
-            Message::ResetRequired(ResetRequired {
-                request,
-                origin,
-                retained_from,
-            })
-        }),
+        (u64s(), regions(), 1u64..=crate::store::SEQ_MAX).prop_map(
+            |(request, origin, retained_from)| {
+                Message::ResetRequired(ResetRequired {
+                    request,
+                    origin,
+                    retained_from,
+                })
+            }
+        ),
         (
             u64s(),
             proptest::option::of(any::<[u8; 16]>()),
@@ -697,4 +699,29 @@ fn structural_rules_are_enforced_on_decode() {
     ))
     .contains("digest order"));
     assert!(invalid(chunk(vec![(hi, Record::new())], Some(lo.digest()))).contains("resume point"));
+}
+
+#[test]
+fn many_frames_in_one_push_all_come_out() {
+    let one = frame::encode(&Message::Ping(Ping {
+        nonce: 7,
+        sent_ms: 8,
+    }))
+    .unwrap();
+    let n = 20_000;
+    let bytes: Vec<u8> = one.iter().copied().cycle().take(one.len() * n).collect();
+    let mut d = FrameDecoder::new();
+    d.push(&bytes).unwrap();
+    let mut got = 0;
+    while let Some(m) = d.next().unwrap() {
+        assert!(matches!(m, Message::Ping(Ping { nonce: 7, .. })));
+        got += 1;
+    }
+    assert_eq!(got, n);
+    assert_eq!(d.buffered(), 0);
+    // A frame split across pushes after many consumed ones.
+    d.push(&one[..3]).unwrap();
+    assert_eq!(d.next(), Ok(None));
+    d.push(&one[3..]).unwrap();
+    assert!(matches!(d.next(), Ok(Some(Message::Ping(_)))));
 }
