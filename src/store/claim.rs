@@ -80,6 +80,13 @@ impl<S: Storage> Store<S> {
         e: &mut IndexEntry,
         record: &mut Record,
     ) -> Result<Pending<Decision>, StoreError> {
+        // A claim on the key stamped by a clock ahead of ours (a peer's stamp our clock could
+        // not adopt yet) still decides: the key is not free because our clock is behind. Try
+        // to catch up with it first; whatever we grant must be stamped after it.
+        let newest = record.claims().next_back().map(|(s, _)| *s);
+        if let Some(n) = newest.filter(|n| n.hlc > self.clock.last_hlc()) {
+            let _ = self.clock.observe(now_ms, n);
+        }
         let planned = decide::plan(
             record,
             &Ask {
@@ -87,7 +94,9 @@ impl<S: Storage> Store<S> {
                 fingerprint: &req.fingerprint,
                 attempt: req.attempt,
                 now_ms,
-                stamp_ms: now_ms.max(hlc_physical_ms(self.clock.last_hlc())),
+                stamp_ms: now_ms
+                    .max(hlc_physical_ms(self.clock.last_hlc()))
+                    .max(newest.map_or(0, |n| n.physical_ms())),
                 max_drift_ms: self.clock.config().max_drift_ms,
                 retired: &self.retired,
             },
@@ -191,6 +200,10 @@ impl<S: Storage> Store<S> {
             return Ok(Err(Unavailable::Fenced));
         }
         let stamp = match self.clock.stamp(now_ms) {
+            // Granting below a claim the key already holds would take the key from it.
+            Ok(s) if record.claims().next_back().is_some_and(|(n, _)| *n >= s) => {
+                return Ok(Err(Unavailable::ClockBehind));
+            }
             Ok(s) => s,
             Err(ClockError::RestartFence { .. }) => return Ok(Err(Unavailable::RestartFence)),
             Err(ClockError::ReservationPending { .. }) => {

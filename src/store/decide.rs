@@ -50,7 +50,9 @@ pub(crate) struct Ask<'a> {
     /// Wall-clock time, for lease checks.
     pub now_ms: u64,
     /// The physical time a stamp issued now would carry (at least `now_ms`; more when the
-    /// clock has seen a peer's stamp from a clock ahead of ours): picks the generation.
+    /// clock has seen a peer's stamp from a clock ahead of ours), and at least the newest claim
+    /// the key holds (a grant below it is refused, see `Unavailable::ClockBehind`): picks the
+    /// generation.
     pub stamp_ms: u64,
     pub max_drift_ms: u64,
     pub retired: &'a Retirements,

@@ -29,6 +29,11 @@ pub enum Unavailable {
     /// The log failed (a failed fsync is never retried): the store answers nothing new.
     #[error("log failed; restart the region")]
     LogFailed,
+    /// The key holds a claim stamped by a clock ahead of ours, further than ours may advance
+    /// yet: a new claim would sort before it and take the key from it. Answered until our
+    /// clock passes that stamp (at most the max drift).
+    #[error("a claim on this key is stamped ahead of our clock")]
+    ClockBehind,
 }
 
 impl Unavailable {
@@ -36,6 +41,7 @@ impl Unavailable {
     pub fn retry_after_ms(&self) -> u64 {
         match self {
             Unavailable::ClockReservation | Unavailable::ClockExhausted => 5,
+            Unavailable::ClockBehind => 50,
             Unavailable::RestartFence => 250,
             Unavailable::Fenced | Unavailable::DiskFull => 1_000,
             Unavailable::LogFailed => 5_000,

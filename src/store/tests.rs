@@ -1134,3 +1134,44 @@ fn an_idle_region_still_lets_current_peer_stamps_move_its_clock() {
     let merged = s.wait(s.merge_remote(now, m).unwrap()).unwrap();
     assert!(!merged.drift_rejected);
 }
+
+/// Merges every mutation of `from`'s own log into `to`.
+fn replicate(from: &Store<MemStorage>, to: &Store<MemStorage>, now: u64) {
+    for m in from.log_from(now, from.region(), 1, usize::MAX).unwrap() {
+        to.wait(to.merge_remote(now, m).unwrap()).unwrap();
+    }
+}
+
+#[test]
+fn a_claim_stamped_ahead_of_our_clock_still_holds_the_key() {
+    // b's clock runs 300 ms ahead of a's: beyond a's durable reservation (at most 250 ms
+    // ahead), so a cannot adopt b's stamps yet. A claim a would stamp now sorts before b's.
+    let a = open(&MemStorage::new(), T0);
+    let b = Store::open(MemStorage::new(), config("b"), T0 + 300).unwrap();
+    let done = req("k", "charge 10", 1);
+    let c = execute(&b, T0 + 300, &done);
+    complete(&b, T0 + 300, "k", c, "charged");
+    let released = req("r", "charge 20", 2);
+    let cr = execute(&b, T0 + 300, &released);
+    b.wait(b.release(T0 + 300, &key("r"), cr).unwrap()).unwrap();
+    replicate(&b, &a, T0 + 1);
+
+    // The key b completed is replayed, not executed again with an earlier stamp.
+    let retry = req("k", "charge 10", 3);
+    match claim(&a, T0 + 1, &retry) {
+        Decision::Replay { claim, .. } => assert_eq!(claim, c),
+        other => panic!("expected b's outcome, got {other:?}"),
+    }
+    assert!(matches!(
+        claim(&a, T0 + 1, &req("k", "charge 99", 4)),
+        Decision::Mismatch { .. }
+    ));
+    // The key b released is free, but a grant stamped below b's claim would sort first:
+    // unavailable until a's clock passes it, then granted after it.
+    match claim(&a, T0 + 1, &req("r", "charge 20", 5)) {
+        Decision::Unavailable { reason, .. } => assert_eq!(reason, Unavailable::ClockBehind),
+        other => panic!("expected ClockBehind, got {other:?}"),
+    }
+    let later = execute(&a, T0 + 400, &req("r", "charge 20", 6));
+    assert!(later > cr, "{later:?} after {cr:?}");
+}
