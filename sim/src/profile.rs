@@ -1,0 +1,107 @@
+//! Fault profiles: the ranges a seed draws its faults from.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// A named set of fault ranges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// Low latency, rare loss, no partitions, small skew.
+    Calm,
+    /// Every fault, at rates drawn per seed (the default).
+    Swarm,
+    /// Frequent and long partitions.
+    PartitionHeavy,
+    /// Large clock offsets between regions (within the max drift).
+    ClockChaos,
+}
+
+impl Profile {
+    /// Every profile, for help texts.
+    pub const ALL: [Profile; 4] = [
+        Profile::Calm,
+        Profile::Swarm,
+        Profile::PartitionHeavy,
+        Profile::ClockChaos,
+    ];
+}
+
+impl fmt::Display for Profile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Profile::Calm => "calm",
+            Profile::Swarm => "swarm",
+            Profile::PartitionHeavy => "partition-heavy",
+            Profile::ClockChaos => "clock-chaos",
+        })
+    }
+}
+
+impl FromStr for Profile {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Profile::ALL
+            .into_iter()
+            .find(|p| p.to_string() == s)
+            .ok_or_else(|| {
+                let names: Vec<String> = Profile::ALL.iter().map(|p| p.to_string()).collect();
+                format!("unknown profile {s:?}; one of {}", names.join(", "))
+            })
+    }
+}
+
+/// Fault rates for one run, drawn from the profile's ranges by the seed.
+#[derive(Debug, Clone)]
+pub struct Faults {
+    /// One-way latency between two regions: base per link in this range, ms.
+    pub latency_ms: (u64, u64),
+    /// Extra latency per message, up to this many ms (reorders messages).
+    pub jitter_ms: u64,
+    /// Probability (per million) that a message is lost; the transport delivers in order or
+    /// not at all, so a loss breaks the connection, which is redialled.
+    pub loss_ppm: u32,
+    /// Mean time between partition starts in the safety phase, ms (0: none).
+    pub partition_every_ms: u64,
+    /// Partition duration range, ms.
+    pub partition_ms: (u64, u64),
+    /// Largest clock offset of a region from true time, ms (either sign).
+    pub skew_ms: u64,
+    /// Probability (per million) per logical request of reusing its key with another payload.
+    pub reuse_ppm: u32,
+    /// Keys in the Zipf key space.
+    pub keys: u64,
+}
+
+impl Faults {
+    /// Draws the rates of `profile` with `draw(lo, hi)` (inclusive).
+    pub fn draw(profile: Profile, mut draw: impl FnMut(u64, u64) -> u64) -> Self {
+        let (lat_hi, loss, parts, skew) = match profile {
+            Profile::Calm => (5, 100, 0, 20),
+            Profile::Swarm => (draw(5, 120), draw(0, 5_000), draw(0, 1), draw(0, 200)),
+            Profile::PartitionHeavy => (draw(5, 80), draw(0, 2_000), 1, draw(0, 100)),
+            Profile::ClockChaos => (draw(5, 60), draw(0, 1_000), draw(0, 1), draw(150, 240)),
+        };
+        let lo = 1 + lat_hi / 4;
+        Faults {
+            latency_ms: (lo, lat_hi.max(lo)),
+            jitter_ms: draw(0, lat_hi / 2 + 1),
+            loss_ppm: loss as u32,
+            partition_every_ms: match (profile, parts) {
+                (_, 0) => 0,
+                (Profile::PartitionHeavy, _) => draw(1_000, 4_000),
+                _ => draw(3_000, 15_000),
+            },
+            partition_ms: (
+                500,
+                if profile == Profile::PartitionHeavy {
+                    12_000
+                } else {
+                    6_000
+                },
+            ),
+            skew_ms: skew,
+            reuse_ppm: draw(0, 60_000) as u32,
+            keys: draw(8, 60),
+        }
+    }
+}

@@ -1,0 +1,736 @@
+//! The simulated world: regions running the real `Store` and `Replica`, a network, clients and
+//! a virtual clock, driven by one event queue.
+//!
+//! Single-threaded; events at the same time run in the order they were scheduled (a sequence
+//! number breaks ties). Every random choice comes from a `ChaCha8Rng` seeded with the run's
+//! seed, one stream per subsystem (workload, network, clocks, faults), so a change in how often
+//! one subsystem draws does not shift the others.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use idem::clock::{RegionId, Stamp};
+use idem::record::{AttemptToken, Fingerprint, Outcome, RecordKey};
+use idem::replica::{Event, Replica, ReplicaConfig};
+use idem::store::storage::MemStorage;
+use idem::store::{ClaimRequest, Decision, Store, StoreConfig};
+use idem::wire::frame::{self, FrameDecoder};
+use idem::wire::ClusterId;
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::oracle::{Grant, Oracle, Violation};
+use crate::profile::Faults;
+use crate::{Counts, Options, Report};
+
+/// Simulated time starts here (Unix ms, 2027-01-15): well after 2024, where hlc-gen's epoch is.
+pub const T0: u64 = 1_800_000_000_000;
+const NAMESPACE: &str = "payments";
+/// How often each region's replica and store are driven, ms.
+const TICK_MS: u64 = 5;
+/// Clients move to a fresh key space this often, ms.
+const KEY_EPOCH_MS: u64 = 3_000;
+/// How long the liveness phase may take to converge, ms.
+const LIVENESS_BOUND_MS: u64 = 60_000;
+
+/// Independent random streams.
+struct Rngs {
+    workload: ChaCha8Rng,
+    network: ChaCha8Rng,
+    faults: ChaCha8Rng,
+}
+
+fn stream(seed: u64, n: u64) -> ChaCha8Rng {
+    let mut r = ChaCha8Rng::seed_from_u64(seed);
+    r.set_stream(n);
+    r
+}
+
+/// `lo..=hi`.
+fn between(r: &mut ChaCha8Rng, lo: u64, hi: u64) -> u64 {
+    if hi <= lo {
+        return lo;
+    }
+    lo + r.next_u64() % (hi - lo + 1)
+}
+
+fn chance(r: &mut ChaCha8Rng, ppm: u32) -> bool {
+    (r.next_u64() % 1_000_000) < u64::from(ppm)
+}
+
+struct Region {
+    id: RegionId,
+    store: Store<MemStorage>,
+    replica: Replica,
+    /// This region's clock minus true time, ms.
+    skew_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Step {
+    /// Claim (again).
+    Claim,
+    /// Complete the won claim.
+    Complete,
+}
+
+/// A logical request a client is working on.
+#[derive(Debug, Clone)]
+struct Work {
+    key: u64,
+    fingerprint: Fingerprint,
+    attempt: AttemptToken,
+    attempts: u32,
+    step: Step,
+    claim: Option<Stamp>,
+}
+
+struct Client {
+    region: usize,
+    work: Option<Work>,
+    done: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Ev {
+    Tick(usize),
+    Client(usize),
+    Deliver {
+        from: usize,
+        to: usize,
+        /// The connection it was sent on: a message outlives no connection.
+        conn: u64,
+        bytes: Vec<u8>,
+    },
+    /// Try to (re)connect two regions.
+    Connect(usize, usize),
+    PartitionStart,
+    PartitionEnd(Vec<(usize, usize)>),
+    Liveness,
+}
+
+/// One run.
+pub struct World {
+    opts: Options,
+    faults: Faults,
+    rngs: Rngs,
+    now: u64,
+    seq: u64,
+    queue: BTreeMap<(u64, u64), Ev>,
+    regions: Vec<Region>,
+    clients: Vec<Client>,
+    /// Base one-way latency per directed link, ms.
+    latency: BTreeMap<(usize, usize), u64>,
+    /// Directed links cut (with a count: partitions may overlap).
+    cut: BTreeMap<(usize, usize), u32>,
+    /// Live connections, by region pair (lower index first), with their id.
+    conns: BTreeMap<(usize, usize), u64>,
+    next_conn: u64,
+    /// Per directed link, the latest delivery time scheduled: a connection delivers in order.
+    last_delivery: BTreeMap<(usize, usize), u64>,
+    oracle: Oracle,
+    counts: Counts,
+    trace: u64,
+    liveness: bool,
+    log: Vec<String>,
+}
+
+/// A region pair, lower index first.
+fn pair(a: usize, b: usize) -> (usize, usize) {
+    (a.min(b), a.max(b))
+}
+
+fn region_name(i: usize) -> RegionId {
+    RegionId::new(&format!("r{i}")).expect("region name")
+}
+
+fn key_of(k: u64) -> RecordKey {
+    RecordKey::new(NAMESPACE, "acct", format!("k{k}"))
+}
+
+impl World {
+    /// Builds the world of `seed`.
+    pub fn new(seed: u64, opts: &Options) -> Self {
+        let mut rngs = Rngs {
+            workload: stream(seed, 1),
+            network: stream(seed, 2),
+            faults: stream(seed, 4),
+        };
+        let mut clocks = stream(seed, 3);
+        let faults = Faults::draw(opts.profile, |lo, hi| between(&mut rngs.faults, lo, hi));
+        let ids: Vec<RegionId> = (0..opts.regions).map(region_name).collect();
+        let cluster = ClusterId::new("sim").expect("cluster id");
+        let regions: Vec<Region> = ids
+            .iter()
+            .map(|id| {
+                let skew =
+                    between(&mut clocks, 0, 2 * faults.skew_ms) as i64 - faults.skew_ms as i64;
+                let now = T0.saturating_add_signed(skew);
+                let store =
+                    Store::open(MemStorage::new(), StoreConfig::new(*id, &[NAMESPACE]), now)
+                        .expect("a fresh store opens");
+                let mut cfg = ReplicaConfig::new(cluster.clone());
+                cfg.range_timeout_ms = 2_000;
+                let replica = Replica::new(*id, &ids, cfg, clocks.next_u64(), 0);
+                Region {
+                    id: *id,
+                    store,
+                    replica,
+                    skew_ms: skew,
+                }
+            })
+            .collect();
+        let mut latency = BTreeMap::new();
+        for a in 0..opts.regions {
+            for b in 0..opts.regions {
+                if a != b {
+                    let l = between(&mut rngs.network, faults.latency_ms.0, faults.latency_ms.1);
+                    latency.insert((a, b), l);
+                }
+            }
+        }
+        let clients = (0..opts.regions * opts.clients_per_region)
+            .map(|i| Client {
+                region: i % opts.regions,
+                work: None,
+                done: 0,
+            })
+            .collect();
+        World {
+            opts: opts.clone(),
+            faults,
+            rngs,
+            now: T0,
+            seq: 0,
+            queue: BTreeMap::new(),
+            regions,
+            clients,
+            latency,
+            cut: BTreeMap::new(),
+            conns: BTreeMap::new(),
+            next_conn: 1,
+            last_delivery: BTreeMap::new(),
+            oracle: Oracle::default(),
+            counts: Counts::default(),
+            trace: 0xcbf2_9ce4_8422_2325,
+            liveness: false,
+            log: Vec::new(),
+        }
+    }
+
+    fn at(&mut self, t: u64, ev: Ev) {
+        self.seq += 1;
+        self.queue.insert((t, self.seq), ev);
+    }
+
+    fn note(&mut self, what: String) {
+        for b in what.as_bytes().iter().chain(&self.now.to_le_bytes()) {
+            self.trace = (self.trace ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+        if self.log.len() == 64 {
+            self.log.remove(0);
+        }
+        self.log.push(format!("{} {what}", self.now - T0));
+    }
+
+    /// Region `i`'s clock.
+    fn clock(&self, i: usize) -> u64 {
+        self.now.saturating_add_signed(self.regions[i].skew_ms)
+    }
+
+    /// Runs the seed to the end and checks it.
+    pub fn run(mut self, seed: u64) -> Report {
+        for i in 0..self.regions.len() {
+            for j in i + 1..self.regions.len() {
+                self.at(T0, Ev::Connect(i, j));
+            }
+            self.at(T0 + TICK_MS, Ev::Tick(i));
+        }
+        for c in 0..self.clients.len() {
+            let t = T0 + between(&mut self.rngs.workload, 0, 50);
+            self.at(t, Ev::Client(c));
+        }
+        if self.faults.partition_every_ms > 0 {
+            let t = T0 + between(&mut self.rngs.faults, 0, self.faults.partition_every_ms);
+            self.at(t, Ev::PartitionStart);
+        }
+        let end_safety = T0 + self.opts.duration_ms;
+        self.at(end_safety, Ev::Liveness);
+        let deadline = end_safety + LIVENESS_BOUND_MS;
+        let mut converged = false;
+        while let Some(((t, _), ev)) = self.queue.pop_first() {
+            self.now = t;
+            if self.now > deadline {
+                break;
+            }
+            self.handle(ev);
+            if self.liveness && matches!(self.now % 100, 0..TICK_MS) && self.quiet() {
+                converged = true;
+                break;
+            }
+        }
+        self.finish(seed, converged)
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        match ev {
+            Ev::Tick(i) => {
+                let now = self.clock(i);
+                let r = &mut self.regions[i];
+                r.store.flush().expect("in-memory flush");
+                r.replica.handle_timeout(&r.store, now);
+                self.drain(i);
+                self.at(self.now + TICK_MS, Ev::Tick(i));
+            }
+            Ev::Client(c) => self.client(c),
+            Ev::Deliver {
+                from,
+                to,
+                conn,
+                bytes,
+            } => {
+                if self.conns.get(&pair(from, to)) != Some(&conn) {
+                    // Its connection broke while it was on the way.
+                    self.counts.messages_lost += 1;
+                    return;
+                }
+                let mut d = FrameDecoder::new();
+                let msg = d.push(&bytes).and_then(|_| d.next());
+                let Ok(Some(msg)) = msg else {
+                    self.oracle.violations.push(Violation {
+                        check: "W1",
+                        key: None,
+                        detail: format!("a frame the replica sent did not decode: {msg:?}"),
+                    });
+                    return;
+                };
+                self.counts.messages_delivered += 1;
+                self.note(format!("deliver {from}->{to} {}", msg.kind()));
+                let now = self.clock(to);
+                let from_id = self.regions[from].id;
+                let r = &mut self.regions[to];
+                r.replica.receive(&r.store, now, from_id, msg);
+                r.store.flush().expect("in-memory flush");
+                self.drain(to);
+            }
+            Ev::Connect(a, b) => self.connect(a, b),
+            Ev::PartitionStart => self.partition(),
+            Ev::PartitionEnd(links) => {
+                for l in links {
+                    if let Some(n) = self.cut.get_mut(&l) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.cut.remove(&l);
+                        }
+                    }
+                }
+                self.note("partition end".into());
+            }
+            Ev::Liveness => {
+                self.liveness = true;
+                self.cut.clear();
+                self.note("liveness phase: heal, no new requests".into());
+            }
+        }
+    }
+
+    fn is_cut(&self, from: usize, to: usize) -> bool {
+        self.cut.contains_key(&(from, to))
+    }
+
+    /// Opens a connection between `a` and `b` unless a cut stands between them (then tries
+    /// again in a second, like a transport redialling).
+    fn connect(&mut self, a: usize, b: usize) {
+        if self.conns.contains_key(&pair(a, b)) {
+            return;
+        }
+        if self.is_cut(a, b) || self.is_cut(b, a) {
+            self.at(self.now + 1_000, Ev::Connect(a, b));
+            return;
+        }
+        let id = self.next_conn;
+        self.next_conn += 1;
+        self.conns.insert(pair(a, b), id);
+        self.note(format!("connect {a}-{b}"));
+        for (x, y) in [(a, b), (b, a)] {
+            let now = self.clock(x);
+            let peer = self.regions[y].id;
+            self.regions[x].replica.connected(now, peer);
+        }
+        self.drain(a);
+        self.drain(b);
+    }
+
+    /// Breaks the connection between `a` and `b` (what is on the way is lost); both ends are
+    /// told, and redial after a while.
+    fn break_link(&mut self, a: usize, b: usize) {
+        if self.conns.remove(&pair(a, b)).is_none() {
+            return;
+        }
+        self.counts.connection_breaks += 1;
+        self.note(format!("break {a}-{b}"));
+        for (x, y) in [(a, b), (b, a)] {
+            let now = self.clock(x);
+            let peer = self.regions[y].id;
+            self.regions[x].replica.disconnected(now, peer);
+        }
+        let redial = between(&mut self.rngs.network, 200, 2_000);
+        self.at(self.now + redial, Ev::Connect(a.min(b), a.max(b)));
+    }
+    /// Sends what region `i`'s replica has to send, through the faulty network.
+    fn drain(&mut self, i: usize) {
+        while let Some(ev) = self.regions[i].replica.poll_event() {
+            match ev {
+                Event::ProtocolViolation { what, .. } => self.oracle.violations.push(Violation {
+                    check: "W2",
+                    key: None,
+                    detail: format!("region {i} saw a protocol violation: {what}"),
+                }),
+                Event::InvalidMutation { error, .. } => self.oracle.violations.push(Violation {
+                    check: "W3",
+                    key: None,
+                    detail: format!("region {i} refused a peer's mutation: {error}"),
+                }),
+                Event::DriftRejected { .. } => self.counts.drift_rejected += 1,
+                Event::PushDropped { count, .. } => self.counts.push_dropped += count,
+                _ => {}
+            }
+        }
+        while let Some((to, msg)) = self.regions[i].replica.poll_transmit() {
+            let Some(j) = self.regions.iter().position(|r| r.id == to) else {
+                continue;
+            };
+            let bytes = match frame::encode(&msg) {
+                Ok(b) => b,
+                Err(e) => {
+                    self.oracle.violations.push(Violation {
+                        check: "W1",
+                        key: None,
+                        detail: format!("region {i} could not encode a {}: {e}", msg.kind()),
+                    });
+                    continue;
+                }
+            };
+            let Some(&conn) = self.conns.get(&pair(i, j)) else {
+                // No connection: the message has nowhere to go (the replica was told).
+                self.counts.messages_lost += 1;
+                continue;
+            };
+            if chance(&mut self.rngs.network, self.faults.loss_ppm) {
+                // A transport delivers in order or not at all: a loss breaks the connection.
+                self.counts.messages_lost += 1;
+                self.break_link(i, j);
+                continue;
+            }
+            let jitter = between(&mut self.rngs.network, 0, self.faults.jitter_ms);
+            let t = (self.now + self.latency[&(i, j)] + jitter)
+                .max(self.last_delivery.get(&(i, j)).copied().unwrap_or(0));
+            self.last_delivery.insert((i, j), t);
+            self.at(
+                t,
+                Ev::Deliver {
+                    from: i,
+                    to: j,
+                    conn,
+                    bytes,
+                },
+            );
+        }
+    }
+
+    fn partition(&mut self) {
+        if self.liveness {
+            return;
+        }
+        let n = self.regions.len();
+        let r = &mut self.rngs.faults;
+        let mut links = Vec::new();
+        match between(r, 0, 2) {
+            // Isolate one region, both ways.
+            0 => {
+                let a = between(r, 0, n as u64 - 1) as usize;
+                for b in (0..n).filter(|b| *b != a) {
+                    links.push((a, b));
+                    links.push((b, a));
+                }
+            }
+            // Cut one pair, both ways (a partial partition when there are three or more).
+            1 => {
+                let a = between(r, 0, n as u64 - 1) as usize;
+                let b = (a + 1 + between(r, 0, n as u64 - 2) as usize) % n;
+                links.push((a, b));
+                links.push((b, a));
+            }
+            // One way only.
+            _ => {
+                let a = between(r, 0, n as u64 - 1) as usize;
+                let b = (a + 1 + between(r, 0, n as u64 - 2) as usize) % n;
+                links.push((a, b));
+            }
+        }
+        let len = between(r, self.faults.partition_ms.0, self.faults.partition_ms.1);
+        let next = between(
+            r,
+            self.faults.partition_every_ms / 2,
+            self.faults.partition_every_ms * 3 / 2,
+        );
+        for l in &links {
+            *self.cut.entry(*l).or_default() += 1;
+        }
+        // A cut link kills its connection (a one-way cut too: nothing is acknowledged).
+        for &(a, b) in &links {
+            self.break_link(a, b);
+        }
+        self.counts.partitions += 1;
+        self.note(format!("partition {links:?} for {len} ms"));
+        self.at(self.now + len, Ev::PartitionEnd(links));
+        self.at(self.now + next.max(1), Ev::PartitionStart);
+    }
+
+    /// Zipf-like key choice over the key space (s = 1): small keys are hot.
+    fn pick_key(&mut self) -> u64 {
+        let n = self.faults.keys;
+        let h: f64 = (1..=n).map(|k| 1.0 / k as f64).sum();
+        let mut u = (self.rngs.workload.next_u64() as f64 / u64::MAX as f64) * h;
+        for k in 1..=n {
+            u -= 1.0 / k as f64;
+            if u <= 0.0 {
+                return k;
+            }
+        }
+        n
+    }
+
+    fn client(&mut self, c: usize) {
+        if self.clients[c].work.is_none() {
+            if self.liveness {
+                return;
+            }
+            // A fresh key space every few seconds, hot keys within it: requests in different
+            // regions collide on the same keys, during partitions too.
+            let key = (self.now - T0) / KEY_EPOCH_MS * 1_000 + self.pick_key();
+            let reuse = chance(&mut self.rngs.workload, self.faults.reuse_ppm);
+            let payload = if reuse {
+                format!(
+                    "POST /charge k{key} v{}",
+                    self.rngs.workload.next_u64() % 1000
+                )
+            } else {
+                format!("POST /charge k{key}")
+            };
+            self.clients[c].work = Some(Work {
+                key,
+                fingerprint: Fingerprint::of(payload.as_bytes()),
+                attempt: AttemptToken(u128::from(self.rngs.workload.next_u64())),
+                attempts: 0,
+                step: Step::Claim,
+                claim: None,
+            });
+            self.counts.requests += 1;
+        }
+        let region = self.clients[c].region;
+        let now = self.clock(region);
+        let mut w = self.clients[c].work.clone().expect("work");
+        w.attempts += 1;
+        let store = &self.regions[region].store;
+        match w.step {
+            Step::Claim => {
+                let req = ClaimRequest {
+                    key: key_of(w.key),
+                    fingerprint: w.fingerprint,
+                    attempt: w.attempt,
+                };
+                let answer = store.claim(now, &req).and_then(|p| store.wait(p));
+                match answer {
+                    Ok(Decision::Execute { claim, .. }) => {
+                        self.counts.executes += 1;
+                        self.note(format!("c{c} r{region} execute k{} {claim:?}", w.key));
+                        self.oracle.granted(
+                            w.key,
+                            Grant {
+                                stamp: claim,
+                                fingerprint: w.fingerprint,
+                                region,
+                                completed: None,
+                                at_ms: self.now,
+                            },
+                        );
+                        w.step = Step::Complete;
+                        w.claim = Some(claim);
+                        let exec = between(&mut self.rngs.workload, 1, 40);
+                        self.clients[c].work = Some(w);
+                        self.at(self.now + exec, Ev::Client(c));
+                    }
+                    Ok(Decision::Replay { outcome, .. }) => {
+                        self.counts.replays += 1;
+                        self.note(format!("c{c} r{region} replay k{}", w.key));
+                        self.oracle.replays.push((w.key, region, outcome));
+                        self.finish_work(c);
+                    }
+                    Ok(Decision::Mismatch { .. }) => {
+                        self.counts.mismatches += 1;
+                        self.note(format!("c{c} r{region} mismatch k{}", w.key));
+                        self.oracle.mismatches.push((w.key, region, w.fingerprint));
+                        self.finish_work(c);
+                    }
+                    Ok(Decision::InFlight { .. }) | Ok(Decision::Unavailable { .. }) => {
+                        self.counts.retries += 1;
+                        self.retry(c, w);
+                    }
+                    Err(e) => {
+                        self.oracle.violations.push(Violation {
+                            check: "E1",
+                            key: Some(w.key),
+                            detail: format!("claim in region {region} failed: {e}"),
+                        });
+                        self.finish_work(c);
+                    }
+                }
+            }
+            Step::Complete => {
+                let claim = w.claim.expect("a won claim");
+                let outcome = Outcome::new(201, format!("charge k{} by {claim:?}", w.key));
+                let answer = store
+                    .complete(now, &key_of(w.key), claim, outcome.clone())
+                    .and_then(|p| store.wait(p));
+                match answer {
+                    Ok(_) => {
+                        self.note(format!("c{c} r{region} complete k{}", w.key));
+                        self.oracle.completed(w.key, claim, outcome);
+                    }
+                    Err(e) => self.oracle.violations.push(Violation {
+                        check: "E2",
+                        key: Some(w.key),
+                        detail: format!("completion in region {region} failed: {e}"),
+                    }),
+                }
+                self.finish_work(c);
+            }
+        }
+    }
+
+    /// Exponential backoff with full jitter: 10 ms doubling to 1 s.
+    fn retry(&mut self, c: usize, w: Work) {
+        let cap = 10u64.saturating_mul(1 << w.attempts.min(7)).min(1_000);
+        let wait = between(&mut self.rngs.workload, 1, cap);
+        self.clients[c].work = Some(w);
+        self.at(self.now + wait, Ev::Client(c));
+    }
+
+    fn finish_work(&mut self, c: usize) {
+        self.clients[c].work = None;
+        self.clients[c].done += 1;
+        let think = between(&mut self.rngs.workload, 1, 200);
+        self.at(self.now + think, Ev::Client(c));
+    }
+
+    /// Liveness: every client idle and every region holding the same log of every origin.
+    fn quiet(&self) -> bool {
+        if self.clients.iter().any(|c| c.work.is_some()) {
+            return false;
+        }
+        let first = self.regions[0].store.marks();
+        self.regions.iter().all(|r| {
+            r.store.marks() == first && r.store.holdings(1).iter().all(|h| h.gaps.is_empty())
+        })
+    }
+
+    fn finish(mut self, seed: u64, converged: bool) -> Report {
+        if converged {
+            self.check_regions();
+        }
+        self.oracle.check_client_log();
+        let mut counts = std::mem::take(&mut self.counts);
+        for r in &self.regions {
+            if let Ok(items) = r.store.all_items() {
+                counts.items += items.len() as u64;
+            }
+        }
+        counts.keys = self.oracle.grants.len() as u64;
+        Report {
+            seed,
+            converged,
+            violations: std::mem::take(&mut self.oracle.violations),
+            counts,
+            trace_hash: self.trace,
+            last_events: std::mem::take(&mut self.log),
+            sim_ms: self.now - T0,
+        }
+    }
+
+    /// After convergence: L1 (identical records), S1/S7 (the oracle's winner is replayed
+    /// everywhere, with its bytes), S3/S8 (exactly the other grants are items, of the right
+    /// kind).
+    fn check_regions(&mut self) {
+        let keys: BTreeSet<u64> = self.oracle.grants.keys().copied().collect();
+        for k in keys {
+            let key = key_of(k);
+            let mut views = Vec::new();
+            for (i, r) in self.regions.iter().enumerate() {
+                match r.store.read(&key).and_then(|p| r.store.wait(p)) {
+                    Ok(Some(v)) => views.push(v),
+                    other => {
+                        self.oracle.violations.push(Violation {
+                            check: "L1",
+                            key: Some(k),
+                            detail: format!("region {i} cannot show the key: {other:?}"),
+                        });
+                        return;
+                    }
+                }
+            }
+            if views.iter().any(|v| v.record != views[0].record) {
+                self.oracle.violations.push(Violation {
+                    check: "L1",
+                    key: Some(k),
+                    detail: "regions hold different records after convergence".into(),
+                });
+            }
+            let winner = self.oracle.winner(k).expect("a granted key").clone();
+            let want_items = self.oracle.expected_items(k);
+            for (i, v) in views.iter().enumerate() {
+                let mut got: Vec<_> = v.items.iter().map(|it| (it.claim, it.kind)).collect();
+                got.sort();
+                if got != want_items {
+                    self.oracle.violations.push(Violation {
+                        check: "S3",
+                        key: Some(k),
+                        detail: format!(
+                            "region {i} shows items {got:?}, the grants make {want_items:?}"
+                        ),
+                    });
+                }
+            }
+            let Some(want) = winner.completed.clone() else {
+                continue;
+            };
+            for i in 0..self.regions.len() {
+                let now = self.clock(i);
+                let store = &self.regions[i].store;
+                let probe = ClaimRequest {
+                    key: key.clone(),
+                    fingerprint: winner.fingerprint,
+                    attempt: AttemptToken(u128::MAX - i as u128),
+                };
+                match store.claim(now, &probe).and_then(|p| store.wait(p)) {
+                    Ok(Decision::Replay { outcome, claim, .. }) => {
+                        if claim != winner.stamp || outcome != want {
+                            self.oracle.violations.push(Violation {
+                                check: "S1",
+                                key: Some(k),
+                                detail: format!(
+                                    "region {i} replays {claim:?}, the oracle's winner is {:?}",
+                                    winner.stamp
+                                ),
+                            });
+                        }
+                    }
+                    other => self.oracle.violations.push(Violation {
+                        check: "S7",
+                        key: Some(k),
+                        detail: format!("region {i} answered {other:?} instead of a replay"),
+                    }),
+                }
+            }
+        }
+    }
+}
