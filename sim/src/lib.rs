@@ -9,9 +9,11 @@
 //! replies checks the regions (see [`oracle`]). The same seed gives the same run, which
 //! [`Report::trace_hash`] lets a caller verify.
 //!
-//! Not simulated yet: process crashes and torn writes, clock steps, slow operations that outlive
-//! their lease (takeovers), failover between regions, snapshots. `docs/simulation.md` keeps
-//! the list.
+//! Regions also crash: unsynced writes are dropped or torn, the store recovers from its disk,
+//! and answers not yet durable are lost (clients retry with the same attempt token).
+//!
+//! Not simulated yet: clock steps, slow operations that outlive their lease (takeovers),
+//! failover between regions, snapshots. `docs/simulation.md` keeps the list.
 
 pub mod oracle;
 pub mod profile;
@@ -73,6 +75,12 @@ pub struct Counts {
     pub push_dropped: u64,
     /// Received stamps too far ahead to move a clock.
     pub drift_rejected: u64,
+    /// Process crashes.
+    pub crashes: u64,
+    /// Unsynced writes the crashes dropped.
+    pub dropped_writes: u64,
+    /// Unsynced writes the crashes tore.
+    pub torn_writes: u64,
 }
 
 impl Counts {
@@ -91,6 +99,9 @@ impl Counts {
         self.messages_delivered += o.messages_delivered;
         self.push_dropped += o.push_dropped;
         self.drift_rejected += o.drift_rejected;
+        self.crashes += o.crashes;
+        self.dropped_writes += o.dropped_writes;
+        self.torn_writes += o.torn_writes;
     }
 }
 

@@ -33,7 +33,7 @@ struct RunArgs {
     /// First seed of a block.
     #[arg(long, default_value_t = 0)]
     start_seed: u64,
-    /// Fault profile: calm, swarm, partition-heavy, clock-chaos.
+    /// Fault profile: calm, swarm, partition-heavy, clock-chaos, disk-chaos.
     #[arg(long, default_value = "swarm")]
     profile: Profile,
     /// Regions.
@@ -105,10 +105,11 @@ fn main() -> ExitCode {
     let wall = started.elapsed().as_secs_f64();
     if n > 1 {
         println!(
-            "totals: requests {}, executes {}, replays {}, mismatches {}, retries {}, items {} (duplicates and key reuses), partitions {}, messages lost {}, connection breaks {}, push drops {}, drift rejections {}",
+            "totals: requests {}, executes {}, replays {}, mismatches {}, retries {}, items {} (duplicates and key reuses), partitions {}, messages lost {}, connection breaks {}, push drops {}, drift rejections {}, crashes {} (unsynced writes dropped {}, torn {})",
             totals.requests, totals.executes, totals.replays, totals.mismatches, totals.retries,
             totals.items, totals.partitions, totals.messages_lost, totals.connection_breaks,
-            totals.push_dropped, totals.drift_rejected
+            totals.push_dropped, totals.drift_rejected, totals.crashes, totals.dropped_writes,
+            totals.torn_writes
         );
         println!(
             "speed: {:.0} client requests per wall second, {:.0}x simulated time",

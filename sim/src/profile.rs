@@ -14,15 +14,18 @@ pub enum Profile {
     PartitionHeavy,
     /// Large clock offsets between regions (within the max drift).
     ClockChaos,
+    /// Frequent process crashes, each dropping or tearing unsynced writes.
+    DiskChaos,
 }
 
 impl Profile {
     /// Every profile, for help texts.
-    pub const ALL: [Profile; 4] = [
+    pub const ALL: [Profile; 5] = [
         Profile::Calm,
         Profile::Swarm,
         Profile::PartitionHeavy,
         Profile::ClockChaos,
+        Profile::DiskChaos,
     ];
 }
 
@@ -33,6 +36,7 @@ impl fmt::Display for Profile {
             Profile::Swarm => "swarm",
             Profile::PartitionHeavy => "partition-heavy",
             Profile::ClockChaos => "clock-chaos",
+            Profile::DiskChaos => "disk-chaos",
         })
     }
 }
@@ -66,6 +70,9 @@ pub struct Faults {
     pub partition_ms: (u64, u64),
     /// Largest clock offset of a region from true time, ms (either sign).
     pub skew_ms: u64,
+    /// Mean time between process crashes (of a random region) in the safety phase, ms (0:
+    /// none). A crash drops or tears what the region's disk had not synced.
+    pub crash_every_ms: u64,
     /// Probability (per million) per logical request of reusing its key with another payload.
     pub reuse_ppm: u32,
     /// Keys in the Zipf key space.
@@ -80,6 +87,7 @@ impl Faults {
             Profile::Swarm => (draw(5, 120), draw(0, 5_000), draw(0, 1), draw(0, 200)),
             Profile::PartitionHeavy => (draw(5, 80), draw(0, 2_000), 1, draw(0, 100)),
             Profile::ClockChaos => (draw(5, 60), draw(0, 1_000), draw(0, 1), draw(150, 240)),
+            Profile::DiskChaos => (draw(5, 60), draw(0, 1_000), draw(0, 1), draw(0, 100)),
         };
         let lo = 1 + lat_hi / 4;
         Faults {
@@ -100,6 +108,11 @@ impl Faults {
                 },
             ),
             skew_ms: skew,
+            crash_every_ms: match profile {
+                Profile::Calm => 0,
+                Profile::DiskChaos => draw(500, 2_000),
+                _ => draw(2_000, 10_000),
+            },
             reuse_ppm: draw(0, 60_000) as u32,
             keys: draw(8, 60),
         }

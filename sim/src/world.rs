@@ -9,10 +9,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use idem::clock::{RegionId, Stamp};
-use idem::record::{AttemptToken, Fingerprint, Outcome, RecordKey};
+use idem::record::{AttemptToken, Fingerprint, Outcome, RecordKey, Terminal};
 use idem::replica::{Event, Replica, ReplicaConfig};
 use idem::store::storage::MemStorage;
-use idem::store::{ClaimRequest, Decision, Store, StoreConfig};
+use idem::store::{ClaimRequest, Completion, Decision, Pending, Store, StoreConfig};
 use idem::wire::frame::{self, FrameDecoder};
 use idem::wire::ClusterId;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -59,10 +59,15 @@ fn chance(r: &mut ChaCha8Rng, ppm: u32) -> bool {
 
 struct Region {
     id: RegionId,
+    /// The region's disk: it outlives the process (crashes drop its unsynced writes).
+    disk: MemStorage,
     store: Store<MemStorage>,
     replica: Replica,
     /// This region's clock minus true time, ms.
     skew_ms: i64,
+    /// Bumped by each crash.
+    incarnation: u64,
+    replica_cfg: ReplicaConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -84,9 +89,18 @@ struct Work {
     claim: Option<Stamp>,
 }
 
+/// An answer the store gave but has not made durable yet: the client gets it once it is.
+enum Awaiting {
+    Claim(Pending<Decision>),
+    Complete(Pending<Completion>, Outcome),
+}
+
 struct Client {
     region: usize,
     work: Option<Work>,
+    /// The answer in flight, and the incarnation of the region's process that gave it (a
+    /// crash loses it: the client retries).
+    awaiting: Option<(u64, Awaiting)>,
     done: u64,
 }
 
@@ -105,6 +119,7 @@ enum Ev {
     Connect(usize, usize),
     PartitionStart,
     PartitionEnd(Vec<(usize, usize)>),
+    Crash,
     Liveness,
 }
 
@@ -165,17 +180,20 @@ impl World {
                 let skew =
                     between(&mut clocks, 0, 2 * faults.skew_ms) as i64 - faults.skew_ms as i64;
                 let now = T0.saturating_add_signed(skew);
-                let store =
-                    Store::open(MemStorage::new(), StoreConfig::new(*id, &[NAMESPACE]), now)
-                        .expect("a fresh store opens");
+                let disk = MemStorage::new();
+                let store = Store::open(disk.clone(), StoreConfig::new(*id, &[NAMESPACE]), now)
+                    .expect("a fresh store opens");
                 let mut cfg = ReplicaConfig::new(cluster.clone());
                 cfg.range_timeout_ms = 2_000;
-                let replica = Replica::new(*id, &ids, cfg, clocks.next_u64(), 0);
+                let replica = Replica::new(*id, &ids, cfg.clone(), clocks.next_u64(), 0);
                 Region {
                     id: *id,
+                    disk,
                     store,
                     replica,
                     skew_ms: skew,
+                    incarnation: 0,
+                    replica_cfg: cfg,
                 }
             })
             .collect();
@@ -192,6 +210,7 @@ impl World {
             .map(|i| Client {
                 region: i % opts.regions,
                 work: None,
+                awaiting: None,
                 done: 0,
             })
             .collect();
@@ -253,6 +272,10 @@ impl World {
             let t = T0 + between(&mut self.rngs.faults, 0, self.faults.partition_every_ms);
             self.at(t, Ev::PartitionStart);
         }
+        if self.faults.crash_every_ms > 0 {
+            let t = T0 + between(&mut self.rngs.faults, 0, self.faults.crash_every_ms);
+            self.at(t, Ev::Crash);
+        }
         let end_safety = T0 + self.opts.duration_ms;
         self.at(end_safety, Ev::Liveness);
         let deadline = end_safety + LIVENESS_BOUND_MS;
@@ -277,6 +300,8 @@ impl World {
                 let now = self.clock(i);
                 let r = &mut self.regions[i];
                 r.store.flush().expect("in-memory flush");
+                self.answer(i);
+                let r = &mut self.regions[i];
                 r.replica.handle_timeout(&r.store, now);
                 self.drain(i);
                 self.at(self.now + TICK_MS, Ev::Tick(i));
@@ -309,11 +334,19 @@ impl World {
                 let from_id = self.regions[from].id;
                 let r = &mut self.regions[to];
                 r.replica.receive(&r.store, now, from_id, msg);
-                r.store.flush().expect("in-memory flush");
                 self.drain(to);
             }
             Ev::Connect(a, b) => self.connect(a, b),
             Ev::PartitionStart => self.partition(),
+            Ev::Crash => {
+                if !self.liveness {
+                    let i = between(&mut self.rngs.faults, 0, self.opts.regions as u64 - 1);
+                    self.crash(i as usize);
+                    let every = self.faults.crash_every_ms;
+                    let next = between(&mut self.rngs.faults, every / 2, every * 3 / 2);
+                    self.at(self.now + next.max(1), Ev::Crash);
+                }
+            }
             Ev::PartitionEnd(links) => {
                 for l in links {
                     if let Some(n) = self.cut.get_mut(&l) {
@@ -500,7 +533,13 @@ impl World {
         n
     }
 
+    /// A client's turn: start a logical request if it has none, then issue its next
+    /// operation. The answer is given once the store made it durable (at the region's next
+    /// flush), unless the region crashes first.
     fn client(&mut self, c: usize) {
+        if self.clients[c].awaiting.is_some() {
+            return;
+        }
         if self.clients[c].work.is_none() {
             if self.liveness {
                 return;
@@ -529,81 +568,181 @@ impl World {
         }
         let region = self.clients[c].region;
         let now = self.clock(region);
-        let mut w = self.clients[c].work.clone().expect("work");
+        let w = self.clients[c].work.as_mut().expect("work");
         w.attempts += 1;
-        let store = &self.regions[region].store;
-        match w.step {
+        let w = w.clone();
+        let r = &self.regions[region];
+        let issued = match w.step {
             Step::Claim => {
                 let req = ClaimRequest {
                     key: key_of(w.key),
                     fingerprint: w.fingerprint,
                     attempt: w.attempt,
                 };
-                let answer = store.claim(now, &req).and_then(|p| store.wait(p));
-                match answer {
-                    Ok(Decision::Execute { claim, .. }) => {
-                        self.counts.executes += 1;
-                        self.note(format!("c{c} r{region} execute k{} {claim:?}", w.key));
-                        self.oracle.granted(
-                            w.key,
-                            Grant {
-                                stamp: claim,
-                                fingerprint: w.fingerprint,
-                                region,
-                                completed: None,
-                                at_ms: self.now,
-                            },
-                        );
-                        w.step = Step::Complete;
-                        w.claim = Some(claim);
-                        let exec = between(&mut self.rngs.workload, 1, 40);
-                        self.clients[c].work = Some(w);
-                        self.at(self.now + exec, Ev::Client(c));
-                    }
-                    Ok(Decision::Replay { outcome, .. }) => {
-                        self.counts.replays += 1;
-                        self.note(format!("c{c} r{region} replay k{}", w.key));
-                        self.oracle.replays.push((w.key, region, outcome));
-                        self.finish_work(c);
-                    }
-                    Ok(Decision::Mismatch { .. }) => {
-                        self.counts.mismatches += 1;
-                        self.note(format!("c{c} r{region} mismatch k{}", w.key));
-                        self.oracle.mismatches.push((w.key, region, w.fingerprint));
-                        self.finish_work(c);
-                    }
-                    Ok(Decision::InFlight { .. }) | Ok(Decision::Unavailable { .. }) => {
-                        self.counts.retries += 1;
-                        self.retry(c, w);
-                    }
-                    Err(e) => {
-                        self.oracle.violations.push(Violation {
-                            check: "E1",
-                            key: Some(w.key),
-                            detail: format!("claim in region {region} failed: {e}"),
-                        });
-                        self.finish_work(c);
-                    }
-                }
+                r.store.claim(now, &req).map(Awaiting::Claim)
             }
             Step::Complete => {
                 let claim = w.claim.expect("a won claim");
                 let outcome = Outcome::new(201, format!("charge k{} by {claim:?}", w.key));
-                let answer = store
+                r.store
                     .complete(now, &key_of(w.key), claim, outcome.clone())
-                    .and_then(|p| store.wait(p));
-                match answer {
-                    Ok(_) => {
-                        self.note(format!("c{c} r{region} complete k{}", w.key));
-                        self.oracle.completed(w.key, claim, outcome);
-                    }
-                    Err(e) => self.oracle.violations.push(Violation {
-                        check: "E2",
-                        key: Some(w.key),
-                        detail: format!("completion in region {region} failed: {e}"),
-                    }),
-                }
+                    .map(|p| Awaiting::Complete(p, outcome))
+            }
+        };
+        match issued {
+            Ok(a) => {
+                self.clients[c].awaiting = Some((r.incarnation, a));
+            }
+            Err(e) => {
+                self.oracle.violations.push(Violation {
+                    check: if w.step == Step::Claim { "E1" } else { "E2" },
+                    key: Some(w.key),
+                    detail: format!("region {region} refused the operation: {e}"),
+                });
                 self.finish_work(c);
+            }
+        }
+    }
+
+    /// Gives region `i`'s clients the answers that became durable.
+    fn answer(&mut self, i: usize) {
+        for c in 0..self.clients.len() {
+            if self.clients[c].region != i {
+                continue;
+            }
+            let Some((inc, a)) = self.clients[c].awaiting.take() else {
+                continue;
+            };
+            let store = &self.regions[i].store;
+            match a {
+                Awaiting::Claim(p) => match p.try_into_value(store) {
+                    Ok(d) => self.on_claim_answer(c, d),
+                    Err(p) => self.clients[c].awaiting = Some((inc, Awaiting::Claim(p))),
+                },
+                Awaiting::Complete(p, o) => match p.try_into_value(store) {
+                    Ok(_) => self.on_completed(c, o),
+                    Err(p) => self.clients[c].awaiting = Some((inc, Awaiting::Complete(p, o))),
+                },
+            }
+        }
+    }
+
+    fn on_claim_answer(&mut self, c: usize, d: Decision) {
+        let region = self.clients[c].region;
+        let mut w = self.clients[c].work.clone().expect("work");
+        match d {
+            Decision::Execute { claim, .. } => {
+                self.counts.executes += 1;
+                self.note(format!("c{c} r{region} execute k{} {claim:?}", w.key));
+                let known = self
+                    .oracle
+                    .grants
+                    .get(&w.key)
+                    .is_some_and(|gs| gs.iter().any(|g| g.stamp == claim));
+                if !known {
+                    self.oracle.granted(
+                        w.key,
+                        Grant {
+                            stamp: claim,
+                            fingerprint: w.fingerprint,
+                            region,
+                            completed: None,
+                            at_ms: self.now,
+                        },
+                    );
+                }
+                w.step = Step::Complete;
+                w.claim = Some(claim);
+                let exec = between(&mut self.rngs.workload, 1, 40);
+                self.clients[c].work = Some(w);
+                self.at(self.now + exec, Ev::Client(c));
+            }
+            Decision::Replay { outcome, .. } => {
+                self.counts.replays += 1;
+                self.note(format!("c{c} r{region} replay k{}", w.key));
+                self.oracle.replays.push((w.key, region, outcome));
+                self.finish_work(c);
+            }
+            Decision::Mismatch { .. } => {
+                self.counts.mismatches += 1;
+                self.note(format!("c{c} r{region} mismatch k{}", w.key));
+                self.oracle.mismatches.push((w.key, region, w.fingerprint));
+                self.finish_work(c);
+            }
+            Decision::InFlight { .. } | Decision::Unavailable { .. } => {
+                self.counts.retries += 1;
+                self.retry(c, w);
+            }
+        }
+    }
+
+    fn on_completed(&mut self, c: usize, outcome: Outcome) {
+        let region = self.clients[c].region;
+        let w = self.clients[c].work.clone().expect("work");
+        let claim = w.claim.expect("a won claim");
+        self.note(format!("c{c} r{region} complete k{}", w.key));
+        self.oracle.completed(w.key, claim, outcome);
+        self.finish_work(c);
+    }
+
+    /// Region `i`'s process dies: its disk loses (or tears) what was not synced, the store is
+    /// reopened from the disk (recovery) with a new replica, its connections break, and the
+    /// answers it had not made durable are lost (their clients retry).
+    fn crash(&mut self, i: usize) {
+        let now = self.clock(i);
+        let cfg = StoreConfig::new(self.regions[i].id, &[NAMESPACE]);
+        // Often the crash strikes between a flush's write and its sync: unsynced writes reach
+        // the disk, and the crash drops or tears them.
+        if between(&mut self.rngs.faults, 0, 2) != 0 {
+            self.regions[i].disk.fail_next_sync();
+            let _ = self.regions[i].store.flush();
+            self.regions[i].disk.set_fail_syncs(false);
+        }
+        let placeholder =
+            Store::open(MemStorage::new(), cfg.clone(), now).expect("a fresh store opens");
+        drop(std::mem::replace(&mut self.regions[i].store, placeholder));
+        let seed = self.rngs.faults.next_u64();
+        let report = self.regions[i].disk.crash(seed);
+        self.counts.crashes += 1;
+        self.counts.dropped_writes += report.dropped_writes;
+        self.counts.torn_writes += report.torn_writes;
+        match Store::open(self.regions[i].disk.clone(), cfg, now) {
+            Ok(store) => self.regions[i].store = store,
+            Err(e) => {
+                self.oracle.violations.push(Violation {
+                    check: "S5",
+                    key: None,
+                    detail: format!("region {i} did not recover after a crash: {e}"),
+                });
+                return;
+            }
+        }
+        let r = &mut self.regions[i];
+        r.incarnation += 1;
+        let ids: Vec<RegionId> = (0..self.opts.regions).map(region_name).collect();
+        let pushed = r.store.log().durable_seq();
+        r.replica = Replica::new(
+            r.id,
+            &ids,
+            r.replica_cfg.clone(),
+            self.rngs.faults.next_u64(),
+            pushed,
+        );
+        self.note(format!(
+            "crash r{i}: {} writes dropped, {} torn",
+            report.dropped_writes, report.torn_writes
+        ));
+        for j in 0..self.opts.regions {
+            if j != i {
+                self.break_link(i, j);
+            }
+        }
+        for c in 0..self.clients.len() {
+            if self.clients[c].region == i && self.clients[c].awaiting.take().is_some() {
+                // No answer came: the client sends the same operation again (same attempt
+                // token for a claim), after a while.
+                let wait = between(&mut self.rngs.workload, 1, 300);
+                self.at(self.now + wait, Ev::Client(c));
             }
         }
     }
@@ -625,7 +764,11 @@ impl World {
 
     /// Liveness: every client idle and every region holding the same log of every origin.
     fn quiet(&self) -> bool {
-        if self.clients.iter().any(|c| c.work.is_some()) {
+        if self
+            .clients
+            .iter()
+            .any(|c| c.work.is_some() || c.awaiting.is_some())
+        {
             return false;
         }
         let first = self.regions[0].store.marks();
@@ -684,6 +827,24 @@ impl World {
                     key: Some(k),
                     detail: "regions hold different records after convergence".into(),
                 });
+            }
+            // S5: every acknowledged claim and completion survived every crash.
+            for g in &self.oracle.grants[&k] {
+                let held = views[0].record.claim(&g.stamp);
+                let lost = match (&g.completed, held) {
+                    (_, None) => Some("the acknowledged claim"),
+                    (Some(o), Some(c)) if c.terminal != Some(Terminal::Completed(o.clone())) => {
+                        Some("the acknowledged completion")
+                    }
+                    _ => None,
+                };
+                if let Some(what) = lost {
+                    self.oracle.violations.push(Violation {
+                        check: "S5",
+                        key: Some(k),
+                        detail: format!("{what} of {:?} is gone", g.stamp),
+                    });
+                }
             }
             let winner = self.oracle.winner(k).expect("a granted key").clone();
             let want_items = self.oracle.expected_items(k);

@@ -46,6 +46,7 @@ fn a_block_of_swarm_seeds_passes_and_exercises_the_faults() {
     assert!(t.connection_breaks >= 200, "{t:?}");
     assert!(t.messages_lost >= 450, "{t:?}");
     assert!(t.drift_rejected >= 700, "{t:?}");
+    assert!(t.crashes >= 150, "{t:?}");
 }
 
 #[test]
@@ -54,6 +55,17 @@ fn partition_heavy_and_clock_chaos_seeds_pass() {
     assert!(p.partitions >= 20, "{p:?}");
     let c = block(Profile::ClockChaos, 200..210);
     assert!(c.executes >= 200, "{c:?}");
+}
+
+#[test]
+fn disk_chaos_seeds_lose_nothing_acknowledged() {
+    // Frequent crashes, often between a flush's write and its sync: the unsynced writes are
+    // dropped or torn, every answer not yet durable is lost, and S5 checks that every
+    // acknowledged claim and completion is still there after convergence.
+    let d = block(Profile::DiskChaos, 300..340);
+    assert!(d.crashes >= 150, "{d:?}");
+    assert!(d.dropped_writes + d.torn_writes >= 5, "{d:?}");
+    assert!(d.retries >= 500, "{d:?}");
 }
 
 #[test]
