@@ -66,6 +66,7 @@
 #[cfg(test)]
 mod arb;
 pub mod clock;
+pub mod mutants;
 pub mod record;
 pub mod replica;
 mod splitmix;

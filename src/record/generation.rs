@@ -133,11 +133,12 @@ impl Record {
             }
         }
         for g in &mut gens {
-            g.winner = g
-                .stamps
-                .iter()
-                .find(|s| self.claim(s).is_some_and(|c| g.eligible_state(s, c)))
-                .copied();
+            let eligible = |s: &&Stamp| self.claim(s).is_some_and(|c| g.eligible_state(s, c));
+            g.winner = if crate::mutants::active(crate::mutants::Mutant::WinnerLargestStamp) {
+                g.stamps.iter().rev().find(eligible).copied()
+            } else {
+                g.stamps.iter().find(eligible).copied()
+            };
         }
         gens
     }

@@ -198,6 +198,13 @@ impl Record {
         delta.validate()?;
         Ok(match delta {
             Delta::Claim { stamp, facts } => {
+                if crate::mutants::active(crate::mutants::Mutant::MergeKeepsOnlyWinner)
+                    && self
+                        .claims()
+                        .any(|(s, c)| s < stamp && c.facts.is_some() && !c.released())
+                {
+                    return Ok(false);
+                }
                 let mut changed = false;
                 for victim in &facts.takes_over {
                     changed |= self.claims.get_or_default(*victim).1;

@@ -1400,7 +1400,10 @@ impl<S: Storage> Log<S> {
             self.zero_ahead(c);
             self.frames_written.fetch_add(c.frames, Ordering::Relaxed);
             let last = i + 1 == chunks.len();
-            if last && self.cfg.ack_before_sync_for_tests {
+            if last
+                && (self.cfg.ack_before_sync_for_tests
+                    || crate::mutants::active(crate::mutants::Mutant::AckBeforeSync))
+            {
                 return Ok(Some(c.segment));
             }
             self.sync_segment(c.segment)?;

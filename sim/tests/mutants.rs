@@ -1,0 +1,72 @@
+//! The checks can fail: each planted bug (see `idem::mutants`) is reported as a violation
+//! within a bounded number of seeds.
+
+use idem::mutants::{self, Mutant};
+use idem_sim::{run, Options, Profile};
+
+/// Runs up to `seeds` seeds with `m` planted; returns the first seed that failed and its
+/// checks.
+fn first_failure(m: Mutant, profile: Profile, seeds: u64) -> Option<(u64, Vec<&'static str>)> {
+    let opts = Options {
+        regions: 3,
+        clients_per_region: 4,
+        duration_ms: 10_000,
+        profile,
+    };
+    mutants::plant(Some(m));
+    let found = (0..seeds).find_map(|seed| {
+        let r = run(seed, &opts);
+        (!r.passed()).then(|| (seed, r.violations.iter().map(|v| v.check).collect()))
+    });
+    mutants::plant(None);
+    found
+}
+
+#[test]
+fn a_winner_chosen_by_the_largest_stamp_is_caught() {
+    let (seed, checks) = first_failure(Mutant::WinnerLargestStamp, Profile::Swarm, 10)
+        .expect("caught within 10 seeds");
+    assert!(
+        checks.contains(&"S1") || checks.contains(&"S3"),
+        "seed {seed}: {checks:?}"
+    );
+}
+
+#[test]
+fn a_merge_that_keeps_only_the_winner_is_caught() {
+    let (seed, checks) = first_failure(Mutant::MergeKeepsOnlyWinner, Profile::PartitionHeavy, 10)
+        .expect("caught within 10 seeds");
+    assert!(checks.contains(&"S3"), "seed {seed}: {checks:?}");
+}
+
+#[test]
+fn acknowledging_before_the_sync_is_caught() {
+    let (seed, checks) = first_failure(Mutant::AckBeforeSync, Profile::DiskChaos, 20)
+        .expect("caught within 20 seeds");
+    // A lost acknowledged claim shows first as its completion failing (E2), a lost
+    // acknowledged completion as S5.
+    assert!(
+        checks.contains(&"S5") || checks.contains(&"E2"),
+        "seed {seed}: {checks:?}"
+    );
+}
+
+#[test]
+fn without_a_mutant_the_same_seeds_pass() {
+    // The bounds above mean something only if these seeds pass unmutated.
+    for (profile, n) in [
+        (Profile::Swarm, 10),
+        (Profile::PartitionHeavy, 10),
+        (Profile::DiskChaos, 20),
+    ] {
+        let opts = Options {
+            regions: 3,
+            clients_per_region: 4,
+            duration_ms: 10_000,
+            profile,
+        };
+        for seed in 0..n {
+            assert!(run(seed, &opts).passed(), "{profile} seed {seed}");
+        }
+    }
+}

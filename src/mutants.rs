@@ -1,0 +1,53 @@
+//! Known bugs that can be planted at run time, to prove that the simulator's checks catch them.
+//!
+//! Compiled in only with the `mutants` cargo feature (off by default; the simulator's tests turn
+//! it on). Even then nothing changes unless `plant` is called, and only on the calling thread:
+//! the simulator runs a seed on one thread, so tests running in parallel do not see each
+//! other's mutants. Without the feature, [`active`] is a constant `false` and the checks below
+//! compile away.
+
+/// A planted bug.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mutant {
+    /// A generation's winner is its *largest* eligible stamp instead of its smallest.
+    WinnerLargestStamp,
+    /// A record keeps a new claim only if it beats the current winner: losing claims (and so
+    /// their compensation items) vanish.
+    MergeKeepsOnlyWinner,
+    /// The log reports its last chunk durable before syncing it.
+    AckBeforeSync,
+}
+
+impl Mutant {
+    /// Every mutant.
+    pub const ALL: [Mutant; 3] = [
+        Mutant::WinnerLargestStamp,
+        Mutant::MergeKeepsOnlyWinner,
+        Mutant::AckBeforeSync,
+    ];
+}
+
+#[cfg(feature = "mutants")]
+thread_local! {
+    static ACTIVE: std::cell::Cell<Option<Mutant>> = const { std::cell::Cell::new(None) };
+}
+
+/// Plants `m` on the current thread (`None` removes it).
+#[cfg(feature = "mutants")]
+pub fn plant(m: Option<Mutant>) {
+    ACTIVE.with(|a| a.set(m));
+}
+
+/// Whether `m` is planted on the current thread.
+#[inline]
+pub fn active(m: Mutant) -> bool {
+    #[cfg(feature = "mutants")]
+    {
+        ACTIVE.with(|a| a.get()) == Some(m)
+    }
+    #[cfg(not(feature = "mutants"))]
+    {
+        let _ = m;
+        false
+    }
+}
