@@ -75,6 +75,8 @@ pub struct Counts {
     pub push_dropped: u64,
     /// Received stamps too far ahead to move a clock.
     pub drift_rejected: u64,
+    /// Requests that failed over to another region (theirs was fenced).
+    pub failovers: u64,
     /// Process crashes.
     pub crashes: u64,
     /// Unsynced writes the crashes dropped.
@@ -99,6 +101,7 @@ impl Counts {
         self.messages_delivered += o.messages_delivered;
         self.push_dropped += o.push_dropped;
         self.drift_rejected += o.drift_rejected;
+        self.failovers += o.failovers;
         self.crashes += o.crashes;
         self.dropped_writes += o.dropped_writes;
         self.torn_writes += o.torn_writes;

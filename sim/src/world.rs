@@ -12,7 +12,7 @@ use idem::clock::{RegionId, Stamp};
 use idem::record::{AttemptToken, Fingerprint, Outcome, RecordKey, Terminal};
 use idem::replica::{Event, Replica, ReplicaConfig};
 use idem::store::storage::MemStorage;
-use idem::store::{ClaimRequest, Completion, Decision, Pending, Store, StoreConfig};
+use idem::store::{ClaimRequest, Completion, Decision, Pending, Store, StoreConfig, Unavailable};
 use idem::wire::frame::{self, FrameDecoder};
 use idem::wire::ClusterId;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -87,6 +87,9 @@ struct Work {
     attempts: u32,
     step: Step,
     claim: Option<Stamp>,
+    /// The region serving this request: the client's own, until it answers that it is fenced
+    /// (then the client fails over to the next region, as the design's failover policy says).
+    region: usize,
 }
 
 /// An answer the store gave but has not made durable yet: the client gets it once it is.
@@ -563,10 +566,11 @@ impl World {
                 attempts: 0,
                 step: Step::Claim,
                 claim: None,
+                region: self.clients[c].region,
             });
             self.counts.requests += 1;
         }
-        let region = self.clients[c].region;
+        let region = self.clients[c].work.as_ref().expect("work").region;
         let now = self.clock(region);
         let w = self.clients[c].work.as_mut().expect("work");
         w.attempts += 1;
@@ -607,7 +611,7 @@ impl World {
     /// Gives region `i`'s clients the answers that became durable.
     fn answer(&mut self, i: usize) {
         for c in 0..self.clients.len() {
-            if self.clients[c].region != i {
+            if self.clients[c].work.as_ref().is_none_or(|w| w.region != i) {
                 continue;
             }
             let Some((inc, a)) = self.clients[c].awaiting.take() else {
@@ -628,8 +632,8 @@ impl World {
     }
 
     fn on_claim_answer(&mut self, c: usize, d: Decision) {
-        let region = self.clients[c].region;
         let mut w = self.clients[c].work.clone().expect("work");
+        let region = w.region;
         match d {
             Decision::Execute { claim, .. } => {
                 self.counts.executes += 1;
@@ -669,6 +673,20 @@ impl World {
                 self.oracle.mismatches.push((w.key, region, w.fingerprint));
                 self.finish_work(c);
             }
+            Decision::Unavailable {
+                reason: Unavailable::Fenced,
+                ..
+            } => {
+                // The region refused to grant (its clock is off the cluster's): fail over to
+                // the next region with the same request.
+                self.counts.failovers += 1;
+                w.region = (w.region + 1) % self.opts.regions;
+                self.note(format!(
+                    "c{c} r{region} fenced: fails over to r{}",
+                    w.region
+                ));
+                self.retry(c, w);
+            }
             Decision::InFlight { .. } | Decision::Unavailable { .. } => {
                 self.counts.retries += 1;
                 self.retry(c, w);
@@ -677,8 +695,8 @@ impl World {
     }
 
     fn on_completed(&mut self, c: usize, outcome: Outcome) {
-        let region = self.clients[c].region;
         let w = self.clients[c].work.clone().expect("work");
+        let region = w.region;
         let claim = w.claim.expect("a won claim");
         self.note(format!("c{c} r{region} complete k{}", w.key));
         self.oracle.completed(w.key, claim, outcome);
@@ -738,7 +756,8 @@ impl World {
             }
         }
         for c in 0..self.clients.len() {
-            if self.clients[c].region == i && self.clients[c].awaiting.take().is_some() {
+            let here = self.clients[c].work.as_ref().is_some_and(|w| w.region == i);
+            if here && self.clients[c].awaiting.take().is_some() {
                 // No answer came: the client sends the same operation again (same attempt
                 // token for a claim), after a while.
                 let wait = between(&mut self.rngs.workload, 1, 300);

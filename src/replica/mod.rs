@@ -26,6 +26,7 @@
 //! Randomness (the jitter of anti-entropy rounds) comes from a seed given at creation, so a
 //! simulator run replays exactly. Peers are kept in a B-tree: no hash order decides anything.
 
+mod health;
 mod peer;
 mod sync;
 
@@ -46,6 +47,7 @@ use crate::wire::{
 };
 
 use crate::splitmix::SplitMix64;
+use health::Health;
 use peer::{Link, Peer};
 
 /// Most range requests in flight to one peer: a digest naming many origins cannot make the
@@ -86,6 +88,11 @@ pub struct ReplicaConfig {
     pub serve_bytes_per_s: u64,
     /// Heartbeat period.
     pub ping_every_ms: u64,
+    /// The cluster's max clock drift: a region whose clock is off the cluster's median by more
+    /// than half of it fences itself (no new claims) until it is back within bounds.
+    pub max_drift_ms: u64,
+    /// Phi above which a silent peer is suspected (reported; the link is the driver's call).
+    pub phi_suspect: f64,
 }
 
 impl ReplicaConfig {
@@ -106,6 +113,8 @@ impl ReplicaConfig {
             range_timeout_ms: 10_000,
             serve_bytes_per_s: 64 << 20,
             ping_every_ms: 1_000,
+            max_drift_ms: crate::clock::MAX_DRIFT_MS_DEFAULT,
+            phi_suspect: 8.0,
         }
     }
 }
@@ -199,6 +208,27 @@ pub enum Event {
         /// The peer's clock minus ours, ms (NTP-style estimate).
         offset_ms: i64,
     },
+    /// The failure detector suspects a peer: nothing heard for much longer than usual.
+    PeerSuspect {
+        /// The peer.
+        peer: RegionId,
+        /// How long it has been silent, ms.
+        silent_ms: u64,
+    },
+    /// A suspected peer was heard from again.
+    PeerTrusted {
+        /// The peer.
+        peer: RegionId,
+    },
+    /// This region fenced or unfenced itself: its clock against the median of the cluster's
+    /// (peers' estimated offsets and its own) crossed half the max drift. While fenced the store
+    /// grants no new claims.
+    FenceChanged {
+        /// Whether the region is now fenced.
+        fenced: bool,
+        /// The cluster's median clock minus ours, ms.
+        offset_ms: i64,
+    },
     /// A message kind this version does not act on yet was received and ignored.
     Unhandled {
         /// The peer.
@@ -241,6 +271,10 @@ pub struct Replica {
     next_request: u64,
     /// This region's own log: the last number queued for pushing.
     pushed_up_to: u64,
+    /// Liveness and clock estimates per peer (kept across links).
+    health: BTreeMap<RegionId, Health>,
+    /// Whether this replica has fenced the store.
+    fenced: bool,
     /// Serving budget: bytes still allowed in the current second, and that second.
     serve_left: u64,
     serve_second: u64,
@@ -258,11 +292,12 @@ impl Replica {
         seed: u64,
         pushed_up_to: u64,
     ) -> Self {
-        let peers = peers
+        let peers: BTreeMap<RegionId, Peer> = peers
             .iter()
             .filter(|p| **p != region)
             .map(|p| (*p, Peer::default()))
             .collect();
+        let health = peers.keys().map(|p| (*p, Health::default())).collect();
         Self {
             region,
             cfg,
@@ -272,6 +307,8 @@ impl Replica {
             events: VecDeque::new(),
             next_request: 1,
             pushed_up_to,
+            health,
+            fenced: false,
             serve_left: 0,
             serve_second: u64::MAX,
             stats: ReplicaStats::default(),
@@ -310,6 +347,9 @@ impl Replica {
         p.reset();
         p.link = Link::HelloSent;
         p.connected_at_ms = now_ms;
+        if let Some(h) = self.health.get_mut(&peer) {
+            h.reset_link();
+        }
         self.transmits.push_back((peer, Message::Hello(hello)));
     }
 
@@ -337,6 +377,16 @@ impl Replica {
             self.violation(peer, format!("{} from an unknown region", msg.kind()));
             return;
         };
+        // The failure detector times the peer's heartbeats: its other traffic comes in bursts.
+        if matches!(msg, Message::Ping(_)) {
+            if let Some(h) = self.health.get_mut(&peer) {
+                h.heard(now_ms);
+                if h.suspect {
+                    h.suspect = false;
+                    self.events.push_back(Event::PeerTrusted { peer });
+                }
+            }
+        }
         match (&p.link, msg) {
             (_, Message::Hello(h)) => self.on_hello(now_ms, peer, h),
             (_, Message::Reject(r)) => {
@@ -361,6 +411,7 @@ impl Replica {
     /// asked again.
     pub fn handle_timeout<S: Storage>(&mut self, store: &Store<S>, now_ms: u64) {
         self.queue_local(store, now_ms);
+        self.check_health(store, now_ms);
         let ids: Vec<RegionId> = self.peers.keys().copied().collect();
         for id in ids {
             if !self.is_up(id) {
@@ -388,6 +439,41 @@ impl Replica {
             }
             self.retry_ranges(id, now_ms);
         }
+    }
+
+    /// Suspects silent peers, and fences the store while this region's clock is off the
+    /// cluster's median by more than half the max drift.
+    fn check_health<S: Storage>(&mut self, store: &Store<S>, now_ms: u64) {
+        for (peer, p) in &self.peers {
+            if !matches!(p.link, Link::Up { .. }) {
+                continue;
+            }
+            let h = self.health.get_mut(peer).expect("health of a peer");
+            if !h.suspect && h.phi(now_ms).is_some_and(|phi| phi >= self.cfg.phi_suspect) {
+                h.suspect = true;
+                self.events.push_back(Event::PeerSuspect {
+                    peer: *peer,
+                    silent_ms: h.silent_ms(now_ms),
+                });
+            }
+        }
+        let Some(offset_ms) =
+            health::cluster_offset(self.health.values().filter_map(Health::offset_ms))
+        else {
+            return;
+        };
+        let fenced = offset_ms.unsigned_abs() > self.cfg.max_drift_ms / 2;
+        if fenced != self.fenced {
+            self.fenced = fenced;
+            store.set_fenced(fenced);
+            self.events
+                .push_back(Event::FenceChanged { fenced, offset_ms });
+        }
+    }
+
+    /// Whether this replica has fenced its store (clock off the cluster's median).
+    pub fn is_fenced(&self) -> bool {
+        self.fenced
     }
 
     /// The next message to send, and to whom.
@@ -558,6 +644,9 @@ impl Replica {
                 let ours_mid = (i128::from(pong.ping_sent_ms) + i128::from(now_ms)) / 2;
                 let theirs_mid = (i128::from(pong.received_ms) + i128::from(pong.sent_ms)) / 2;
                 let offset = (theirs_mid - ours_mid).clamp(i64::MIN.into(), i64::MAX.into());
+                if let Some(h) = self.health.get_mut(&peer) {
+                    h.offset_sample(offset as i64);
+                }
                 self.events.push_back(Event::ClockSample {
                     peer,
                     rtt_ms: rtt,

@@ -659,3 +659,116 @@ fn numbers_near_the_top_of_the_range_are_refused_before_any_arithmetic() {
         a.store.holdings(8);
     }
 }
+
+/// Feeds region `name` a pong from `peer` answering its last ping, as if `peer`'s clock ran
+/// `offset` ms ahead (zero network delay).
+fn pong_with_offset(net: &mut Net, name: &str, peer: &str, offset: i64) {
+    let now = net.now;
+    let r = net.region(name);
+    r.replica.handle_timeout(&r.store, now);
+    while r.replica.poll_transmit().is_some() {}
+    let p = &r.replica.peers[&rid(peer)];
+    let (nonce, sent) = (p.ping_nonce, p.ping_sent_ms.unwrap());
+    let theirs = sent.saturating_add_signed(offset);
+    r.replica.receive(
+        &r.store,
+        now,
+        rid(peer),
+        Message::Pong(Pong {
+            nonce,
+            ping_sent_ms: sent,
+            received_ms: theirs,
+            sent_ms: theirs,
+        }),
+    );
+    net.now += 1_000;
+}
+
+#[test]
+fn a_region_whose_clock_is_off_the_cluster_fences_itself_until_it_is_back() {
+    let mut net = Net::new(&["a", "b", "c"], |_| {});
+    net.connect_all();
+    // Both peers' clocks run 300 ms ahead of a's: more than half the 500 ms max drift.
+    for _ in 0..3 {
+        pong_with_offset(&mut net, "a", "b", 300);
+        pong_with_offset(&mut net, "a", "c", 300);
+    }
+    let now = net.now;
+    let r = net.region("a");
+    r.replica.handle_timeout(&r.store, now);
+    assert!(r.replica.is_fenced() && r.store.is_fenced());
+    let mut events = Vec::new();
+    while let Some(e) = r.replica.poll_event() {
+        events.push(e);
+    }
+    assert!(events.contains(&Event::FenceChanged {
+        fenced: true,
+        offset_ms: 300
+    }));
+    match claim(&mut net, "a", "k") {
+        Decision::Unavailable { reason, .. } => {
+            assert_eq!(reason, crate::store::Unavailable::Fenced)
+        }
+        other => panic!("a fenced region grants nothing: {other:?}"),
+    }
+    // The clock comes back (the median of the recent samples moves under 250 ms).
+    for _ in 0..8 {
+        pong_with_offset(&mut net, "a", "b", 100);
+        pong_with_offset(&mut net, "a", "c", 100);
+    }
+    let now = net.now;
+    let r = net.region("a");
+    r.replica.handle_timeout(&r.store, now);
+    assert!(!r.store.is_fenced());
+    assert!(matches!(
+        claim(&mut net, "a", "k"),
+        Decision::Execute { .. }
+    ));
+}
+
+#[test]
+fn one_peer_with_a_bad_clock_fences_nobody_else() {
+    let mut net = Net::new(&["a", "b", "c"], |_| {});
+    net.connect_all();
+    for _ in 0..3 {
+        pong_with_offset(&mut net, "a", "b", 400);
+        pong_with_offset(&mut net, "a", "c", 0);
+    }
+    let now = net.now;
+    let r = net.region("a");
+    r.replica.handle_timeout(&r.store, now);
+    assert!(
+        !r.store.is_fenced(),
+        "the cluster's median is a's and c's clock"
+    );
+}
+
+#[test]
+fn a_silent_peer_is_suspected_and_trusted_again_when_heard() {
+    let mut net = Net::new(&["a", "b"], |_| {});
+    net.connect_all();
+    // Regular heartbeats both ways for a while.
+    net.run(10_000, 50);
+    assert!(
+        !net.region("a")
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::PeerSuspect { .. })),
+        "no suspicion while heartbeats flow"
+    );
+    net.cut.insert((rid("b"), rid("a")));
+    net.run(30_000, 100);
+    let suspected = net
+        .region("a")
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::PeerSuspect { peer, silent_ms } if *peer == rid("b") && *silent_ms >= 1_000));
+    assert!(suspected);
+    net.heal();
+    net.run(3_000, 50);
+    assert!(net
+        .region("a")
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::PeerTrusted { peer } if *peer == rid("b"))));
+}
