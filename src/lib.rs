@@ -12,8 +12,11 @@
 //! * [`record`]: the replicated record of a key, a join-semilattice whose merge is order-free;
 //!   generations, first-writer-wins winners and compensation items are derived from it.
 //! * [`store`]: the region's linearizable key map over a crash-safe, group-committed log.
-//! * [`wire`]: the messages regions exchange, their framing and limits (the replication
-//!   protocol's format; the protocol itself comes next).
+//! * [`replica`]: replication between regions as a sans-IO state machine (handshake, push,
+//!   pull anti-entropy, heartbeats, clock fencing), driven by the daemon or the simulator.
+//! * [`wire`]: the messages regions exchange, their framing and limits.
+//! * [`mutants`]: known bugs the simulator's tests plant to prove their checks fail (compiled in
+//!   only with the `mutants` feature).
 //!
 //! The core takes time from its caller (`now_ms` arguments) and does I/O only through the
 //! [`store::storage::Storage`] interface, so a deterministic simulator drives the very same
