@@ -36,14 +36,14 @@ mod tests;
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::clock::RegionId;
-use crate::record::{Body, Delta, Terminal};
+use crate::record::{Body, Delta, RecordKey, Terminal};
 use crate::store::entry::Mutation;
 use crate::store::storage::Storage;
 use crate::store::{Store, StoreError};
 use crate::wire::{
-    self, Busy, ClusterId, Digest, Hello, Message, Ping, Pong, Push, Range, RangeRequest, Reject,
-    RejectReason, ResetRequired, SeqRange, VersionRange, BATCH_MUTATIONS_MAX, FRAME_BYTES_MAX,
-    GAPS_MAX, ORIGINS_MAX,
+    self, Busy, ClusterId, Digest, Hello, Lookup, LookupReply, Message, Ping, Pong, Push, Range,
+    RangeRequest, Reject, RejectReason, ResetRequired, SeqRange, VersionRange, BATCH_MUTATIONS_MAX,
+    FRAME_BYTES_MAX, GAPS_MAX, ORIGINS_MAX,
 };
 
 use crate::splitmix::SplitMix64;
@@ -93,6 +93,8 @@ pub struct ReplicaConfig {
     pub max_drift_ms: u64,
     /// Phi above which a silent peer is suspected (reported; the link is the driver's call).
     pub phi_suspect: f64,
+    /// How long a failover lookup waits for its answer.
+    pub lookup_timeout_ms: u64,
 }
 
 impl ReplicaConfig {
@@ -115,6 +117,7 @@ impl ReplicaConfig {
             ping_every_ms: 1_000,
             max_drift_ms: crate::clock::MAX_DRIFT_MS_DEFAULT,
             phi_suspect: 8.0,
+            lookup_timeout_ms: 500,
         }
     }
 }
@@ -229,6 +232,30 @@ pub enum Event {
         /// The cluster's median clock minus ours, ms.
         offset_ms: i64,
     },
+    /// A failover lookup was answered; what the peer knew of the key is merged into the store
+    /// (durable with its next flush).
+    LookupDone {
+        /// The lookup.
+        request: u64,
+        /// The key.
+        key: RecordKey,
+        /// Whether the peer knew the key.
+        found: bool,
+    },
+    /// A failover lookup got no answer in time (or its link went down).
+    LookupTimedOut {
+        /// The lookup.
+        request: u64,
+        /// The key.
+        key: RecordKey,
+    },
+    /// A peer's answer to a lookup could not be merged.
+    LookupRefused {
+        /// The peer.
+        peer: RegionId,
+        /// The store's reason.
+        error: String,
+    },
     /// A message kind this version does not act on yet was received and ignored.
     Unhandled {
         /// The peer.
@@ -273,6 +300,10 @@ pub struct Replica {
     pushed_up_to: u64,
     /// Liveness and clock estimates per peer (kept across links).
     health: BTreeMap<RegionId, Health>,
+    /// Lookups this region asked: request → (peer, key, deadline).
+    lookups: BTreeMap<u64, (RegionId, RecordKey, u64)>,
+    /// Lookups peers asked whose answer is not durable here yet: (peer, request, key).
+    to_answer: Vec<(RegionId, u64, RecordKey)>,
     /// Whether this replica has fenced the store.
     fenced: bool,
     /// Serving budget: bytes still allowed in the current second, and that second.
@@ -308,6 +339,8 @@ impl Replica {
             next_request: 1,
             pushed_up_to,
             health,
+            lookups: BTreeMap::new(),
+            to_answer: Vec::new(),
             fenced: false,
             serve_left: 0,
             serve_second: u64::MAX,
@@ -412,6 +445,20 @@ impl Replica {
     pub fn handle_timeout<S: Storage>(&mut self, store: &Store<S>, now_ms: u64) {
         self.queue_local(store, now_ms);
         self.check_health(store, now_ms);
+        let due: Vec<u64> = self
+            .lookups
+            .iter()
+            .filter(|(_, (_, _, deadline))| *deadline <= now_ms)
+            .map(|(id, _)| *id)
+            .collect();
+        for request in due {
+            let (_, key, _) = self.lookups.remove(&request).expect("listed");
+            self.events
+                .push_back(Event::LookupTimedOut { request, key });
+        }
+        for (peer, request, key) in std::mem::take(&mut self.to_answer) {
+            self.answer_lookup(store, peer, request, key);
+        }
         let ids: Vec<RegionId> = self.peers.keys().copied().collect();
         for id in ids {
             if !self.is_up(id) {
@@ -490,7 +537,10 @@ impl Replica {
     /// became durable are picked up at each call, so a driver that has just flushed the store
     /// may call it early.
     pub fn poll_timeout(&self) -> Option<u64> {
-        self.peers
+        let lookups = self.lookups.values().map(|(_, _, d)| *d).min();
+        let answers = (!self.to_answer.is_empty()).then_some(0);
+        let links = self
+            .peers
             .values()
             .filter(|p| matches!(p.link, Link::Up { .. }))
             .flat_map(|p| {
@@ -504,7 +554,89 @@ impl Replica {
                 .flatten()
                 .chain(ranges)
             })
-            .min()
+            .min();
+        [lookups, answers, links].into_iter().flatten().min()
+    }
+
+    /// Asks `peer` what it knows of `key` (failover: a claim arrived with `peer` as its prior
+    /// region, or the namespace looks up keys never seen here). The answer is merged into the
+    /// store and reported as [`Event::LookupDone`]; none within `lookup_timeout_ms` gives
+    /// [`Event::LookupTimedOut`]. Returns the request id, or `None` when the link is not up.
+    pub fn lookup(&mut self, now_ms: u64, peer: RegionId, key: RecordKey) -> Option<u64> {
+        if !self.is_up(peer) {
+            return None;
+        }
+        let request = self.next_request;
+        self.next_request += 1;
+        self.lookups.insert(
+            request,
+            (peer, key.clone(), now_ms + self.cfg.lookup_timeout_ms),
+        );
+        self.transmits
+            .push_back((peer, Message::Lookup(Lookup { request, key })));
+        Some(request)
+    }
+
+    /// Answers a peer's lookup with what is durable here (later, if the key's newest write is
+    /// not durable yet: a peer must never learn a fact a crash here could take back).
+    fn answer_lookup<S: Storage>(
+        &mut self,
+        store: &Store<S>,
+        peer: RegionId,
+        request: u64,
+        key: RecordKey,
+    ) {
+        let record = match store.read(&key) {
+            Ok(p) => match p.try_into_value(store) {
+                Ok(view) => view.map(|v| v.record),
+                Err(_) => {
+                    self.to_answer.push((peer, request, key));
+                    return;
+                }
+            },
+            // Unknown namespace or a key outside the limits: nothing to tell.
+            Err(_) => None,
+        };
+        self.transmits.push_back((
+            peer,
+            Message::LookupReply(LookupReply {
+                request,
+                key,
+                record,
+            }),
+        ));
+    }
+
+    fn on_lookup_reply<S: Storage>(
+        &mut self,
+        store: &Store<S>,
+        now_ms: u64,
+        peer: RegionId,
+        r: LookupReply,
+    ) {
+        match self.lookups.get(&r.request) {
+            Some((p, k, _)) if *p == peer && *k == r.key => {}
+            _ => {
+                self.stats.stale_answers += 1;
+                return;
+            }
+        }
+        self.lookups.remove(&r.request);
+        let found = r.record.is_some();
+        if let Some(record) = &r.record {
+            if let Err(e) = store.merge_record(now_ms, &r.key, record) {
+                self.events.push_back(Event::LookupRefused {
+                    peer,
+                    error: e.to_string(),
+                });
+                return;
+            }
+        }
+        self.events.push_back(Event::LookupDone {
+            request: r.request,
+            key: r.key,
+            found,
+        });
     }
 
     fn hello(&self) -> Hello {
@@ -653,6 +785,8 @@ impl Replica {
                     offset_ms: offset as i64,
                 });
             }
+            Message::Lookup(l) => self.answer_lookup(store, peer, l.request, l.key),
+            Message::LookupReply(r) => self.on_lookup_reply(store, now_ms, peer, r),
             other => {
                 let kind = other.kind();
                 self.events.push_back(Event::Unhandled { peer, kind });

@@ -772,3 +772,107 @@ fn a_silent_peer_is_suspected_and_trusted_again_when_heard() {
         .iter()
         .any(|e| matches!(e, Event::PeerTrusted { peer } if *peer == rid("b"))));
 }
+
+#[test]
+fn a_failover_lookup_brings_the_prior_regions_facts_before_deciding() {
+    let mut net = Net::new(&["a", "b"], |_| {});
+    net.connect_all();
+    // a's pushes to b are lost: b knows nothing of the key a completed.
+    net.cut.insert((rid("a"), rid("b")));
+    let outcome = pair(&mut net, "a", "order-1", "charged");
+    net.run(20, 1);
+    assert_eq!(net.marks("b").get(&rid("a")).copied().unwrap_or(0), 0);
+    net.heal();
+    // The client failed over from a to b: b asks a first.
+    let now = net.now;
+    let b = net.region("b");
+    let request = b
+        .replica
+        .lookup(now, rid("a"), RecordKey::new("payments", "acct", "order-1"))
+        .expect("the link is up");
+    let unknown = b
+        .replica
+        .lookup(now, rid("a"), RecordKey::new("payments", "acct", "never"))
+        .unwrap();
+    net.pump();
+    let events = &net.region("b").events;
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::LookupDone { request: r, found: true, .. } if *r == request)));
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::LookupDone { request: r, found: false, .. } if *r == unknown)));
+    match claim(&mut net, "b", "order-1") {
+        Decision::Replay { outcome: o, .. } => assert_eq!(o, outcome),
+        other => panic!("b should replay a's outcome, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_lookup_without_an_answer_times_out() {
+    let mut net = Net::new(&["a", "b"], |c| c.lookup_timeout_ms = 300);
+    net.connect_all();
+    net.cut.insert((rid("a"), rid("b")));
+    let now = net.now;
+    let b = net.region("b");
+    let request = b
+        .replica
+        .lookup(now, rid("a"), RecordKey::new("payments", "acct", "k"))
+        .unwrap();
+    net.run(200, 10);
+    assert!(!net
+        .region("b")
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::LookupTimedOut { .. })));
+    net.run(200, 10);
+    assert!(net
+        .region("b")
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::LookupTimedOut { request: r, .. } if *r == request)));
+    // A region whose link is down cannot be asked.
+    let now = net.now;
+    net.region("b").replica.disconnected(now, rid("a"));
+    assert_eq!(
+        net.region("b")
+            .replica
+            .lookup(now, rid("a"), RecordKey::new("payments", "acct", "k")),
+        None
+    );
+}
+
+#[test]
+fn a_lookup_is_answered_only_with_durable_facts() {
+    let mut net = Net::new(&["a", "b"], |_| {});
+    net.connect_all();
+    let now = net.now;
+    let a = net.region("a");
+    // A claim appended but not yet flushed.
+    let p = a.store.claim(now, &request("k", "POST /charge")).unwrap();
+    assert!(!p.is_durable(&a.store));
+    let lookup = Message::Lookup(Lookup {
+        request: 5,
+        key: RecordKey::new("payments", "acct", "k"),
+    });
+    a.replica.receive(&a.store, now, rid("b"), lookup);
+    assert!(
+        a.replica.poll_transmit().is_none(),
+        "not before it is durable"
+    );
+    a.store.flush().unwrap();
+    a.replica.handle_timeout(&a.store, now + 1);
+    let mut replies = Vec::new();
+    while let Some((to, m)) = a.replica.poll_transmit() {
+        if let Message::LookupReply(r) = m {
+            replies.push((to, r));
+        }
+    }
+    assert_eq!(replies.len(), 1);
+    assert_eq!(replies[0].0, rid("b"));
+    assert!(replies[0]
+        .1
+        .record
+        .as_ref()
+        .is_some_and(|r| r.claim_count() == 1));
+}

@@ -16,7 +16,7 @@ use super::{
     SEQ_CHECKPOINT_EVERY,
 };
 use crate::clock::{Observed, RegionId};
-use crate::record::{Delta, Item, ItemContext, KeyDigest, RecordKey};
+use crate::record::{Delta, Item, ItemContext, KeyDigest, Record, RecordKey};
 
 /// Per-origin received sequence numbers: the contiguous mark and what lies above it.
 #[derive(Debug, Clone, Default)]
@@ -141,6 +141,19 @@ impl Replication {
     }
 }
 
+/// A peer's key within the absolute limits.
+fn check_remote_key(k: &RecordKey) -> Result<(), String> {
+    if k.namespace().is_empty()
+        || k.namespace().len() > policy::NAMESPACE_LEN_MAX
+        || k.key().is_empty()
+        || k.key().len() > policy::KEY_LEN_ABSOLUTE_MAX
+        || k.principal().len() > policy::KEY_LEN_ABSOLUTE_MAX
+    {
+        return Err("key outside the absolute limits".into());
+    }
+    Ok(())
+}
+
 /// Highest sequence number a peer's mutation may carry (2^62): far beyond any real log, and
 /// far enough from `u64::MAX` that arithmetic on numbers never overflows.
 pub const SEQ_MAX: u64 = 1 << 62;
@@ -181,16 +194,7 @@ impl<S: Storage> Store<S> {
                 m.origin
             )));
         }
-        let k = &m.key;
-        if k.namespace().is_empty()
-            || k.namespace().len() > policy::NAMESPACE_LEN_MAX
-            || k.key().is_empty()
-            || k.key().len() > policy::KEY_LEN_ABSOLUTE_MAX
-            || k.principal().len() > policy::KEY_LEN_ABSOLUTE_MAX
-        {
-            return Err(invalid("key outside the absolute limits".into()));
-        }
-        Ok(())
+        check_remote_key(&m.key).map_err(invalid)
     }
 
     /// Merges a peer's mutation (applied on receipt: merges commute). The mutation is stored
@@ -308,6 +312,107 @@ impl<S: Storage> Store<S> {
         repl.appended(m.origin, m.seq, lsn);
         repl.checkpoint(m.origin, m.seq, loc, now_ms);
         Ok((lsn, loc))
+    }
+
+    /// Merges a peer's whole record of a key: a failover lookup's answer, or a chunk of a
+    /// snapshot stream. The merged record is written as one image entry (which a read stops
+    /// at), so it is durable with the next flush like any write. Per-origin marks do not move:
+    /// the origins' logs still deliver these mutations, which then merge as no-ops.
+    ///
+    /// The record is untrusted: it is rebuilt from its deltas, each validated, and the key
+    /// limits and the per-record claim limit apply. Returns whether anything was new.
+    pub fn merge_record(
+        &self,
+        now_ms: u64,
+        key: &RecordKey,
+        other: &Record,
+    ) -> Result<Pending<bool>, StoreError> {
+        self.policy(key)?;
+        let invalid = |reason: String| StoreError::Invalid(format!("peer record: {reason}"));
+        check_remote_key(key).map_err(invalid)?;
+        let mut incoming = Record::new();
+        for d in other.to_deltas() {
+            d.validate().map_err(|e| invalid(e.to_string()))?;
+            incoming.apply(&d).map_err(|e| invalid(e.to_string()))?;
+        }
+        if self.log.is_poisoned() {
+            return Err(StoreError::Unavailable(Unavailable::LogFailed));
+        }
+        self.settle_clock(now_ms)?;
+        if let Some((newest, _)) = incoming.claims().next_back() {
+            if matches!(
+                self.clock.observe(now_ms, *newest),
+                Observed::TooFarAhead { .. }
+            ) {
+                self.stats.drift_rejected.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let digest = key.digest();
+        let (mut slot, mut record) = match self.index.entry(digest) {
+            Entry::Occupied(o) => {
+                let mut slot = o.into_ref();
+                let record = self.take_record(slot.value_mut(), key)?;
+                (Some(slot), record)
+            }
+            Entry::Vacant(v) => {
+                if incoming.is_empty() {
+                    return Ok(Pending {
+                        lsn: 0,
+                        value: false,
+                    });
+                }
+                let record = Box::new(incoming.clone());
+                let expires_at_ms = self.newest_expiry(&record);
+                let loc_lsn = self.append_image(key, &record, expires_at_ms)?;
+                v.insert(IndexEntry {
+                    loc: loc_lsn.1,
+                    lsn: loc_lsn.0,
+                    expires_at_ms,
+                    hot: hot(record),
+                });
+                return Ok(Pending {
+                    lsn: loc_lsn.0,
+                    value: true,
+                });
+            }
+        };
+        let e = slot.as_mut().expect("occupied").value_mut();
+        let before = record.claim_count();
+        let changed = record.merge(&incoming);
+        if record.claim_count() > CLAIMS_PER_RECORD_MAX && record.claim_count() > before {
+            // Dropped: the log still holds the record as it was.
+            return Err(invalid(format!(
+                "the key would hold more than {CLAIMS_PER_RECORD_MAX} claims"
+            )));
+        }
+        if !changed {
+            let lsn = e.lsn;
+            e.hot = hot(record);
+            return Ok(Pending { lsn, value: false });
+        }
+        let expires_at_ms = self.newest_expiry(&record);
+        let (lsn, loc) = self.append_image(key, &record, expires_at_ms)?;
+        e.loc = loc;
+        e.lsn = lsn;
+        e.expires_at_ms = expires_at_ms;
+        e.hot = hot(record);
+        Ok(Pending { lsn, value: true })
+    }
+
+    fn append_image(
+        &self,
+        key: &RecordKey,
+        record: &Record,
+        expires_at_ms: u64,
+    ) -> Result<(Lsn, Loc), StoreError> {
+        let bytes = entry::encode(&LogEntry::Image {
+            key: key.clone(),
+            record: record.clone(),
+            expires_at_ms,
+        })?;
+        self.log
+            .append(&bytes, AppendClass::Normal)
+            .map_err(|e| self.log_error(e))
     }
 
     /// Per origin, the contiguous prefix of its log held here *durably* (for this region's own

@@ -1175,3 +1175,75 @@ fn a_claim_stamped_ahead_of_our_clock_still_holds_the_key() {
     let later = execute(&a, T0 + 400, &req("r", "charge 20", 6));
     assert!(later > cr, "{later:?} after {cr:?}");
 }
+
+#[test]
+fn a_peers_record_merges_as_one_image_that_survives_a_restart() {
+    let disk = MemStorage::new();
+    let a = Store::open(MemStorage::new(), config("a"), T0).unwrap();
+    let b = Store::open(disk.clone(), config("b"), T0).unwrap();
+    let r = req("k", "charge 10", 1);
+    let c = execute(&a, T0, &r);
+    complete(&a, T0, "k", c, "charged");
+    let view = a.wait(a.read(&key("k")).unwrap()).unwrap().unwrap();
+
+    assert!(b
+        .wait(b.merge_record(T0, &key("k"), &view.record).unwrap())
+        .unwrap());
+    assert!(
+        !b.wait(b.merge_record(T0, &key("k"), &view.record).unwrap())
+            .unwrap(),
+        "nothing new the second time"
+    );
+    assert_eq!(
+        b.stats().images.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    let retry = req("k", "charge 10", 2);
+    assert!(matches!(claim(&b, T0 + 1, &retry), Decision::Replay { claim, .. } if claim == c));
+    // No per-origin mark moved: a's log still has to deliver these mutations.
+    assert_eq!(b.marks().get(&region("a")), None);
+    drop(b);
+    let b = Store::open(disk, config("b"), T0 + 2_000).unwrap();
+    assert!(matches!(
+        claim(&b, T0 + 2_000, &req("k", "charge 10", 3)),
+        Decision::Replay { claim, .. } if claim == c
+    ));
+    // The origin's own mutations, merged later, change nothing.
+    for m in a.log_from(T0, region("a"), 1, 10).unwrap() {
+        let merged = b.wait(b.merge_remote(T0 + 2_000, m).unwrap()).unwrap();
+        assert!(merged.new && !merged.changed);
+    }
+}
+
+#[test]
+fn a_peers_record_is_checked_before_anything_is_written() {
+    let a = Store::open(MemStorage::new(), config("a"), T0).unwrap();
+    let b = Store::open(MemStorage::new(), config("b"), T0).unwrap();
+    let c = execute(&a, T0, &req("k", "x", 1));
+    let good = a.wait(a.read(&key("k")).unwrap()).unwrap().unwrap().record;
+    assert!(good.claim(&c).is_some());
+    // A record no store would build (a TTL of 0), as a peer could send it: the encoded TTL
+    // (a varint: marker 252, then 86 400 000 as a u32) replaced by a zero.
+    let cfg = bincode::config::standard();
+    let bytes = bincode::serde::encode_to_vec(&good, cfg).unwrap();
+    let ttl = [252u8, 0x00, 0x5c, 0x26, 0x05];
+    let at = bytes
+        .windows(5)
+        .position(|w| w == ttl)
+        .expect("the TTL's bytes");
+    let forged = [&bytes[..at], &[0u8][..], &bytes[at + 5..]].concat();
+    let (bad, _): (Record, usize) = bincode::serde::decode_from_slice(&forged, cfg).unwrap();
+    assert_ne!(bad, good);
+    let before = b.log().stats().frames_written;
+    assert!(matches!(
+        b.merge_record(T0, &key("k"), &bad),
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(matches!(
+        b.merge_record(T0, &RecordKey::new("nope", "p", "k"), &bad),
+        Err(StoreError::UnknownNamespace(_))
+    ));
+    b.flush().unwrap();
+    assert_eq!(b.log().stats().frames_written, before);
+    assert_eq!(b.key_count(), 0);
+}
