@@ -77,6 +77,8 @@ pub struct Counts {
     pub drift_rejected: u64,
     /// Requests that failed over to another region (theirs was fenced).
     pub failovers: u64,
+    /// Failover lookups sent (the new region asks the prior one before claiming).
+    pub lookups: u64,
     /// Process crashes.
     pub crashes: u64,
     /// Unsynced writes the crashes dropped.
@@ -102,6 +104,7 @@ impl Counts {
         self.push_dropped += o.push_dropped;
         self.drift_rejected += o.drift_rejected;
         self.failovers += o.failovers;
+        self.lookups += o.lookups;
         self.crashes += o.crashes;
         self.dropped_writes += o.dropped_writes;
         self.torn_writes += o.torn_writes;

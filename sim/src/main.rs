@@ -105,10 +105,10 @@ fn main() -> ExitCode {
     let wall = started.elapsed().as_secs_f64();
     if n > 1 {
         println!(
-            "totals: requests {}, executes {}, replays {}, mismatches {}, retries {}, items {} (duplicates and key reuses), partitions {}, messages lost {}, connection breaks {}, push drops {}, drift rejections {}, failovers {}, crashes {} (unsynced writes dropped {}, torn {})",
+            "totals: requests {}, executes {}, replays {}, mismatches {}, retries {}, items {} (duplicates and key reuses), partitions {}, messages lost {}, connection breaks {}, push drops {}, drift rejections {}, failovers {} (lookups {}), crashes {} (unsynced writes dropped {}, torn {})",
             totals.requests, totals.executes, totals.replays, totals.mismatches, totals.retries,
             totals.items, totals.partitions, totals.messages_lost, totals.connection_breaks,
-            totals.push_dropped, totals.drift_rejected, totals.failovers, totals.crashes, totals.dropped_writes,
+            totals.push_dropped, totals.drift_rejected, totals.failovers, totals.lookups, totals.crashes, totals.dropped_writes,
             totals.torn_writes
         );
         println!(

@@ -90,6 +90,11 @@ struct Work {
     /// The region serving this request: the client's own, until it answers that it is fenced
     /// (then the client fails over to the next region, as the design's failover policy says).
     region: usize,
+    /// After a failover: the region it came from, which the new region asks about the key
+    /// (a failover lookup) before the claim is sent.
+    prior: Option<usize>,
+    /// The failover lookup in flight, by request id at the new region.
+    lookup: Option<u64>,
 }
 
 /// An answer the store gave but has not made durable yet: the client gets it once it is.
@@ -428,6 +433,14 @@ impl World {
                 }),
                 Event::DriftRejected { .. } => self.counts.drift_rejected += 1,
                 Event::PushDropped { count, .. } => self.counts.push_dropped += count,
+                Event::LookupDone { request, .. } | Event::LookupTimedOut { request, .. } => {
+                    self.lookup_answered(i, request)
+                }
+                Event::LookupRefused { error, .. } => self.oracle.violations.push(Violation {
+                    check: "W3",
+                    key: None,
+                    detail: format!("region {i} refused a lookup answer: {error}"),
+                }),
                 _ => {}
             }
         }
@@ -567,11 +580,31 @@ impl World {
                 step: Step::Claim,
                 claim: None,
                 region: self.clients[c].region,
+                prior: None,
+                lookup: None,
             });
             self.counts.requests += 1;
         }
         let region = self.clients[c].work.as_ref().expect("work").region;
         let now = self.clock(region);
+        if let Some(w) = self.clients[c].work.as_mut() {
+            if w.step == Step::Claim && w.lookup.is_none() {
+                if let Some(prior) = w.prior {
+                    // The claim carries a prior-region hint: ask that region first (bounded
+                    // wait); the answer's facts are merged before the claim is decided.
+                    let peer = self.regions[prior].id;
+                    let key = key_of(w.key);
+                    if let Some(id) = self.regions[region].replica.lookup(now, peer, key) {
+                        w.lookup = Some(id);
+                        self.counts.lookups += 1;
+                        self.drain(region);
+                        return;
+                    }
+                    // The link is down: decide without it (the namespace grants).
+                    w.prior = None;
+                }
+            }
+        }
         let w = self.clients[c].work.as_mut().expect("work");
         w.attempts += 1;
         let w = w.clone();
@@ -605,6 +638,22 @@ impl World {
                 });
                 self.finish_work(c);
             }
+        }
+    }
+
+    /// A failover lookup at region `i` ended (answered or timed out): its client sends the
+    /// claim now.
+    fn lookup_answered(&mut self, i: usize, request: u64) {
+        let waiting = self.clients.iter().position(|cl| {
+            cl.work
+                .as_ref()
+                .is_some_and(|w| w.region == i && w.lookup == Some(request))
+        });
+        if let Some(c) = waiting {
+            let w = self.clients[c].work.as_mut().expect("work");
+            w.prior = None;
+            w.lookup = None;
+            self.at(self.now, Ev::Client(c));
         }
     }
 
@@ -680,6 +729,7 @@ impl World {
                 // The region refused to grant (its clock is off the cluster's): fail over to
                 // the next region with the same request.
                 self.counts.failovers += 1;
+                w.prior = Some(w.region);
                 w.region = (w.region + 1) % self.opts.regions;
                 self.note(format!(
                     "c{c} r{region} fenced: fails over to r{}",
@@ -757,7 +807,12 @@ impl World {
         }
         for c in 0..self.clients.len() {
             let here = self.clients[c].work.as_ref().is_some_and(|w| w.region == i);
-            if here && self.clients[c].awaiting.take().is_some() {
+            let lookup = self.clients[c]
+                .work
+                .as_mut()
+                .filter(|w| w.region == i)
+                .and_then(|w| w.lookup.take());
+            if here && (self.clients[c].awaiting.take().is_some() || lookup.is_some()) {
                 // No answer came: the client sends the same operation again (same attempt
                 // token for a claim), after a while.
                 let wait = between(&mut self.rngs.workload, 1, 300);

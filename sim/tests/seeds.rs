@@ -57,6 +57,8 @@ fn partition_heavy_and_clock_chaos_seeds_pass() {
     assert!(c.executes >= 200, "{c:?}");
     // Regions whose clock is off the cluster's fence themselves; their clients fail over.
     assert!(c.failovers >= 10, "{c:?}");
+    // ... asking the region they left about the key first (a failover lookup).
+    assert!(c.lookups >= 5, "{c:?}");
 }
 
 #[test]
