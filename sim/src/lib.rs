@@ -12,8 +12,11 @@
 //! Regions also crash: unsynced writes are dropped or torn, the store recovers from its disk,
 //! and answers not yet durable are lost (clients retry with the same attempt token).
 //!
+//! A region whose clock is off the cluster's fences itself; its clients fail over to another
+//! region, which first looks the key up in the region they left.
+//!
 //! Not simulated yet: clock steps, slow operations that outlive their lease (takeovers),
-//! failover between regions, snapshots. `docs/simulation.md` keeps the list.
+//! snapshots. `docs/simulation.md` keeps the list.
 
 pub mod oracle;
 pub mod profile;

@@ -81,15 +81,34 @@ pub(super) fn median(mut v: Vec<i64>) -> Option<i64> {
     Some(v[(v.len() - 1) / 2])
 }
 
-/// This region's clock against the cluster's: the median of the peers' offsets and our own
-/// (zero). Positive when the others run ahead of us. `None` without any peer sample.
-pub(super) fn cluster_offset(peer_offsets: impl Iterator<Item = i64>) -> Option<i64> {
+/// This region's clock against the cluster's, for fencing: the median of the peers' offsets
+/// and our own (zero). Positive when the others run ahead of us.
+///
+/// Returns `(offset, off)`: `off` when the median is beyond `bound` ms. With an even count of
+/// clocks both middle values must be beyond it on the same side, so two regions never fence
+/// each other (neither can tell whose clock is wrong). `None` until a majority of the `peers`
+/// configured have been sampled: one slow peer must not fence us while the others are silent.
+pub(super) fn cluster_offset(
+    peer_offsets: impl Iterator<Item = i64>,
+    peers: usize,
+    bound: u64,
+) -> Option<(i64, bool)> {
     let mut v: Vec<i64> = peer_offsets.collect();
-    if v.is_empty() {
+    if v.is_empty() || v.len() * 2 <= peers {
         return None;
     }
     v.push(0);
-    median(v)
+    v.sort_unstable();
+    let (lo, hi) = (v[(v.len() - 1) / 2], v[v.len() / 2]);
+    let bound = i64::try_from(bound).unwrap_or(i64::MAX);
+    let off = (lo > bound && hi > bound) || (lo < -bound && hi < -bound);
+    // The middle value nearer our own clock.
+    let offset = if lo.unsigned_abs() <= hi.unsigned_abs() {
+        lo
+    } else {
+        hi
+    };
+    Some((offset, off))
 }
 
 #[cfg(test)]
@@ -116,12 +135,23 @@ mod tests {
             h.offset_sample(o);
         }
         assert_eq!(h.offset_ms(), Some(300), "one wild sample does not move it");
+        let fence = |offsets: &[i64], peers| cluster_offset(offsets.iter().copied(), peers, 250);
         // Both peers 300 ms ahead: we are the odd one out.
-        assert_eq!(cluster_offset([300, 300].into_iter()), Some(300));
+        assert_eq!(fence(&[300, 300], 2), Some((300, true)));
         // One peer off: the cluster's median is us and the good peer.
-        assert_eq!(cluster_offset([300, 0].into_iter()), Some(0));
-        assert_eq!(cluster_offset([-300, 5].into_iter()), Some(0));
-        assert_eq!(cluster_offset(std::iter::empty()), None);
+        assert_eq!(fence(&[300, 0], 2), Some((0, false)));
+        assert_eq!(fence(&[-300, 5], 2), Some((0, false)));
+        // Two regions: nobody can tell whose clock is wrong, nobody fences.
+        assert_eq!(fence(&[-400], 1), Some((0, false)));
+        assert_eq!(fence(&[400], 1), Some((0, false)));
+        // A minority of the peers sampled decides nothing.
+        assert_eq!(fence(&[400], 2), None);
+        assert_eq!(fence(&[400, 400], 4), None);
+        assert_eq!(fence(&[400, 400, 400], 4), Some((400, true)));
+        // Four clocks (three peers): both middle values must be out, on the same side.
+        assert_eq!(fence(&[400, 400, 0], 3), Some((0, false)));
+        assert_eq!(fence(&[400, 400, 300], 3), Some((300, true)));
+        assert_eq!(fence(&[], 2), None);
         assert_eq!(median(vec![3, 1, 2, 4]), Some(2));
     }
 }

@@ -504,12 +504,13 @@ impl Replica {
                 });
             }
         }
-        let Some(offset_ms) =
-            health::cluster_offset(self.health.values().filter_map(Health::offset_ms))
-        else {
+        let Some((offset_ms, fenced)) = health::cluster_offset(
+            self.health.values().filter_map(Health::offset_ms),
+            self.peers.len(),
+            self.cfg.max_drift_ms / 2,
+        ) else {
             return;
         };
-        let fenced = offset_ms.unsigned_abs() > self.cfg.max_drift_ms / 2;
         if fenced != self.fenced {
             self.fenced = fenced;
             store.set_fenced(fenced);

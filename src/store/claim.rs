@@ -80,10 +80,12 @@ impl<S: Storage> Store<S> {
         e: &mut IndexEntry,
         record: &mut Record,
     ) -> Result<Pending<Decision>, StoreError> {
-        // A claim on the key stamped by a clock ahead of ours (a peer's stamp our clock could
-        // not adopt yet) still decides: the key is not free because our clock is behind. Try
-        // to catch up with it first; whatever we grant must be stamped after it.
-        let newest = record.claims().next_back().map(|(s, _)| *s);
+        // A claim on the key stamped by a clock ahead of ours, within the max drift (a peer's
+        // stamp our clock could not adopt yet), still decides: the key is not free because our
+        // clock is behind. Try to catch up with it first; whatever we grant must be stamped
+        // after it. A claim further ahead comes from a broken clock and decides nothing
+        // (design section 4: counted and alarmed, data still merged).
+        let newest = newest_within_drift(record, now_ms, self.clock.config().max_drift_ms);
         if let Some(n) = newest.filter(|n| n.hlc > self.clock.last_hlc()) {
             let _ = self.clock.observe(now_ms, n);
         }
@@ -201,7 +203,10 @@ impl<S: Storage> Store<S> {
         }
         let stamp = match self.clock.stamp(now_ms) {
             // Granting below a claim the key already holds would take the key from it.
-            Ok(s) if record.claims().next_back().is_some_and(|(n, _)| *n >= s) => {
+            Ok(s)
+                if newest_within_drift(record, now_ms, self.clock.config().max_drift_ms)
+                    .is_some_and(|n| n >= s) =>
+            {
                 return Ok(Err(Unavailable::ClockBehind));
             }
             Ok(s) => s,
@@ -285,4 +290,16 @@ impl<S: Storage> Store<S> {
             },
         }))
     }
+}
+
+/// The key's newest claim stamped at most `max_drift_ms` ahead of `now_ms`: the one a new
+/// claim must sort after (see `Unavailable::ClockBehind`). Bounds how long `ClockBehind` can
+/// last: until our clock passes a stamp at most the max drift ahead.
+fn newest_within_drift(record: &Record, now_ms: u64, max_drift_ms: u64) -> Option<Stamp> {
+    let horizon = now_ms.saturating_add(max_drift_ms);
+    record
+        .claims()
+        .rev()
+        .map(|(s, _)| *s)
+        .find(|s| s.physical_ms() <= horizon)
 }

@@ -29,9 +29,10 @@ pub enum Unavailable {
     /// The log failed (a failed fsync is never retried): the store answers nothing new.
     #[error("log failed; restart the region")]
     LogFailed,
-    /// The key holds a claim stamped by a clock ahead of ours, further than ours may advance
-    /// yet: a new claim would sort before it and take the key from it. Answered until our
-    /// clock passes that stamp (at most the max drift).
+    /// The key holds a claim stamped by a clock ahead of ours (within the max drift), further
+    /// than ours may advance yet: a new claim would sort before it and take the key from it.
+    /// Answered until our clock passes that stamp, at most the max drift; claims stamped
+    /// further ahead than the max drift decide nothing.
     #[error("a claim on this key is stamped ahead of our clock")]
     ClockBehind,
 }

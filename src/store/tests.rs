@@ -1247,3 +1247,67 @@ fn a_peers_record_is_checked_before_anything_is_written() {
     assert_eq!(b.log().stats().frames_written, before);
     assert_eq!(b.key_count(), 0);
 }
+
+fn short_ttl(r: &str) -> StoreConfig {
+    let mut c = config(r);
+    c.namespaces[0].ttl_ms = 60_000;
+    c.namespaces[0].lease_max_ms = 60_000;
+    c
+}
+
+#[test]
+fn a_claim_stamped_beyond_the_max_drift_does_not_hide_the_current_generation() {
+    // b's clock runs 100 s ahead (TTL 60 s): its claim opens a later generation, from a clock
+    // beyond the max drift; it must not decide for now.
+    let a = Store::open(MemStorage::new(), short_ttl("a"), T0).unwrap();
+    let b = Store::open(MemStorage::new(), short_ttl("b"), T0 + 100_000).unwrap();
+    let c = execute(&a, T0, &req("k", "charge 10", 1));
+    complete(&a, T0 + 1, "k", c, "charged");
+    let f = execute(&b, T0 + 100_000, &req("k", "charge 99", 2));
+    complete(&b, T0 + 100_001, "k", f, "other");
+    replicate(&b, &a, T0 + 2);
+    let d = claim(&a, T0 + 3, &req("k", "charge 10", 3));
+    assert!(
+        matches!(d, Decision::Replay { claim, .. } if claim == c),
+        "{d:?}"
+    );
+}
+
+#[test]
+fn clock_behind_lasts_at_most_the_max_drift() {
+    // b's clock runs 10 s ahead and released its claim: a may answer ClockBehind only while a
+    // stamp within the max drift (500 ms) is ahead of its clock, not for b's whole skew.
+    let a = Store::open(MemStorage::new(), config("a"), T0).unwrap();
+    let b = Store::open(MemStorage::new(), config("b"), T0 + 10_000).unwrap();
+    let cr = execute(&b, T0 + 10_000, &req("r", "charge 20", 2));
+    b.wait(b.release(T0 + 10_000, &key("r"), cr).unwrap())
+        .unwrap();
+    replicate(&b, &a, T0 + 1);
+    let mut last_behind = None;
+    for dt in (0..12_000u64).step_by(500) {
+        match claim(&a, T0 + 1 + dt, &req("r", "charge 20", 5 + u128::from(dt))) {
+            Decision::Unavailable {
+                reason: Unavailable::ClockBehind,
+                ..
+            } => last_behind = Some(dt),
+            Decision::Execute { .. } => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(last_behind.unwrap_or(0) <= 500, "{last_behind:?}");
+}
+
+#[test]
+fn resuming_ones_own_claim_ignores_a_claim_beyond_the_max_drift() {
+    let a = Store::open(MemStorage::new(), short_ttl("a"), T0).unwrap();
+    let b = Store::open(MemStorage::new(), short_ttl("b"), T0 + 100_000).unwrap();
+    let r = req("k", "charge 10", 1);
+    let c = execute(&a, T0, &r);
+    execute(&b, T0 + 100_000, &req("k", "charge 10", 2));
+    replicate(&b, &a, T0 + 2);
+    let d = claim(&a, T0 + 3, &r);
+    assert!(
+        matches!(d, Decision::Execute { claim, resumed: true, .. } if claim == c),
+        "{d:?}"
+    );
+}
