@@ -367,7 +367,7 @@ impl Replica {
 
     /// The transport's link to `peer` is up: the handshake starts. A region that is not a
     /// configured peer is refused.
-    pub fn connected(&mut self, now_ms: u64, peer: RegionId) {
+    pub fn connected(&mut self, _now_ms: u64, peer: RegionId) {
         let hello = self.hello();
         let Some(p) = self.peers.get_mut(&peer) else {
             self.reject(peer, RejectReason::UnexpectedRegion { expected: peer });
@@ -379,7 +379,6 @@ impl Replica {
         }
         p.reset();
         p.link = Link::HelloSent;
-        p.connected_at_ms = now_ms;
         if let Some(h) = self.health.get_mut(&peer) {
             h.reset_link();
         }
@@ -700,7 +699,6 @@ impl Replica {
             Link::Down => {
                 // The peer spoke first on a link we had not seen come up: answer it.
                 p.reset();
-                p.connected_at_ms = now_ms;
                 self.transmits.push_back((peer, Message::Hello(hello)));
             }
             Link::HelloSent => {}

@@ -39,7 +39,6 @@ pub(super) struct Asked {
 #[derive(Debug, Default)]
 pub(super) struct Peer {
     pub(super) link: Link,
-    pub(super) connected_at_ms: u64,
     /// Our durable mutations not yet sent to this peer, oldest first.
     pub(super) queue: VecDeque<Mutation>,
     /// Their size bound (see `approx_bytes`).

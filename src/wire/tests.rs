@@ -466,7 +466,6 @@ fn a_frame_at_the_cap_is_accepted_and_one_past_it_refused() {
     let mut d = FrameDecoder::new();
     d.push(&(FRAME_BYTES_MAX as u32).to_be_bytes()).unwrap();
     assert_eq!(d.next(), Ok(None), "waits for the body");
-    assert!(Message::decode(&vec![0; FRAME_BYTES_MAX + 1]).is_err());
     assert_eq!(
         Message::decode(&vec![0; FRAME_BYTES_MAX + 1]),
         Err(WireError::FrameTooLarge {
