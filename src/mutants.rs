@@ -16,14 +16,26 @@ pub enum Mutant {
     MergeKeepsOnlyWinner,
     /// The log reports its last chunk durable before syncing it.
     AckBeforeSync,
+    /// A taken-over claim that completes late is eligible again: it wins back its generation
+    /// from the claim that took it over.
+    LateCompletionWins,
+    /// A takeover stays in force after its taker was released (it should be void: the taker
+    /// never ran, so the victim's late completion may still win).
+    TakeoverOutlivesRelease,
+    /// No `Verify` item for a taken-over claim that never reported back (its client crashed
+    /// after the side effect).
+    CrashedLoserNoItem,
 }
 
 impl Mutant {
     /// Every mutant.
-    pub const ALL: [Mutant; 3] = [
+    pub const ALL: [Mutant; 6] = [
         Mutant::WinnerLargestStamp,
         Mutant::MergeKeepsOnlyWinner,
         Mutant::AckBeforeSync,
+        Mutant::LateCompletionWins,
+        Mutant::TakeoverOutlivesRelease,
+        Mutant::CrashedLoserNoItem,
     ];
 }
 

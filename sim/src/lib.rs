@@ -15,8 +15,10 @@
 //! A region whose clock is off the cluster's fences itself; its clients fail over to another
 //! region, which first looks the key up in the region they left.
 //!
-//! Not simulated yet: clock steps, slow operations that outlive their lease (takeovers),
-//! snapshots. `docs/simulation.md` keeps the list.
+//! Clients also run slow (past their lease: takeovers and late completions), release, or die
+//! after their side effect.
+//!
+//! Not simulated yet: clock steps, snapshots, stability. `docs/simulation.md` keeps the list.
 
 pub mod oracle;
 pub mod profile;
@@ -88,6 +90,26 @@ pub struct Counts {
     pub dropped_writes: u64,
     /// Unsynced writes the crashes tore.
     pub torn_writes: u64,
+    /// Executions that outlived their lease.
+    pub slow: u64,
+    /// Grants that took over claims whose leases had run out.
+    pub takeovers: u64,
+    /// Completions of claims that no longer won (taken over, or an earlier claim arrived).
+    pub late_completions: u64,
+    /// Acknowledged releases.
+    pub releases: u64,
+    /// Clients that died after the side effect without reporting back.
+    pub abandoned: u64,
+    /// Items of one region (the first) by kind, at the end: the operation ran twice.
+    pub duplicates: u64,
+    /// ... two different requests shared a key.
+    pub key_reuses: u64,
+    /// ... nobody knows whether it ran (taken over or lease ran out with no report).
+    pub verify_items: u64,
+    /// Times a region fenced itself (its clock off the cluster's median).
+    pub fences: u64,
+    /// Peers brought back by a snapshot stream after falling behind the retained log.
+    pub snapshot_catchups: u64,
 }
 
 impl Counts {
@@ -111,6 +133,16 @@ impl Counts {
         self.crashes += o.crashes;
         self.dropped_writes += o.dropped_writes;
         self.torn_writes += o.torn_writes;
+        self.slow += o.slow;
+        self.takeovers += o.takeovers;
+        self.late_completions += o.late_completions;
+        self.releases += o.releases;
+        self.abandoned += o.abandoned;
+        self.duplicates += o.duplicates;
+        self.key_reuses += o.key_reuses;
+        self.verify_items += o.verify_items;
+        self.fences += o.fences;
+        self.snapshot_catchups += o.snapshot_catchups;
     }
 }
 

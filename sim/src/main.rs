@@ -3,6 +3,7 @@
 //! Exit status: 0 every seed passed, 1 a safety violation, 2 a run that did not converge, 3 a
 //! seed that gave two different runs (with `--check-determinism`).
 
+use indicatif::{ProgressBar, ProgressStyle};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -70,6 +71,17 @@ fn main() -> ExitCode {
     let mut totals = Counts::default();
     let (mut failed, mut violations, mut worst) = (0u64, 0u64, 0u8);
     let mut sim_ms = 0u64;
+    // A progress bar on stderr for a block of seeds (drawn only on a terminal).
+    let bar = if n > 1 && !args.json {
+        let bar = ProgressBar::new(n);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} seeds, {msg} [{elapsed}<{eta}]")
+                .expect("a valid template"),
+        );
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
     for seed in first..first.saturating_add(n) {
         let report = idem_sim::run(seed, &opts);
         let mut code = if !report.violations.is_empty() {
@@ -99,9 +111,12 @@ fn main() -> ExitCode {
         if args.json {
             println!("{}", json(&report, code));
         } else if n == 1 || code != 0 {
-            print_report(&report, &opts, code);
+            bar.suspend(|| print_report(&report, &opts, code));
         }
+        bar.set_message(format!("{failed} failed"));
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     let wall = started.elapsed().as_secs_f64();
     if n > 1 {
         println!(
@@ -112,9 +127,27 @@ fn main() -> ExitCode {
             totals.torn_writes
         );
         println!(
+            "client faults: slow executions {}, abandoned {}, releases {}",
+            totals.slow, totals.abandoned, totals.releases
+        );
+        println!(
             "speed: {:.0} client requests per wall second, {:.0}x simulated time",
             totals.requests as f64 / wall,
             sim_ms as f64 / 1000.0 / wall
+        );
+        println!(
+            "exercised: duplicates {}, key reuses {}, verify items {}, takeovers {}, late completions {}, crashes {}, torn writes {}, partitions {}, clock fences {}, snapshot catch-ups {}, failover lookups {}",
+            totals.duplicates,
+            totals.key_reuses,
+            totals.verify_items,
+            totals.takeovers,
+            totals.late_completions,
+            totals.crashes,
+            totals.torn_writes,
+            totals.partitions,
+            totals.fences,
+            totals.snapshot_catchups,
+            totals.lookups
         );
         println!("seeds: {n}, failed: {failed}, violations: {violations}");
     }

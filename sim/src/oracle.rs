@@ -2,8 +2,9 @@
 //! regions at the end of a run.
 //!
 //! It never calls the project's winner or item functions: the expected winner of a key is the
-//! grant with the smallest stamp by the oracle's own comparison (physical-and-logical clock
-//! value, then region name), and the expected items are the other grants.
+//! smallest stamp by the oracle's own comparison (physical-and-logical clock value, then region
+//! name) among the claims neither released nor taken over by an unreleased claim, and the
+//! expected items are the other claims that were not released.
 
 use std::collections::BTreeMap;
 
@@ -21,7 +22,8 @@ pub struct Violation {
     pub detail: String,
 }
 
-/// A granted claim, as the client that got `Execute` saw it.
+/// A claim the oracle knows of: granted to a client (which got `Execute`), or made durable by
+/// a region whose answer a crash lost (a *ghost*: its client never ran it).
 #[derive(Debug, Clone)]
 pub struct Grant {
     /// The claim.
@@ -30,6 +32,12 @@ pub struct Grant {
     pub fingerprint: Fingerprint,
     /// The region that granted it.
     pub region: usize,
+    /// Whether a client got `Execute` for it.
+    pub executed: bool,
+    /// Whether its client performed the side effect (ran the operation).
+    pub side_effect: bool,
+    /// Whether its release was acknowledged.
+    pub released: bool,
     /// The outcome the client stored, once its completion was acknowledged.
     pub completed: Option<Outcome>,
     /// Simulated time of the grant, ms.
@@ -41,6 +49,8 @@ pub struct Grant {
 pub struct Oracle {
     /// Grants per key.
     pub grants: BTreeMap<u64, Vec<Grant>>,
+    /// Takeovers per key, as `Execute` answers listed them: (taker, victim).
+    pub takeovers: BTreeMap<u64, Vec<(Stamp, Stamp)>>,
     /// Replays clients got: (key, region, outcome).
     pub replays: Vec<(u64, usize, Outcome)>,
     /// Mismatch answers clients got: (key, region, fingerprint sent).
@@ -55,52 +65,166 @@ pub fn earlier(a: &Stamp, b: &Stamp) -> bool {
 }
 
 impl Oracle {
-    /// Records an `Execute`.
-    pub fn granted(&mut self, key: u64, g: Grant) {
+    fn grant_mut(&mut self, key: u64, stamp: &Stamp) -> Option<&mut Grant> {
+        self.grants
+            .get_mut(&key)
+            .and_then(|gs| gs.iter_mut().find(|g| g.stamp == *stamp))
+    }
+
+    /// Whether the oracle knows `stamp` as a claim of `key`.
+    pub fn knows(&self, key: u64, stamp: &Stamp) -> bool {
+        self.grants
+            .get(&key)
+            .is_some_and(|gs| gs.iter().any(|g| g.stamp == *stamp))
+    }
+
+    /// Records an `Execute` that is not a resumed claim, with the claims it took over.
+    ///
+    /// Checks S4 (no second live `Execute` for a key in one region: every earlier claim of the
+    /// key granted by the same region was completed, released or taken over) and S9 (a region never
+    /// issues a stamp twice).
+    pub fn granted(&mut self, key: u64, g: Grant, took_over: &[Stamp]) {
+        for (k, gs) in &self.grants {
+            if gs.iter().any(|o| o.stamp == g.stamp) {
+                self.violations.push(Violation {
+                    check: "S9",
+                    key: Some(key),
+                    detail: format!(
+                        "region {} issued {:?} again (first for key {k})",
+                        g.region, g.stamp
+                    ),
+                });
+            }
+        }
+        let takes = self.takeovers.entry(key).or_default();
+        for v in took_over {
+            takes.push((g.stamp, *v));
+        }
+        let takes = &self.takeovers[&key];
+        let live: Vec<Stamp> = self
+            .grants
+            .get(&key)
+            .into_iter()
+            .flatten()
+            .filter(|o| o.region == g.region && !o.released && o.completed.is_none())
+            .filter(|o| !takes.iter().any(|(_, v)| *v == o.stamp))
+            .map(|o| o.stamp)
+            .collect();
+        for o in live {
+            self.violations.push(Violation {
+                check: "S4",
+                key: Some(key),
+                detail: format!(
+                    "region {} granted {:?} while its claim {o:?} was neither released nor \
+                     taken over",
+                    g.region, g.stamp
+                ),
+            });
+        }
+        for v in took_over {
+            if !self.knows(key, v) {
+                self.violations.push(Violation {
+                    check: "S4",
+                    key: Some(key),
+                    detail: format!("{:?} took over {v:?}, which no region granted", g.stamp),
+                });
+            }
+        }
         self.grants.entry(key).or_default().push(g);
+    }
+
+    /// Records a ghost: a claim a region made durable whose answer a crash lost (found in the
+    /// region's recovered store by its attempt token).
+    pub fn ghost(&mut self, key: u64, g: Grant) {
+        if !self.knows(key, &g.stamp) {
+            self.grants.entry(key).or_default().push(g);
+        }
+    }
+
+    /// A client got `Execute` for a claim the oracle knew as a ghost (it re-sent the attempt
+    /// token after a crash lost the first answer).
+    pub fn resumed(&mut self, key: u64, stamp: &Stamp) {
+        if let Some(g) = self.grant_mut(key, stamp) {
+            g.executed = true;
+        }
+    }
+
+    /// The client of a granted claim performed its side effect.
+    pub fn side_effect(&mut self, key: u64, stamp: &Stamp) {
+        if let Some(g) = self.grant_mut(key, stamp) {
+            g.side_effect = true;
+        }
     }
 
     /// Records an acknowledged completion.
     pub fn completed(&mut self, key: u64, stamp: Stamp, outcome: Outcome) {
-        if let Some(g) = self
-            .grants
-            .get_mut(&key)
-            .and_then(|gs| gs.iter_mut().find(|g| g.stamp == stamp))
-        {
+        if let Some(g) = self.grant_mut(key, &stamp) {
             g.completed = Some(outcome);
         }
     }
 
-    /// The grant that must win `key`: the smallest stamp.
-    pub fn winner(&self, key: u64) -> Option<&Grant> {
-        let gs = self.grants.get(&key)?;
-        let mut best = gs.first()?;
-        for g in gs {
-            if earlier(&g.stamp, &best.stamp) {
-                best = g;
-            }
+    /// Records an acknowledged release.
+    pub fn released(&mut self, key: u64, stamp: Stamp) {
+        if let Some(g) = self.grant_mut(key, &stamp) {
+            g.released = true;
         }
-        Some(best)
     }
 
-    /// The items `key` must show: every other grant, as a duplicate when it carried the
-    /// winner's payload, else as a key reuse. Sorted by stamp.
+    /// Whether `stamp` is taken over by a claim of `key` that was not released (a released
+    /// taker never ran: its takeover is void).
+    pub fn taken_over(&self, key: u64, stamp: &Stamp) -> bool {
+        self.takeovers.get(&key).is_some_and(|ts| {
+            ts.iter().any(|(t, v)| {
+                v == stamp
+                    && !self
+                        .grants
+                        .get(&key)
+                        .is_some_and(|gs| gs.iter().any(|g| g.stamp == *t && g.released))
+            })
+        })
+    }
+
+    /// The grant that must win `key`: the smallest stamp that was neither released nor taken
+    /// over.
+    pub fn winner(&self, key: u64) -> Option<&Grant> {
+        let mut best: Option<&Grant> = None;
+        for g in self.grants.get(&key)? {
+            if g.released || self.taken_over(key, &g.stamp) {
+                continue;
+            }
+            if best.is_none_or(|b| earlier(&g.stamp, &b.stamp)) {
+                best = Some(g);
+            }
+        }
+        best
+    }
+
+    /// The items `key` must show once every lease has run out, sorted by stamp: every
+    /// completed claim but the winner, as a duplicate when it carried the winner's payload and
+    /// a key reuse otherwise (as `Verify` when no claim wins); and every other claim that was
+    /// neither released nor completed (taken over, or its lease ran out with no word from its
+    /// client), as `Verify`.
     pub fn expected_items(&self, key: u64) -> Vec<(Stamp, ItemKind)> {
-        let Some(w) = self.winner(key) else {
+        let Some(gs) = self.grants.get(&key) else {
             return Vec::new();
         };
-        let mut v: Vec<(Stamp, ItemKind)> = self.grants[&key]
-            .iter()
-            .filter(|g| g.stamp != w.stamp)
-            .map(|g| {
-                let kind = if g.fingerprint == w.fingerprint {
-                    ItemKind::Duplicate
-                } else {
-                    ItemKind::KeyReuse
-                };
-                (g.stamp, kind)
-            })
-            .collect();
+        let w = self.winner(key);
+        let mut v: Vec<(Stamp, ItemKind)> = Vec::new();
+        for g in gs {
+            if Some(g.stamp) == w.map(|w| w.stamp) || g.released {
+                continue;
+            }
+            let kind = if g.completed.is_none() {
+                ItemKind::Verify
+            } else {
+                match w {
+                    None => ItemKind::Verify,
+                    Some(w) if w.fingerprint == g.fingerprint => ItemKind::Duplicate,
+                    Some(_) => ItemKind::KeyReuse,
+                }
+            };
+            v.push((g.stamp, kind));
+        }
         v.sort();
         v
     }

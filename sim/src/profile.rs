@@ -77,6 +77,18 @@ pub struct Faults {
     pub reuse_ppm: u32,
     /// Keys in the Zipf key space.
     pub keys: u64,
+    /// In-flight lease of the simulated namespace, ms: short, so that slow operations outlive
+    /// it and are taken over.
+    pub lease_ms: u64,
+    /// Probability (per million) per execution that it runs longer than its lease (then
+    /// completes late, perhaps after a takeover).
+    pub slow_ppm: u32,
+    /// Probability (per million) per execution that its client performs the side effect and
+    /// then dies without reporting back: the claim stays in flight until taken over.
+    pub abandon_ppm: u32,
+    /// Probability (per million) per execution that it fails before any side effect and its
+    /// client releases the claim.
+    pub release_ppm: u32,
 }
 
 impl Faults {
@@ -115,6 +127,18 @@ impl Faults {
             },
             reuse_ppm: draw(0, 60_000) as u32,
             keys: draw(8, 60),
+            lease_ms: draw(600, 2_000),
+            slow_ppm: if profile == Profile::Calm {
+                0
+            } else {
+                draw(10_000, 60_000) as u32
+            },
+            abandon_ppm: if profile == Profile::Calm {
+                0
+            } else {
+                draw(0, 20_000) as u32
+            },
+            release_ppm: draw(10_000, 50_000) as u32,
         }
     }
 }

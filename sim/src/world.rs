@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use idem::clock::{RegionId, Stamp};
-use idem::record::{AttemptToken, Fingerprint, Outcome, RecordKey, Terminal};
+use idem::record::{AttemptToken, Fingerprint, ItemKind, Outcome, RecordKey, Terminal};
 use idem::replica::{Event, Replica, ReplicaConfig};
 use idem::store::storage::MemStorage;
 use idem::store::{ClaimRequest, Completion, Decision, Pending, Store, StoreConfig, Unavailable};
@@ -76,6 +76,8 @@ enum Step {
     Claim,
     /// Complete the won claim.
     Complete,
+    /// Release the won claim (the operation failed before any side effect).
+    Release,
 }
 
 /// A logical request a client is working on.
@@ -101,6 +103,7 @@ struct Work {
 enum Awaiting {
     Claim(Pending<Decision>),
     Complete(Pending<Completion>, Outcome),
+    Release(Pending<Completion>),
 }
 
 struct Client {
@@ -155,6 +158,8 @@ pub struct World {
     trace: u64,
     liveness: bool,
     log: Vec<String>,
+    /// Print every event to stderr (`IDEM_SIM_TRACE=1`), to follow a failing seed.
+    trace_all: bool,
 }
 
 /// A region pair, lower index first.
@@ -164,6 +169,15 @@ fn pair(a: usize, b: usize) -> (usize, usize) {
 
 fn region_name(i: usize) -> RegionId {
     RegionId::new(&format!("r{i}")).expect("region name")
+}
+
+/// A region's store settings: one namespace, whose lease the profile draws.
+fn store_config(id: RegionId, faults: &Faults) -> StoreConfig {
+    let mut cfg = StoreConfig::new(id, &[NAMESPACE]);
+    for ns in &mut cfg.namespaces {
+        ns.lease_ms = faults.lease_ms;
+    }
+    cfg
 }
 
 fn key_of(k: u64) -> RecordKey {
@@ -189,7 +203,7 @@ impl World {
                     between(&mut clocks, 0, 2 * faults.skew_ms) as i64 - faults.skew_ms as i64;
                 let now = T0.saturating_add_signed(skew);
                 let disk = MemStorage::new();
-                let store = Store::open(disk.clone(), StoreConfig::new(*id, &[NAMESPACE]), now)
+                let store = Store::open(disk.clone(), store_config(*id, &faults), now)
                     .expect("a fresh store opens");
                 let mut cfg = ReplicaConfig::new(cluster.clone());
                 cfg.range_timeout_ms = 2_000;
@@ -241,6 +255,7 @@ impl World {
             trace: 0xcbf2_9ce4_8422_2325,
             liveness: false,
             log: Vec::new(),
+            trace_all: std::env::var_os("IDEM_SIM_TRACE").is_some_and(|v| v == "1"),
         }
     }
 
@@ -252,6 +267,9 @@ impl World {
     fn note(&mut self, what: String) {
         for b in what.as_bytes().iter().chain(&self.now.to_le_bytes()) {
             self.trace = (self.trace ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+        if self.trace_all {
+            eprintln!("{} {what}", self.now - T0);
         }
         if self.log.len() == 64 {
             self.log.remove(0);
@@ -297,6 +315,18 @@ impl World {
             if self.liveness && matches!(self.now % 100, 0..TICK_MS) && self.quiet() {
                 converged = true;
                 break;
+            }
+        }
+        if converged {
+            // Let every lease run out on every clock before the checks: a losing claim whose
+            // client never reported back is an item only then.
+            let settled = self.now + self.faults.lease_ms + 2 * self.faults.skew_ms + 1_000;
+            while let Some(((t, _), ev)) = self.queue.pop_first() {
+                if t > settled {
+                    break;
+                }
+                self.now = t;
+                self.handle(ev);
             }
         }
         self.finish(seed, converged)
@@ -432,6 +462,7 @@ impl World {
                     detail: format!("region {i} refused a peer's mutation: {error}"),
                 }),
                 Event::DriftRejected { .. } => self.counts.drift_rejected += 1,
+                Event::FenceChanged { fenced: true, .. } => self.counts.fences += 1,
                 Event::PushDropped { count, .. } => self.counts.push_dropped += count,
                 Event::LookupDone { request, .. } | Event::LookupTimedOut { request, .. } => {
                     self.lookup_answered(i, request)
@@ -625,6 +656,12 @@ impl World {
                     .complete(now, &key_of(w.key), claim, outcome.clone())
                     .map(|p| Awaiting::Complete(p, outcome))
             }
+            Step::Release => {
+                let claim = w.claim.expect("a won claim");
+                r.store
+                    .release(now, &key_of(w.key), claim)
+                    .map(Awaiting::Release)
+            }
         };
         match issued {
             Ok(a) => {
@@ -658,11 +695,28 @@ impl World {
     }
 
     /// Gives region `i`'s clients the answers that became durable.
+    /// Answers go out in the order the store wrote them (log sequence number), so that the
+    /// oracle sees, say, a release before the grant it made possible.
     fn answer(&mut self, i: usize) {
-        for c in 0..self.clients.len() {
-            if self.clients[c].work.as_ref().is_none_or(|w| w.region != i) {
+        let mut ready: Vec<(u64, usize)> = Vec::new();
+        for (c, cl) in self.clients.iter().enumerate() {
+            if cl.work.as_ref().is_none_or(|w| w.region != i) {
                 continue;
             }
+            let store = &self.regions[i].store;
+            let lsn = match &cl.awaiting {
+                Some((_, Awaiting::Claim(p))) if p.is_durable(store) => p.lsn(),
+                Some((_, Awaiting::Complete(p, _) | Awaiting::Release(p)))
+                    if p.is_durable(store) =>
+                {
+                    p.lsn()
+                }
+                _ => continue,
+            };
+            ready.push((lsn, c));
+        }
+        ready.sort_unstable();
+        for (_, c) in ready {
             let Some((inc, a)) = self.clients[c].awaiting.take() else {
                 continue;
             };
@@ -673,8 +727,12 @@ impl World {
                     Err(p) => self.clients[c].awaiting = Some((inc, Awaiting::Claim(p))),
                 },
                 Awaiting::Complete(p, o) => match p.try_into_value(store) {
-                    Ok(_) => self.on_completed(c, o),
+                    Ok(done) => self.on_completed(c, o, done.superseded),
                     Err(p) => self.clients[c].awaiting = Some((inc, Awaiting::Complete(p, o))),
+                },
+                Awaiting::Release(p) => match p.try_into_value(store) {
+                    Ok(_) => self.on_released(c),
+                    Err(p) => self.clients[c].awaiting = Some((inc, Awaiting::Release(p))),
                 },
             }
         }
@@ -684,29 +742,72 @@ impl World {
         let mut w = self.clients[c].work.clone().expect("work");
         let region = w.region;
         match d {
-            Decision::Execute { claim, .. } => {
+            Decision::Execute {
+                claim,
+                took_over,
+                resumed,
+                ..
+            } => {
                 self.counts.executes += 1;
-                self.note(format!("c{c} r{region} execute k{} {claim:?}", w.key));
-                let known = self
-                    .oracle
-                    .grants
-                    .get(&w.key)
-                    .is_some_and(|gs| gs.iter().any(|g| g.stamp == claim));
-                if !known {
-                    self.oracle.granted(
-                        w.key,
-                        Grant {
-                            stamp: claim,
-                            fingerprint: w.fingerprint,
-                            region,
-                            completed: None,
-                            at_ms: self.now,
-                        },
-                    );
+                self.note(format!(
+                    "c{c} r{region} execute k{} {claim:?} took over {took_over:?}",
+                    w.key
+                ));
+                if resumed && self.oracle.knows(w.key, &claim) {
+                    self.oracle.resumed(w.key, &claim);
+                } else if !resumed {
+                    if !took_over.is_empty() {
+                        self.counts.takeovers += 1;
+                    }
+                    let g = Grant {
+                        stamp: claim,
+                        fingerprint: w.fingerprint,
+                        region,
+                        executed: true,
+                        side_effect: false,
+                        released: false,
+                        completed: None,
+                        at_ms: self.now,
+                    };
+                    self.oracle.granted(w.key, g, &took_over);
+                } else {
+                    self.oracle.violations.push(Violation {
+                        check: "S4",
+                        key: Some(w.key),
+                        detail: format!("region {region} resumed {claim:?}, which it never made"),
+                    });
                 }
-                w.step = Step::Complete;
                 w.claim = Some(claim);
-                let exec = between(&mut self.rngs.workload, 1, 40);
+                // What the execution does: usually runs briefly and completes; sometimes
+                // outlives its lease (and completes late, perhaps after a takeover), fails
+                // before any side effect (release), or its client dies after the side effect.
+                let lease = self.faults.lease_ms;
+                let roll = self.rngs.workload.next_u64() % 1_000_000;
+                let (abandon, release, slow) = (
+                    u64::from(self.faults.abandon_ppm),
+                    u64::from(self.faults.release_ppm),
+                    u64::from(self.faults.slow_ppm),
+                );
+                let exec = if roll < abandon {
+                    self.counts.abandoned += 1;
+                    self.oracle.side_effect(w.key, &claim);
+                    self.note(format!("c{c} dies after running k{}", w.key));
+                    self.clients[c].work = Some(w);
+                    self.finish_work(c);
+                    return;
+                } else if roll < abandon + release {
+                    w.step = Step::Release;
+                    between(&mut self.rngs.workload, 1, 40)
+                } else if roll < abandon + release + slow {
+                    self.counts.slow += 1;
+                    self.oracle.side_effect(w.key, &claim);
+                    w.step = Step::Complete;
+                    between(&mut self.rngs.workload, lease + 600, 3 * lease + 600)
+                } else {
+                    self.oracle.side_effect(w.key, &claim);
+                    w.step = Step::Complete;
+                    between(&mut self.rngs.workload, 1, 40)
+                };
                 self.clients[c].work = Some(w);
                 self.at(self.now + exec, Ev::Client(c));
             }
@@ -744,12 +845,27 @@ impl World {
         }
     }
 
-    fn on_completed(&mut self, c: usize, outcome: Outcome) {
+    fn on_completed(&mut self, c: usize, outcome: Outcome, superseded: bool) {
         let w = self.clients[c].work.clone().expect("work");
         let region = w.region;
         let claim = w.claim.expect("a won claim");
-        self.note(format!("c{c} r{region} complete k{}", w.key));
+        self.note(format!(
+            "c{c} r{region} complete k{} (superseded: {superseded})",
+            w.key
+        ));
+        if superseded {
+            self.counts.late_completions += 1;
+        }
         self.oracle.completed(w.key, claim, outcome);
+        self.finish_work(c);
+    }
+
+    fn on_released(&mut self, c: usize) {
+        let w = self.clients[c].work.clone().expect("work");
+        let claim = w.claim.expect("a won claim");
+        self.note(format!("c{c} r{} release k{}", w.region, w.key));
+        self.counts.releases += 1;
+        self.oracle.released(w.key, claim);
         self.finish_work(c);
     }
 
@@ -758,7 +874,7 @@ impl World {
     /// answers it had not made durable are lost (their clients retry).
     fn crash(&mut self, i: usize) {
         let now = self.clock(i);
-        let cfg = StoreConfig::new(self.regions[i].id, &[NAMESPACE]);
+        let cfg = store_config(self.regions[i].id, &self.faults);
         // Often the crash strikes between a flush's write and its sync: unsynced writes reach
         // the disk, and the crash drops or tears them.
         if between(&mut self.rngs.faults, 0, 2) != 0 {
@@ -812,12 +928,50 @@ impl World {
                 .as_mut()
                 .filter(|w| w.region == i)
                 .and_then(|w| w.lookup.take());
-            if here && (self.clients[c].awaiting.take().is_some() || lookup.is_some()) {
+            let lost = if here {
+                self.clients[c].awaiting.take()
+            } else {
+                None
+            };
+            if let Some((_, Awaiting::Claim(_))) = &lost {
+                self.find_ghost(i, c);
+            }
+            if lost.is_some() || lookup.is_some() {
                 // No answer came: the client sends the same operation again (same attempt
                 // token for a claim), after a while.
                 let wait = between(&mut self.rngs.workload, 1, 300);
                 self.at(self.now + wait, Ev::Client(c));
             }
+        }
+    }
+
+    /// A crash lost region `i`'s answer to client `c`'s claim. If the claim was durable all
+    /// the same (the disk's ground truth, read back after recovery, by attempt token), the
+    /// oracle learns it as a ghost: a claim no client has run yet.
+    fn find_ghost(&mut self, i: usize, c: usize) {
+        let w = self.clients[c].work.clone().expect("work");
+        let now = self.clock(i);
+        let store = &self.regions[i].store;
+        let Ok(Some(view)) = store.read(now, &key_of(w.key)).and_then(|p| store.wait(p)) else {
+            return;
+        };
+        let id = self.regions[i].id;
+        let found = view.record.claims().find(|(s, cl)| {
+            s.region == id && cl.facts.as_ref().is_some_and(|f| f.attempt == w.attempt)
+        });
+        if let Some((stamp, _)) = found {
+            self.note(format!("ghost k{} {stamp:?}", w.key));
+            let g = Grant {
+                stamp: *stamp,
+                fingerprint: w.fingerprint,
+                region: i,
+                executed: false,
+                side_effect: false,
+                released: false,
+                completed: None,
+                at_ms: self.now,
+            };
+            self.oracle.ghost(w.key, g);
         }
     }
 
@@ -857,9 +1011,21 @@ impl World {
         }
         self.oracle.check_client_log();
         let mut counts = std::mem::take(&mut self.counts);
-        for r in &self.regions {
-            if let Ok(items) = r.store.all_items() {
-                counts.items += items.len() as u64;
+        for (i, r) in self.regions.iter().enumerate() {
+            let now = self.now.saturating_add_signed(r.skew_ms);
+            let Ok(items) = r.store.all_items(now) else {
+                continue;
+            };
+            counts.items += items.len() as u64;
+            if i == 0 {
+                for (_, it) in &items {
+                    match it.kind {
+                        ItemKind::Duplicate => counts.duplicates += 1,
+                        ItemKind::KeyReuse => counts.key_reuses += 1,
+                        ItemKind::Verify => counts.verify_items += 1,
+                        _ => {}
+                    }
+                }
             }
         }
         counts.keys = self.oracle.grants.len() as u64;
@@ -883,17 +1049,21 @@ impl World {
             let key = key_of(k);
             let mut views = Vec::new();
             for (i, r) in self.regions.iter().enumerate() {
-                match r.store.read(&key).and_then(|p| r.store.wait(p)) {
+                let now = self.now.saturating_add_signed(r.skew_ms);
+                match r.store.read(now, &key).and_then(|p| r.store.wait(p)) {
                     Ok(Some(v)) => views.push(v),
                     other => {
+                        // Every claim the oracle knows was acknowledged, or found durable.
                         self.oracle.violations.push(Violation {
-                            check: "L1",
+                            check: "S5",
                             key: Some(k),
                             detail: format!("region {i} cannot show the key: {other:?}"),
                         });
-                        return;
                     }
                 }
+            }
+            if views.len() < self.regions.len() {
+                continue;
             }
             if views.iter().any(|v| v.record != views[0].record) {
                 self.oracle.violations.push(Violation {
@@ -902,26 +1072,41 @@ impl World {
                     detail: "regions hold different records after convergence".into(),
                 });
             }
-            // S5: every acknowledged claim and completion survived every crash.
-            for g in &self.oracle.grants[&k] {
-                let held = views[0].record.claim(&g.stamp);
-                let lost = match (&g.completed, held) {
-                    (_, None) => Some("the acknowledged claim"),
-                    (Some(o), Some(c)) if c.terminal != Some(Terminal::Completed(o.clone())) => {
-                        Some("the acknowledged completion")
+            // S5: every acknowledged claim, completion and release survived every crash, in
+            // every region.
+            for (i, v) in views.iter().enumerate() {
+                for g in &self.oracle.grants[&k] {
+                    let held = v.record.claim(&g.stamp);
+                    let lost = match (&g.completed, held) {
+                        (_, None) => Some("the acknowledged claim"),
+                        (Some(o), Some(c))
+                            if c.terminal != Some(Terminal::Completed(o.clone())) =>
+                        {
+                            Some("the acknowledged completion")
+                        }
+                        (None, Some(c)) if g.released && c.terminal != Some(Terminal::Released) => {
+                            Some("the acknowledged release")
+                        }
+                        _ => None,
+                    };
+                    if let Some(what) = lost {
+                        self.oracle.violations.push(Violation {
+                            check: "S5",
+                            key: Some(k),
+                            detail: format!("region {i}: {what} of {:?} is gone", g.stamp),
+                        });
                     }
-                    _ => None,
-                };
-                if let Some(what) = lost {
-                    self.oracle.violations.push(Violation {
-                        check: "S5",
-                        key: Some(k),
-                        detail: format!("{what} of {:?} is gone", g.stamp),
-                    });
                 }
             }
-            let winner = self.oracle.winner(k).expect("a granted key").clone();
+            let winner = self.oracle.winner(k).cloned();
             let want_items = self.oracle.expected_items(k);
+            // S8: every execution with a side effect is the winner or covered by an item.
+            let effects: Vec<Stamp> = self.oracle.grants[&k]
+                .iter()
+                .filter(|g| g.side_effect)
+                .map(|g| g.stamp)
+                .collect();
+            let winner_effect = winner.as_ref().is_some_and(|w| w.side_effect);
             for (i, v) in views.iter().enumerate() {
                 let mut got: Vec<_> = v.items.iter().map(|it| (it.claim, it.kind)).collect();
                 got.sort();
@@ -934,7 +1119,25 @@ impl World {
                         ),
                     });
                 }
+                let covered = effects
+                    .iter()
+                    .filter(|s| v.items.iter().any(|it| it.claim == **s))
+                    .count();
+                if effects.len() != covered + usize::from(winner_effect) {
+                    self.oracle.violations.push(Violation {
+                        check: "S8",
+                        key: Some(k),
+                        detail: format!(
+                            "region {i}: {} executions with a side effect, {covered} covered by \
+                             items, winner ran: {winner_effect}",
+                            effects.len()
+                        ),
+                    });
+                }
             }
+            let Some(winner) = winner else {
+                continue;
+            };
             let Some(want) = winner.completed.clone() else {
                 continue;
             };

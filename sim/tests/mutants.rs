@@ -52,10 +52,46 @@ fn acknowledging_before_the_sync_is_caught() {
 }
 
 #[test]
+fn a_late_completion_winning_back_its_key_is_caught() {
+    // A slow execution outlives its lease, another claim takes the key over and completes;
+    // then the slow one completes late and (planted bug) wins again.
+    let (seed, checks) = first_failure(Mutant::LateCompletionWins, Profile::Swarm, 10)
+        .expect("caught within 10 seeds");
+    assert!(
+        checks.contains(&"S1") || checks.contains(&"S3"),
+        "seed {seed}: {checks:?}"
+    );
+}
+
+#[test]
+fn a_takeover_in_force_after_its_taker_was_released_is_caught() {
+    // A slow execution is taken over; the taker fails and releases; the slow one completes
+    // late and must win, since its takeover is void.
+    let (seed, checks) = first_failure(Mutant::TakeoverOutlivesRelease, Profile::Swarm, 20)
+        .expect("caught within 20 seeds");
+    assert!(
+        checks.iter().any(|c| ["S1", "S3", "S7", "S8"].contains(c)),
+        "seed {seed}: {checks:?}"
+    );
+}
+
+#[test]
+fn no_item_for_a_crashed_loser_is_caught() {
+    // A client dies after its side effect; its claim is taken over (or loses and its lease
+    // runs out): a Verify item must cover it.
+    let (seed, checks) = first_failure(Mutant::CrashedLoserNoItem, Profile::Swarm, 10)
+        .expect("caught within 10 seeds");
+    assert!(
+        checks.contains(&"S3") && checks.contains(&"S8"),
+        "seed {seed}: {checks:?}"
+    );
+}
+
+#[test]
 fn without_a_mutant_the_same_seeds_pass() {
     // The bounds above mean something only if these seeds pass unmutated.
     for (profile, n) in [
-        (Profile::Swarm, 10),
+        (Profile::Swarm, 20),
         (Profile::PartitionHeavy, 10),
         (Profile::DiskChaos, 20),
     ] {

@@ -189,7 +189,7 @@ fn demo(dir: &Path) -> Result<()> {
         let d = store.wait(store.claim(now + 30, &charge("order-8", 25, 3))?)?;
         println!("   -> {}: {}", store.region(), summary(&d));
     }
-    for (k, item) in us1.all_items()? {
+    for (k, item) in us1.all_items(now + 30)? {
         println!(
             "   -> item {} on {:?}: {:?} of claim {} (winner {}), to compensate once stable",
             item.id,
@@ -304,7 +304,7 @@ fn inspect(dir: &Path, region: &str) -> Result<()> {
     for (status, n) in by_status {
         println!("  claims {status}: {n}");
     }
-    let items = store.all_items()?;
+    let items = store.all_items(wall_clock_ms())?;
     println!("  compensation items: {}", items.len());
     for (k, item) in items {
         println!(

@@ -62,7 +62,9 @@ impl Generation {
         c.facts.is_some()
             && !c.released()
             && !self.orphans.contains(stamp)
-            && !self.taken_over.contains_key(stamp)
+            && (!self.taken_over.contains_key(stamp)
+                || (crate::mutants::active(crate::mutants::Mutant::LateCompletionWins)
+                    && c.executed()))
     }
 
     /// Whether a claim at physical time `ms` would still fall in this generation.
@@ -123,7 +125,9 @@ impl Record {
             let Some(&gt) = gen_of.get(taker) else {
                 continue;
             };
-            if c.released() || gens[gt].orphans.contains(taker) {
+            let released = c.released()
+                && !crate::mutants::active(crate::mutants::Mutant::TakeoverOutlivesRelease);
+            if released || gens[gt].orphans.contains(taker) {
                 continue;
             }
             for victim in &f.takes_over {

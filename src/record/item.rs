@@ -18,8 +18,9 @@ pub enum ItemKind {
     /// Different fingerprint: two distinct requests shared a key across a partition. Reported,
     /// never compensated automatically.
     KeyReuse,
-    /// Unknown whether a side effect happened (a taken-over claim that never reported back, or
-    /// any loser under an Indeterminate winner): a person must check.
+    /// Unknown whether a side effect happened (a taken-over claim that never reported back, a
+    /// losing claim whose lease ran out with no report, or any loser under an Indeterminate
+    /// winner): a person must check.
     Verify,
     /// A claim of a retired region that arrived after its retirement; never eligible.
     Orphan,
@@ -59,6 +60,11 @@ pub struct ItemContext<'a> {
     /// earlier claim or a takeover this region does not know). Until replication tracks
     /// stability, callers pass `false`: nothing is actionable.
     pub stable: bool,
+    /// Unix ms before which a lease has surely run out everywhere (the deriving region's
+    /// clock minus the max drift). A claim that is not the winner, never reported back and
+    /// whose lease ended before this is a `Verify` item: its client may have run it and died.
+    /// Pass 0 to derive only what holds at any time.
+    pub lapsed_before_ms: u64,
 }
 
 /// An acknowledgement that an item was handled. Union-merged by (item, stamp).
@@ -112,10 +118,16 @@ impl Record {
                 continue;
             } else if g.orphans.contains(s) {
                 ItemKind::Orphan
-            } else if g.taken_over.contains_key(s) && !c.executed() {
-                ItemKind::Verify
             } else if !c.executed() {
-                continue; // in flight and not taken over: not (yet) a divergence
+                // In flight: a divergence once it was taken over, or once its lease ran out
+                // with no word from its client; until then, not (yet).
+                let lapsed = c.lease_until_ms < ctx.lapsed_before_ms;
+                if !(g.taken_over.contains_key(s) || lapsed)
+                    || crate::mutants::active(crate::mutants::Mutant::CrashedLoserNoItem)
+                {
+                    continue;
+                }
+                ItemKind::Verify
             } else if winner_status != Some(ClaimStatus::Completed)
                 && winner_status != Some(ClaimStatus::InFlight)
             {

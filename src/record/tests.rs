@@ -41,6 +41,7 @@ fn ctx(retired: &Retirements) -> ItemContext<'_> {
     ItemContext {
         retired,
         stable: true,
+        lapsed_before_ms: 0,
     }
 }
 
@@ -125,6 +126,7 @@ fn nothing_is_actionable_until_the_winner_completed_and_the_key_is_stable() {
         ItemContext {
             retired: &none,
             stable: false,
+            lapsed_before_ms: 0,
         },
     );
     assert!(!unstable[0].actionable, "key not stable");
@@ -645,4 +647,35 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn a_losing_claim_silent_past_its_lease_is_a_verify_item() {
+    let a = stamp(0, 0, 0);
+    let b = stamp(5, 0, 1); // in flight until T0 + 35, then no word from its client
+    let r = build(&[
+        claim(a, facts(1, None)),
+        done(a, 200),
+        claim(b, facts(1, None)),
+    ]);
+    assert_eq!(r.claim(&b).unwrap().lease_until_ms, T0 + 35);
+    let none = Retirements::none();
+    let at = |lapsed_before_ms| ItemContext {
+        retired: &none,
+        stable: true,
+        lapsed_before_ms,
+    };
+    assert!(r.items(&key(), at(0)).is_empty(), "no clock: not yet");
+    assert!(r.items(&key(), at(T0 + 35)).is_empty(), "lease not over");
+    let items = r.items(&key(), at(T0 + 36));
+    assert_eq!(items.len(), 1);
+    assert_eq!((items[0].claim, items[0].kind), (b, ItemKind::Verify));
+    // Reporting back late turns it into what it is: a duplicate.
+    let mut late = r.clone();
+    late.apply(&done(b, 200)).unwrap();
+    let items = late.items(&key(), at(T0 + 36));
+    assert_eq!((items[0].claim, items[0].kind), (b, ItemKind::Duplicate));
+    // The winner itself is never an item, however long it stays in flight.
+    let alone = build(&[claim(b, facts(1, None))]);
+    assert!(alone.items(&key(), at(u64::MAX)).is_empty());
 }

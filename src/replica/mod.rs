@@ -456,7 +456,7 @@ impl Replica {
                 .push_back(Event::LookupTimedOut { request, key });
         }
         for (peer, request, key) in std::mem::take(&mut self.to_answer) {
-            self.answer_lookup(store, peer, request, key);
+            self.answer_lookup(store, now_ms, peer, request, key);
         }
         let ids: Vec<RegionId> = self.peers.keys().copied().collect();
         for id in ids {
@@ -582,11 +582,12 @@ impl Replica {
     fn answer_lookup<S: Storage>(
         &mut self,
         store: &Store<S>,
+        now_ms: u64,
         peer: RegionId,
         request: u64,
         key: RecordKey,
     ) {
-        let record = match store.read(&key) {
+        let record = match store.read(now_ms, &key) {
             Ok(p) => match p.try_into_value(store) {
                 Ok(view) => view.map(|v| v.record),
                 Err(_) => {
@@ -784,7 +785,7 @@ impl Replica {
                     offset_ms: offset as i64,
                 });
             }
-            Message::Lookup(l) => self.answer_lookup(store, peer, l.request, l.key),
+            Message::Lookup(l) => self.answer_lookup(store, now_ms, peer, l.request, l.key),
             Message::LookupReply(r) => self.on_lookup_reply(store, now_ms, peer, r),
             other => {
                 let kind = other.kind();

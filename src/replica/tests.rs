@@ -271,7 +271,7 @@ fn claims_made_on_both_sides_of_a_partition_converge_to_one_winner_and_a_duplica
         let mut v: Vec<_> = net
             .region(name)
             .store
-            .all_items()
+            .all_items(T0)
             .unwrap()
             .into_iter()
             .map(|(_, item)| (item.kind, item.id))

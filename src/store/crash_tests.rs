@@ -335,7 +335,7 @@ fn verify(store: &Store<MemStorage>, ex: &Expect, round: u64, now: u64) -> Resul
     let mut found: BTreeMap<Stamp, crate::record::ClaimState> = BTreeMap::new();
     for k in 0..KEYS {
         let view = store
-            .wait(store.read(&key(k)).map_err(|e| e.to_string())?)
+            .wait(store.read(T0, &key(k)).map_err(|e| e.to_string())?)
             .map_err(|e| e.to_string())?;
         if let Some(v) = view {
             for (s, c) in v.record.claims() {

@@ -9,6 +9,16 @@ use crate::record::{
 };
 
 impl<S: Storage> Store<S> {
+    /// What item derivation needs at `now_ms`: the retired regions, stability, and the time
+    /// before which every lease has run out on every clock within the max drift.
+    pub(super) fn item_context(&self, now_ms: u64) -> ItemContext<'_> {
+        ItemContext {
+            retired: &self.retired,
+            stable: false,
+            lapsed_before_ms: now_ms.saturating_sub(self.clock.config().max_drift_ms),
+        }
+    }
+
     fn own_claim<'r>(
         &self,
         record: &'r Record,
@@ -242,10 +252,7 @@ impl<S: Storage> Store<S> {
             .map_err(|e| StoreError::Invalid(e.to_string()))?;
         self.settle_clock(now_ms)?;
         self.with_key(key, |e, record| {
-            let ctx = ItemContext {
-                retired: &self.retired,
-                stable: false,
-            };
+            let ctx = self.item_context(now_ms);
             if !record.items(key, ctx).iter().any(|i| i.id == item) {
                 return Err(StoreError::UnknownItem);
             }
@@ -267,9 +274,14 @@ impl<S: Storage> Store<S> {
         })
     }
 
-    /// Reads a key: its record and items (nothing is actionable until replication tracks
-    /// stability). Returns `None` for a key never seen. Wait on the answer like any other.
-    pub fn read(&self, key: &RecordKey) -> Result<Pending<Option<KeyView>>, StoreError> {
+    /// Reads a key: its record and its items as of `now_ms` (nothing is actionable until
+    /// replication tracks stability). Returns `None` for a key never seen. Wait on the answer
+    /// like any other.
+    pub fn read(
+        &self,
+        now_ms: u64,
+        key: &RecordKey,
+    ) -> Result<Pending<Option<KeyView>>, StoreError> {
         self.policy(key)?;
         let digest = key.digest();
         let Some(mut e) = self.index.get_mut(&digest) else {
@@ -282,13 +294,7 @@ impl<S: Storage> Store<S> {
             Some(r) => (**r).clone(),
             None => *self.take_record(&mut e, key)?,
         };
-        let items = record.items(
-            key,
-            ItemContext {
-                retired: &self.retired,
-                stable: false,
-            },
-        );
+        let items = record.items(key, self.item_context(now_ms));
         Ok(Pending {
             lsn: e.lsn,
             value: Some(KeyView {

@@ -16,7 +16,7 @@ use super::{
     SEQ_CHECKPOINT_EVERY,
 };
 use crate::clock::{Observed, RegionId};
-use crate::record::{Delta, Item, ItemContext, KeyDigest, Record, RecordKey};
+use crate::record::{Delta, Item, KeyDigest, Record, RecordKey};
 
 /// Per-origin received sequence numbers: the contiguous mark and what lies above it.
 #[derive(Debug, Clone, Default)]
@@ -594,17 +594,15 @@ impl<S: Storage> Store<S> {
         }
     }
 
-    /// Every compensation item of every key (a full scan; for reports and tests).
-    pub fn all_items(&self) -> Result<Vec<(RecordKey, Item)>, StoreError> {
+    /// Every compensation item of every key as of `now_ms` (a full scan; for reports and
+    /// tests).
+    pub fn all_items(&self, now_ms: u64) -> Result<Vec<(RecordKey, Item)>, StoreError> {
         let mut out = Vec::new();
         let mut after = None;
         loop {
             let chunk = self.wait(self.snapshot_chunk(after, 1024)?)?;
             for (_, key, record) in &chunk.records {
-                let ctx = ItemContext {
-                    retired: &self.retired,
-                    stable: false,
-                };
+                let ctx = self.item_context(now_ms);
                 out.extend(record.items(key, ctx).into_iter().map(|i| (key.clone(), i)));
             }
             match chunk.next {

@@ -182,7 +182,7 @@ fn a_lease_that_ran_out_is_taken_over_and_the_old_token_no_longer_revives_it() {
         }
         other => panic!("{other:?}"),
     }
-    let view = s.wait(s.read(&key("k")).unwrap()).unwrap().unwrap();
+    let view = s.wait(s.read(T0, &key("k")).unwrap()).unwrap().unwrap();
     assert_eq!(view.items.len(), 1);
     assert_eq!(view.items[0].claim, c);
     assert_eq!(view.items[0].kind, crate::record::ItemKind::Duplicate);
@@ -283,7 +283,7 @@ fn a_claim_after_expiry_opens_a_new_generation() {
     ));
     let c2 = execute(&s, T0 + 60_000, &req("k", "other", 3));
     complete(&s, T0 + 60_001, "k", c2, "second");
-    let view = s.wait(s.read(&key("k")).unwrap()).unwrap().unwrap();
+    let view = s.wait(s.read(T0, &key("k")).unwrap()).unwrap().unwrap();
     assert_eq!(view.record.generations(&Retirements::none()).len(), 2);
     assert!(view.items.is_empty(), "a new generation is no divergence");
 }
@@ -641,7 +641,7 @@ fn peers_merge_each_others_logs_and_flag_the_duplicate() {
             }
             other => panic!("{other:?}"),
         }
-        let items = s.all_items().unwrap();
+        let items = s.all_items(T0).unwrap();
         assert_eq!(items.len(), 1);
         assert_eq!(items[0].1.claim, cb);
         assert_eq!(items[0].1.kind, crate::record::ItemKind::Duplicate);
@@ -723,7 +723,7 @@ fn local_claims_carry_their_sequence_number_in_the_log_and_the_record() {
         if let Delta::Claim { stamp, facts } = &m.delta {
             claims += 1;
             assert_eq!(facts.origin_seq, m.seq, "in the log entry");
-            let view = s.wait(s.read(&m.key).unwrap()).unwrap().unwrap();
+            let view = s.wait(s.read(T0, &m.key).unwrap()).unwrap().unwrap();
             let held = view.record.claim(stamp).unwrap().facts.as_ref().unwrap();
             assert_eq!(held.origin_seq, m.seq, "in the record held in memory");
         }
@@ -1184,7 +1184,7 @@ fn a_peers_record_merges_as_one_image_that_survives_a_restart() {
     let r = req("k", "charge 10", 1);
     let c = execute(&a, T0, &r);
     complete(&a, T0, "k", c, "charged");
-    let view = a.wait(a.read(&key("k")).unwrap()).unwrap().unwrap();
+    let view = a.wait(a.read(T0, &key("k")).unwrap()).unwrap().unwrap();
 
     assert!(b
         .wait(b.merge_record(T0, &key("k"), &view.record).unwrap())
@@ -1220,7 +1220,11 @@ fn a_peers_record_is_checked_before_anything_is_written() {
     let a = Store::open(MemStorage::new(), config("a"), T0).unwrap();
     let b = Store::open(MemStorage::new(), config("b"), T0).unwrap();
     let c = execute(&a, T0, &req("k", "x", 1));
-    let good = a.wait(a.read(&key("k")).unwrap()).unwrap().unwrap().record;
+    let good = a
+        .wait(a.read(T0, &key("k")).unwrap())
+        .unwrap()
+        .unwrap()
+        .record;
     assert!(good.claim(&c).is_some());
     // A record no store would build (a TTL of 0), as a peer could send it: the encoded TTL
     // (a varint: marker 252, then 86 400 000 as a u32) replaced by a zero.
