@@ -25,17 +25,23 @@ pub enum Mutant {
     /// No `Verify` item for a taken-over claim that never reported back (its client crashed
     /// after the side effect).
     CrashedLoserNoItem,
+    /// An item is actionable whatever its winner's state (it should wait for `Completed`).
+    ActionableWhileInFlight,
+    /// An item is actionable before its key is stable.
+    ActionableBeforeStable,
 }
 
 impl Mutant {
     /// Every mutant.
-    pub const ALL: [Mutant; 6] = [
+    pub const ALL: [Mutant; 8] = [
         Mutant::WinnerLargestStamp,
         Mutant::MergeKeepsOnlyWinner,
         Mutant::AckBeforeSync,
         Mutant::LateCompletionWins,
         Mutant::TakeoverOutlivesRelease,
         Mutant::CrashedLoserNoItem,
+        Mutant::ActionableWhileInFlight,
+        Mutant::ActionableBeforeStable,
     ];
 }
 

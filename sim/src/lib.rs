@@ -110,6 +110,8 @@ pub struct Counts {
     pub fences: u64,
     /// Peers brought back by a snapshot stream after falling behind the retained log.
     pub snapshot_catchups: u64,
+    /// Items shown as actionable during the run (distinct per region), sampled every 250 ms.
+    pub actionable_seen: u64,
 }
 
 impl Counts {
@@ -143,6 +145,7 @@ impl Counts {
         self.verify_items += o.verify_items;
         self.fences += o.fences;
         self.snapshot_catchups += o.snapshot_catchups;
+        self.actionable_seen += o.actionable_seen;
     }
 }
 

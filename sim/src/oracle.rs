@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use idem::clock::Stamp;
-use idem::record::{Fingerprint, ItemKind, Outcome};
+use idem::record::{Fingerprint, Item, ItemKind, Outcome};
 
 /// One violated check, with its evidence.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +40,8 @@ pub struct Grant {
     pub released: bool,
     /// The outcome the client stored, once its completion was acknowledged.
     pub completed: Option<Outcome>,
+    /// Simulated time of that acknowledgement, ms.
+    pub completed_at_ms: Option<u64>,
     /// Simulated time of the grant, ms.
     pub at_ms: u64,
 }
@@ -55,6 +57,9 @@ pub struct Oracle {
     pub replays: Vec<(u64, usize, Outcome)>,
     /// Mismatch answers clients got: (key, region, fingerprint sent).
     pub mismatches: Vec<(u64, usize, Fingerprint)>,
+    /// Items a region showed as actionable, by (key, claim, region): when first shown, and
+    /// the winner the item named.
+    pub actionable: BTreeMap<(u64, Stamp, usize), (u64, Option<Stamp>)>,
     /// Violations found so far.
     pub violations: Vec<Violation>,
 }
@@ -157,10 +162,53 @@ impl Oracle {
     }
 
     /// Records an acknowledged completion.
-    pub fn completed(&mut self, key: u64, stamp: Stamp, outcome: Outcome) {
+    pub fn completed(&mut self, key: u64, stamp: Stamp, outcome: Outcome, at_ms: u64) {
         if let Some(g) = self.grant_mut(key, &stamp) {
             g.completed = Some(outcome);
+            g.completed_at_ms.get_or_insert(at_ms);
         }
+    }
+
+    /// Region `region` showed `item` of `key` as actionable at `at_ms`.
+    pub fn actionable_seen(&mut self, key: u64, region: usize, at_ms: u64, item: &Item) {
+        self.actionable
+            .entry((key, item.claim, region))
+            .or_insert((at_ms, item.winner));
+    }
+
+    /// S11, once the run converged: no item shown as actionable belongs to a claim that ends up
+    /// winning, names a winner other than the final one, or was shown before that winner's
+    /// completion was acknowledged.
+    pub fn check_actionable(&mut self) {
+        let mut found = Vec::new();
+        for ((key, claim, region), (at, named)) in &self.actionable {
+            let fin = self.winner(*key).map(|w| (w.stamp, w.completed_at_ms));
+            let detail = match fin {
+                Some((w, _)) if w == *claim => Some(format!(
+                    "region {region} showed the item of {claim:?} as actionable at {at}; it wins"
+                )),
+                Some((w, _)) if Some(w) != *named => Some(format!(
+                    "region {region} showed {claim:?} as actionable at {at} under winner \
+                     {named:?}; the winner is {w:?}"
+                )),
+                Some((w, done)) if done.is_none_or(|d| d > *at) => Some(format!(
+                    "region {region} showed {claim:?} as actionable at {at}, before its winner \
+                     {w:?} completed ({done:?})"
+                )),
+                None => Some(format!(
+                    "region {region} showed {claim:?} as actionable at {at}; no claim wins"
+                )),
+                _ => None,
+            };
+            if let Some(detail) = detail {
+                found.push(Violation {
+                    check: "S11",
+                    key: Some(*key),
+                    detail,
+                });
+            }
+        }
+        self.violations.extend(found);
     }
 
     /// Records an acknowledged release.

@@ -9,7 +9,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use idem::clock::{RegionId, Stamp};
-use idem::record::{AttemptToken, Fingerprint, ItemKind, Outcome, RecordKey, Terminal};
+use idem::record::{
+    AttemptToken, ClaimStatus, Fingerprint, ItemKind, Outcome, RecordKey, Terminal,
+};
 use idem::replica::{Event, Replica, ReplicaConfig};
 use idem::store::storage::MemStorage;
 use idem::store::{ClaimRequest, Completion, Decision, Pending, Store, StoreConfig, Unavailable};
@@ -31,6 +33,11 @@ const TICK_MS: u64 = 5;
 const KEY_EPOCH_MS: u64 = 3_000;
 /// How long the liveness phase may take to converge, ms.
 const LIVENESS_BOUND_MS: u64 = 60_000;
+/// How often each region's actionable items are sampled (what an operator would be shown).
+const SAMPLE_MS: u64 = 250;
+/// After convergence, how long items with a completed winner may take to become actionable
+/// everywhere (L3), ms.
+const ACTIONABLE_BOUND_MS: u64 = 30_000;
 
 /// Independent random streams.
 struct Rngs {
@@ -321,15 +328,54 @@ impl World {
             // Let every lease run out on every clock before the checks: a losing claim whose
             // client never reported back is an item only then.
             let settled = self.now + self.faults.lease_ms + 2 * self.faults.skew_ms + 1_000;
-            while let Some(((t, _), ev)) = self.queue.pop_first() {
-                if t > settled {
-                    break;
-                }
-                self.now = t;
-                self.handle(ev);
+            self.run_until(settled);
+            // L3: items whose winner completed become actionable everywhere within a bound.
+            let bound = self.now + ACTIONABLE_BOUND_MS;
+            while !self.not_actionable().is_empty() && self.now < bound {
+                self.run_until(self.now + 500);
+            }
+            for (i, k, claim) in self.not_actionable() {
+                self.oracle.violations.push(Violation {
+                    check: "L3",
+                    key: Some(k),
+                    detail: format!(
+                        "region {i}: the item of {claim:?} is not actionable {} ms after \
+                         convergence, though its winner completed",
+                        ACTIONABLE_BOUND_MS
+                    ),
+                });
             }
         }
         self.finish(seed, converged)
+    }
+
+    /// Runs the events due up to `t` (inclusive).
+    fn run_until(&mut self, t: u64) {
+        while self
+            .queue
+            .first_key_value()
+            .is_some_and(|((at, _), _)| *at <= t)
+        {
+            let ((at, _), ev) = self.queue.pop_first().expect("peeked");
+            self.now = at;
+            self.handle(ev);
+        }
+        self.now = self.now.max(t);
+    }
+
+    /// Items, by (region, key, claim), whose winner completed but that are not actionable.
+    fn not_actionable(&self) -> Vec<(usize, u64, Stamp)> {
+        let mut out = Vec::new();
+        for (i, r) in self.regions.iter().enumerate() {
+            let now = self.now.saturating_add_signed(r.skew_ms);
+            for (key, it) in r.store.all_items(now).unwrap_or_default() {
+                if it.winner_status == Some(ClaimStatus::Completed) && !it.actionable {
+                    let k = key.key()[1..].parse().unwrap_or(u64::MAX);
+                    out.push((i, k, it.claim));
+                }
+            }
+        }
+        out
     }
 
     fn handle(&mut self, ev: Ev) {
@@ -342,6 +388,9 @@ impl World {
                 let r = &mut self.regions[i];
                 r.replica.handle_timeout(&r.store, now);
                 self.drain(i);
+                if (self.now - T0) % SAMPLE_MS < TICK_MS {
+                    self.sample_actionable(i);
+                }
                 self.at(self.now + TICK_MS, Ev::Tick(i));
             }
             Ev::Client(c) => self.client(c),
@@ -694,6 +743,35 @@ impl World {
         }
     }
 
+    /// Records the items region `i` would show an operator as actionable now, for the keys of
+    /// the last few key epochs that more than one claim touched (S11 checks them at the end).
+    fn sample_actionable(&mut self, i: usize) {
+        let now = self.clock(i);
+        let recent = (self.now - T0) / KEY_EPOCH_MS;
+        let keys: Vec<u64> = self
+            .oracle
+            .grants
+            .iter()
+            .filter(|(k, gs)| gs.len() > 1 && **k / 1_000 + 4 >= recent)
+            .map(|(k, _)| *k)
+            .collect();
+        let store = &self.regions[i].store;
+        for k in keys {
+            let Ok(p) = store.read(now, &key_of(k)) else {
+                continue;
+            };
+            if !p.is_durable(store) {
+                continue; // not shown before it is durable
+            }
+            let Some(view) = p.into_value_unchecked() else {
+                continue;
+            };
+            for it in view.items.iter().filter(|it| it.actionable) {
+                self.oracle.actionable_seen(k, i, self.now, it);
+            }
+        }
+    }
+
     /// Gives region `i`'s clients the answers that became durable.
     /// Answers go out in the order the store wrote them (log sequence number), so that the
     /// oracle sees, say, a release before the grant it made possible.
@@ -767,6 +845,7 @@ impl World {
                         side_effect: false,
                         released: false,
                         completed: None,
+                        completed_at_ms: None,
                         at_ms: self.now,
                     };
                     self.oracle.granted(w.key, g, &took_over);
@@ -856,7 +935,7 @@ impl World {
         if superseded {
             self.counts.late_completions += 1;
         }
-        self.oracle.completed(w.key, claim, outcome);
+        self.oracle.completed(w.key, claim, outcome, self.now);
         self.finish_work(c);
     }
 
@@ -969,6 +1048,7 @@ impl World {
                 side_effect: false,
                 released: false,
                 completed: None,
+                completed_at_ms: None,
                 at_ms: self.now,
             };
             self.oracle.ghost(w.key, g);
@@ -1008,6 +1088,7 @@ impl World {
     fn finish(mut self, seed: u64, converged: bool) -> Report {
         if converged {
             self.check_regions();
+            self.oracle.check_actionable();
         }
         self.oracle.check_client_log();
         let mut counts = std::mem::take(&mut self.counts);
@@ -1029,6 +1110,7 @@ impl World {
             }
         }
         counts.keys = self.oracle.grants.len() as u64;
+        counts.actionable_seen = self.oracle.actionable.len() as u64;
         Report {
             seed,
             converged,

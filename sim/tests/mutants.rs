@@ -88,6 +88,22 @@ fn no_item_for_a_crashed_loser_is_caught() {
 }
 
 #[test]
+fn an_item_actionable_while_its_winner_is_in_flight_is_caught() {
+    let (seed, checks) = first_failure(Mutant::ActionableWhileInFlight, Profile::Swarm, 10)
+        .expect("caught within 10 seeds");
+    assert!(checks.contains(&"S11"), "seed {seed}: {checks:?}");
+}
+
+#[test]
+fn an_item_actionable_before_its_key_is_stable_is_caught() {
+    // Partitions delay stability: an item shown at once names a winner that an earlier claim
+    // from the other side later replaces.
+    let (seed, checks) = first_failure(Mutant::ActionableBeforeStable, Profile::PartitionHeavy, 10)
+        .expect("caught within 10 seeds");
+    assert!(checks.contains(&"S11"), "seed {seed}: {checks:?}");
+}
+
+#[test]
 fn without_a_mutant_the_same_seeds_pass() {
     // The bounds above mean something only if these seeds pass unmutated.
     for (profile, n) in [

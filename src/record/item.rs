@@ -104,7 +104,11 @@ impl Record {
         let winner = g.winner.and_then(|w| self.claim(&w).map(|c| (w, c)));
         let winner_status = winner.map(|(_, c)| c.status());
         let winner_fp = winner.and_then(|(_, c)| c.facts.as_ref().map(|f| f.fingerprint));
-        let actionable = winner_status == Some(ClaimStatus::Completed) && ctx.stable;
+        let completed = winner_status == Some(ClaimStatus::Completed)
+            || crate::mutants::active(crate::mutants::Mutant::ActionableWhileInFlight);
+        let stable =
+            ctx.stable || crate::mutants::active(crate::mutants::Mutant::ActionableBeforeStable);
+        let actionable = completed && stable;
         for s in &g.stamps {
             let Some(c) = self.claim(s) else { continue };
             let id = ItemId::of(key, s);

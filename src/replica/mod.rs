@@ -39,7 +39,7 @@ use crate::clock::RegionId;
 use crate::record::{Body, Delta, RecordKey, Terminal};
 use crate::store::entry::Mutation;
 use crate::store::storage::Storage;
-use crate::store::{Store, StoreError};
+use crate::store::{Holding, Store, StoreError};
 use crate::wire::{
     self, Busy, ClusterId, Digest, Hello, Lookup, LookupReply, Message, Ping, Pong, Push, Range,
     RangeRequest, Reject, RejectReason, ResetRequired, SeqRange, VersionRange, BATCH_MUTATIONS_MAX,
@@ -459,6 +459,7 @@ impl Replica {
             self.answer_lookup(store, now_ms, peer, request, key);
         }
         let ids: Vec<RegionId> = self.peers.keys().copied().collect();
+        store.advance_stability(&ids);
         for id in ids {
             if !self.is_up(id) {
                 continue;
@@ -625,7 +626,7 @@ impl Replica {
         self.lookups.remove(&r.request);
         let found = r.record.is_some();
         if let Some(record) = &r.record {
-            if let Err(e) = store.merge_record(now_ms, &r.key, record) {
+            if let Err(e) = store.merge_record(now_ms, peer, &r.key, record) {
                 self.events.push_back(Event::LookupRefused {
                     peer,
                     error: e.to_string(),
@@ -945,6 +946,10 @@ impl Replica {
             .into_iter()
             .map(|h| (h.origin, h))
             .collect();
+        // What the peer holds durably also tells which keys it can no longer change behind
+        // our back (stability).
+        let theirs: Vec<Holding> = d.origins.iter().map(sync::holding_of).collect();
+        store.note_peer_digest(peer, &theirs);
         let p = self.peers.get_mut(&peer).expect("peer");
         p.holds = d.origins.iter().map(|o| (o.origin, o.clone())).collect();
         for theirs in &d.origins {

@@ -6,6 +6,16 @@ use crate::store::Holding;
 use crate::wire::{OriginDigest, SeqRange};
 
 /// A digest entry for what this region holds.
+/// A digest entry as a holding (what a peer holds of one origin).
+pub(crate) fn holding_of(d: &OriginDigest) -> Holding {
+    Holding {
+        origin: d.origin,
+        mark: d.mark,
+        gaps: d.gaps.iter().map(|g| (g.first, g.last)).collect(),
+        head: d.head,
+    }
+}
+
 pub(crate) fn digest_entry(h: &Holding) -> OriginDigest {
     OriginDigest {
         origin: h.origin,

@@ -876,3 +876,48 @@ fn a_lookup_is_answered_only_with_durable_facts() {
         .as_ref()
         .is_some_and(|r| r.claim_count() == 1));
 }
+
+#[test]
+fn an_item_becomes_actionable_only_once_every_region_has_seen_the_key() {
+    let mut net = Net::new(&["a", "b", "c"], |_| {});
+    net.connect_all();
+    net.cut_both("a", "b");
+    net.cut_both("a", "c");
+    pair(&mut net, "a", "order-1", "charge ch_A");
+    net.now += 3;
+    pair(&mut net, "b", "order-1", "charge ch_B");
+    let shown = |net: &mut Net, name: &str| {
+        let now = net.now;
+        net.region(name)
+            .store
+            .all_items(now)
+            .unwrap()
+            .into_iter()
+            .map(|(_, item)| (item.kind, item.actionable))
+            .collect::<Vec<_>>()
+    };
+    // b and c exchange digests, but a, cut off, may still hold an earlier claim (it does).
+    net.run(8_000, 50);
+    assert_eq!(
+        shown(&mut net, "b"),
+        Vec::new(),
+        "b's claim is the only one it knows"
+    );
+    // c heals with a only one way round: a's claim arrives through c, yet a has not said
+    // what it holds to b, so b's item (its own execution) waits.
+    net.cut.remove(&(rid("a"), rid("c")));
+    net.cut.remove(&(rid("c"), rid("a")));
+    net.connect_all();
+    net.run(8_000, 50);
+    assert_eq!(shown(&mut net, "b"), vec![(ItemKind::Duplicate, false)]);
+    net.heal();
+    net.connect_all();
+    net.run(12_000, 50);
+    for name in ["a", "b", "c"] {
+        assert_eq!(
+            shown(&mut net, name),
+            vec![(ItemKind::Duplicate, true)],
+            "{name}"
+        );
+    }
+}

@@ -1,6 +1,6 @@
 //! Finishing claims (complete, release), extending leases, resolving items, reading keys.
 
-use super::log::{AppendClass, Space};
+use super::log::{AppendClass, Lsn, Space};
 use super::storage::Storage;
 use super::{Completion, Disposition, KeyView, Pending, Store, StoreError, Unavailable};
 use crate::clock::{ClockError, Stamp};
@@ -9,12 +9,13 @@ use crate::record::{
 };
 
 impl<S: Storage> Store<S> {
-    /// What item derivation needs at `now_ms`: the retired regions, stability, and the time
-    /// before which every lease has run out on every clock within the max drift.
-    pub(super) fn item_context(&self, now_ms: u64) -> ItemContext<'_> {
+    /// What item derivation needs at `now_ms` for a key whose newest entry has `lsn`: the
+    /// retired regions, whether the key is stable here, and the time before which every lease
+    /// has run out on every clock within the max drift.
+    pub(super) fn item_context(&self, now_ms: u64, lsn: Lsn) -> ItemContext<'_> {
         ItemContext {
             retired: &self.retired,
-            stable: false,
+            stable: self.is_stable(lsn),
             lapsed_before_ms: now_ms.saturating_sub(self.clock.config().max_drift_ms),
         }
     }
@@ -252,7 +253,7 @@ impl<S: Storage> Store<S> {
             .map_err(|e| StoreError::Invalid(e.to_string()))?;
         self.settle_clock(now_ms)?;
         self.with_key(key, |e, record| {
-            let ctx = self.item_context(now_ms);
+            let ctx = self.item_context(now_ms, e.lsn);
             if !record.items(key, ctx).iter().any(|i| i.id == item) {
                 return Err(StoreError::UnknownItem);
             }
@@ -274,9 +275,9 @@ impl<S: Storage> Store<S> {
         })
     }
 
-    /// Reads a key: its record and its items as of `now_ms` (nothing is actionable until
-    /// replication tracks stability). Returns `None` for a key never seen. Wait on the answer
-    /// like any other.
+    /// Reads a key: its record and its items as of `now_ms` (an item is actionable once its
+    /// winner completed and the key is stable here). Returns `None` for a key never seen. Wait
+    /// on the answer like any other.
     pub fn read(
         &self,
         now_ms: u64,
@@ -294,7 +295,7 @@ impl<S: Storage> Store<S> {
             Some(r) => (**r).clone(),
             None => *self.take_record(&mut e, key)?,
         };
-        let items = record.items(key, self.item_context(now_ms));
+        let items = record.items(key, self.item_context(now_ms, e.lsn));
         Ok(Pending {
             lsn: e.lsn,
             value: Some(KeyView {

@@ -986,6 +986,11 @@ impl<S: Storage> Log<S> {
         }
     }
 
+    /// The largest local sequence number handed out (durable or not).
+    pub fn appended_seq(&self) -> u64 {
+        lock(&self.state).seq.next - 1
+    }
+
     /// The largest local sequence number whose entry, and every one before it, is durable.
     pub fn durable_seq(&self) -> u64 {
         let durable = self.durable_lsn();

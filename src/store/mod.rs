@@ -45,6 +45,7 @@ mod record_pool;
 mod recovery;
 mod replication;
 mod reserve;
+mod stability;
 pub mod storage;
 
 use std::collections::BTreeMap;
@@ -292,6 +293,7 @@ pub struct Store<S: Storage> {
     /// Local sequence numbers; held while a local entry is encoded and appended, so numbers
     /// follow log order.
     replication: Mutex<Replication>,
+    stability: Mutex<stability::Stability>,
     retired: Retirements,
     fenced: AtomicBool,
     stats: StoreStats,
@@ -352,6 +354,7 @@ impl<S: Storage> Store<S> {
             log,
             index,
             replication: Mutex::new(recovered.replication),
+            stability: Mutex::new(stability::Stability::default()),
             retired: Retirements::none(),
             fenced: AtomicBool::new(false),
             stats: StoreStats::default(),

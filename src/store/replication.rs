@@ -87,6 +87,9 @@ pub(super) struct Replication {
     pub(super) durable: BTreeMap<RegionId, SeqSet>,
     /// Appended but not known durable yet: (origin, seq, lsn), in append order.
     pending: VecDeque<(RegionId, u64, Lsn)>,
+    /// Per origin, the largest number announced before its entry was appended (see
+    /// `stability`): a bound on every remote number appended so far.
+    pub(super) announced: BTreeMap<RegionId, u64>,
 }
 
 impl Replication {
@@ -110,8 +113,15 @@ impl Replication {
         }
     }
 
+    /// Announces that (origin, seq) is about to be appended.
+    fn announce(&mut self, origin: RegionId, seq: u64) {
+        let a = self.announced.entry(origin).or_insert(0);
+        *a = (*a).max(seq);
+    }
+
     /// Records a recovered (hence durable) remote number.
     pub(super) fn recovered(&mut self, origin: RegionId, seq: u64) {
+        self.announce(origin, seq);
         self.received.entry(origin).or_default().insert(seq);
         self.durable.entry(origin).or_default().insert(seq);
     }
@@ -213,7 +223,15 @@ impl<S: Storage> Store<S> {
         // The key's entry lock serializes deliveries of the same (origin, seq): check for a
         // duplicate under it.
         let slot = self.index.entry(digest);
-        let held = lock(&self.replication).holds(mutation.origin, mutation.seq);
+        let held = {
+            let mut repl = lock(&self.replication);
+            let held = repl.holds(mutation.origin, mutation.seq);
+            if held.is_none() {
+                // Before the append: stability checkpoints rely on it.
+                repl.announce(mutation.origin, mutation.seq);
+            }
+            held
+        };
         if let Some(durable) = held {
             return Ok(Pending {
                 // Not yet durable: the answer waits for everything appended so far.
@@ -324,6 +342,7 @@ impl<S: Storage> Store<S> {
     pub fn merge_record(
         &self,
         now_ms: u64,
+        from: RegionId,
         key: &RecordKey,
         other: &Record,
     ) -> Result<Pending<bool>, StoreError> {
@@ -339,6 +358,9 @@ impl<S: Storage> Store<S> {
             return Err(StoreError::Unavailable(Unavailable::LogFailed));
         }
         self.settle_clock(now_ms)?;
+        // Before the append: the facts' numbers are unknown here, so stability waits for the
+        // sender's next digest.
+        lock(&self.stability).image_from(from);
         if let Some((newest, _)) = incoming.claims().next_back() {
             if matches!(
                 self.clock.observe(now_ms, *newest),
@@ -602,7 +624,8 @@ impl<S: Storage> Store<S> {
         loop {
             let chunk = self.wait(self.snapshot_chunk(after, 1024)?)?;
             for (_, key, record) in &chunk.records {
-                let ctx = self.item_context(now_ms);
+                let lsn = self.index.get(&key.digest()).map_or(Lsn::MAX, |e| e.lsn);
+                let ctx = self.item_context(now_ms, lsn);
                 out.extend(record.items(key, ctx).into_iter().map(|i| (key.clone(), i)));
             }
             match chunk.next {

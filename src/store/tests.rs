@@ -1187,11 +1187,17 @@ fn a_peers_record_merges_as_one_image_that_survives_a_restart() {
     let view = a.wait(a.read(T0, &key("k")).unwrap()).unwrap().unwrap();
 
     assert!(b
-        .wait(b.merge_record(T0, &key("k"), &view.record).unwrap())
+        .wait(
+            b.merge_record(T0, a.region(), &key("k"), &view.record)
+                .unwrap()
+        )
         .unwrap());
     assert!(
-        !b.wait(b.merge_record(T0, &key("k"), &view.record).unwrap())
-            .unwrap(),
+        !b.wait(
+            b.merge_record(T0, a.region(), &key("k"), &view.record)
+                .unwrap()
+        )
+        .unwrap(),
         "nothing new the second time"
     );
     assert_eq!(
@@ -1240,11 +1246,11 @@ fn a_peers_record_is_checked_before_anything_is_written() {
     assert_ne!(bad, good);
     let before = b.log().stats().frames_written;
     assert!(matches!(
-        b.merge_record(T0, &key("k"), &bad),
+        b.merge_record(T0, a.region(), &key("k"), &bad),
         Err(StoreError::Invalid(_))
     ));
     assert!(matches!(
-        b.merge_record(T0, &RecordKey::new("nope", "p", "k"), &bad),
+        b.merge_record(T0, a.region(), &RecordKey::new("nope", "p", "k"), &bad),
         Err(StoreError::UnknownNamespace(_))
     ));
     b.flush().unwrap();
