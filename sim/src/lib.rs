@@ -158,6 +158,9 @@ pub struct Report {
     pub converged: bool,
     /// Safety violations found.
     pub violations: Vec<Violation>,
+    /// Liveness failures (L1 records still apart, L2 requests without a final answer, L3 items
+    /// not actionable in time), with their evidence.
+    pub liveness: Vec<Violation>,
     /// What the run exercised.
     pub counts: Counts,
     /// A hash of every event in order: the same seed must give the same hash.
@@ -171,7 +174,7 @@ pub struct Report {
 impl Report {
     /// Whether the run passed: converged, no violation.
     pub fn passed(&self) -> bool {
-        self.converged && self.violations.is_empty()
+        self.converged && self.violations.is_empty() && self.liveness.is_empty()
     }
 }
 

@@ -86,7 +86,7 @@ fn main() -> ExitCode {
         let report = idem_sim::run(seed, &opts);
         let mut code = if !report.violations.is_empty() {
             1
-        } else if !report.converged {
+        } else if !report.converged || !report.liveness.is_empty() {
             2
         } else {
             0
@@ -166,7 +166,7 @@ fn print_report(r: &Report, opts: &Options, code: u8) {
         r.seed, r.counts.requests, r.counts.executes, r.counts.replays, r.counts.items,
         r.counts.partitions, r.sim_ms, r.trace_hash
     );
-    for v in &r.violations {
+    for v in r.violations.iter().chain(&r.liveness) {
         let key = v.key.map(|k| format!(" key k{k}")).unwrap_or_default();
         println!("  {}{key}: {}", v.check, v.detail);
     }
@@ -187,6 +187,7 @@ fn json(r: &Report, code: u8) -> String {
     let violations: Vec<String> = r
         .violations
         .iter()
+        .chain(&r.liveness)
         .map(|v| {
             format!(
                 "{{\"check\":\"{}\",\"key\":{},\"detail\":\"{}\"}}",

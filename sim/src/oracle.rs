@@ -55,6 +55,8 @@ pub struct Oracle {
     pub takeovers: BTreeMap<u64, Vec<(Stamp, Stamp)>>,
     /// Replays clients got: (key, region, outcome).
     pub replays: Vec<(u64, usize, Outcome)>,
+    /// The last replay each region gave for each key: (claim, outcome).
+    pub last_replay: BTreeMap<(u64, usize), (Stamp, Outcome)>,
     /// Mismatch answers clients got: (key, region, fingerprint sent).
     pub mismatches: Vec<(u64, usize, Fingerprint)>,
     /// Items a region showed as actionable, by (key, claim, region): when first shown, and
@@ -167,6 +169,37 @@ impl Oracle {
             g.completed = Some(outcome);
             g.completed_at_ms.get_or_insert(at_ms);
         }
+    }
+
+    /// A client got a replay of `claim` from `region`. Checks S10: a region's replayed claim
+    /// of a key changes only to a smaller claim (one arrived from elsewhere) or away from a
+    /// claim that was taken over, and a claim's replayed outcome never changes.
+    pub fn replayed(&mut self, key: u64, region: usize, claim: Stamp, outcome: Outcome) {
+        if let Some((before, was)) = self.last_replay.get(&(key, region)) {
+            let detail = if *before == claim && *was != outcome {
+                Some(format!(
+                    "region {region} replayed {claim:?} with another outcome: {was:?}, then \
+                     {outcome:?}"
+                ))
+            } else if *before != claim && !earlier(&claim, before) && !self.taken_over(key, before)
+            {
+                Some(format!(
+                    "region {region} replayed {before:?}, then the later {claim:?}, though \
+                     {before:?} was not taken over"
+                ))
+            } else {
+                None
+            };
+            if let Some(detail) = detail {
+                self.violations.push(Violation {
+                    check: "S10",
+                    key: Some(key),
+                    detail,
+                });
+            }
+        }
+        self.replays.push((key, region, outcome.clone()));
+        self.last_replay.insert((key, region), (claim, outcome));
     }
 
     /// Region `region` showed `item` of `key` as actionable at `at_ms`.
@@ -313,5 +346,56 @@ impl Oracle {
             }
         }
         self.violations.extend(found);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use idem::clock::RegionId;
+
+    fn stamp(hlc: u64, region: &str) -> Stamp {
+        Stamp::new(hlc, RegionId::new(region).unwrap())
+    }
+
+    fn grant(s: Stamp) -> Grant {
+        Grant {
+            stamp: s,
+            fingerprint: Fingerprint([1; 32]),
+            region: 0,
+            executed: true,
+            side_effect: true,
+            released: false,
+            completed: Some(Outcome::new(201, "x")),
+            completed_at_ms: Some(0),
+            at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn s10_allows_a_smaller_claim_or_a_takeover_and_nothing_else() {
+        let (a, b, c) = (stamp(10, "r0"), stamp(20, "r1"), stamp(30, "r2"));
+        let mut o = Oracle::default();
+        o.granted(1, grant(a), &[]);
+        o.granted(1, grant(b), &[]);
+        o.replayed(1, 0, b, Outcome::new(201, "b"));
+        o.replayed(1, 0, a, Outcome::new(201, "a"));
+        assert!(
+            o.violations.is_empty(),
+            "a smaller claim arrived: {:?}",
+            o.violations
+        );
+        o.replayed(1, 0, b, Outcome::new(201, "b"));
+        assert_eq!(o.violations.len(), 1, "back to a larger claim");
+        o.replayed(1, 0, b, Outcome::new(201, "other bytes"));
+        assert_eq!(o.violations.len(), 2, "a stored outcome changed");
+        // c took d over: moving from d to the larger c is fine.
+        let d = stamp(5, "r1");
+        o.granted(2, grant(d), &[]);
+        o.granted(2, grant(c), &[d]);
+        o.replayed(2, 1, d, Outcome::new(201, "d"));
+        o.replayed(2, 1, c, Outcome::new(201, "c"));
+        assert_eq!(o.violations.len(), 2, "{:?}", o.violations);
+        assert!(o.violations.iter().all(|v| v.check == "S10"));
     }
 }

@@ -167,6 +167,8 @@ pub struct World {
     log: Vec<String>,
     /// Print every event to stderr (`IDEM_SIM_TRACE=1`), to follow a failing seed.
     trace_all: bool,
+    /// Liveness failures found (see [`Report::liveness`]).
+    stalls: Vec<Violation>,
 }
 
 /// A region pair, lower index first.
@@ -263,6 +265,7 @@ impl World {
             liveness: false,
             log: Vec::new(),
             trace_all: std::env::var_os("IDEM_SIM_TRACE").is_some_and(|v| v == "1"),
+            stalls: Vec::new(),
         }
     }
 
@@ -335,7 +338,7 @@ impl World {
                 self.run_until(self.now + 500);
             }
             for (i, k, claim) in self.not_actionable() {
-                self.oracle.violations.push(Violation {
+                self.stalls.push(Violation {
                     check: "L3",
                     key: Some(k),
                     detail: format!(
@@ -890,10 +893,10 @@ impl World {
                 self.clients[c].work = Some(w);
                 self.at(self.now + exec, Ev::Client(c));
             }
-            Decision::Replay { outcome, .. } => {
+            Decision::Replay { outcome, claim, .. } => {
                 self.counts.replays += 1;
-                self.note(format!("c{c} r{region} replay k{}", w.key));
-                self.oracle.replays.push((w.key, region, outcome));
+                self.note(format!("c{c} r{region} replay k{} {claim:?}", w.key));
+                self.oracle.replayed(w.key, region, claim, outcome);
                 self.finish_work(c);
             }
             Decision::Mismatch { .. } => {
@@ -1089,6 +1092,8 @@ impl World {
         if converged {
             self.check_regions();
             self.oracle.check_actionable();
+        } else {
+            self.stall_evidence();
         }
         self.oracle.check_client_log();
         let mut counts = std::mem::take(&mut self.counts);
@@ -1115,10 +1120,42 @@ impl World {
             seed,
             converged,
             violations: std::mem::take(&mut self.oracle.violations),
+            liveness: std::mem::take(&mut self.stalls),
             counts,
             trace_hash: self.trace,
             last_events: std::mem::take(&mut self.log),
             sim_ms: self.now - T0,
+        }
+    }
+
+    /// Why the liveness phase did not converge: requests still without a final answer (L2),
+    /// regions still holding different logs (L1).
+    fn stall_evidence(&mut self) {
+        for (c, cl) in self.clients.iter().enumerate() {
+            if let Some(w) = &cl.work {
+                self.stalls.push(Violation {
+                    check: "L2",
+                    key: Some(w.key),
+                    detail: format!(
+                        "client {c} still has no final answer at r{} after {} attempts ({:?})",
+                        w.region, w.attempts, w.step
+                    ),
+                });
+            }
+        }
+        let first = self.regions[0].store.marks();
+        for (i, r) in self.regions.iter().enumerate() {
+            let marks = r.store.marks();
+            let gaps = r.store.holdings(1).iter().any(|h| !h.gaps.is_empty());
+            if marks != first || gaps {
+                self.stalls.push(Violation {
+                    check: "L1",
+                    key: None,
+                    detail: format!(
+                        "region {i} holds {marks:?} (gaps: {gaps}), region 0 {first:?}"
+                    ),
+                });
+            }
         }
     }
 
