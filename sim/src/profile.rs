@@ -89,6 +89,9 @@ pub struct Faults {
     /// Probability (per million) per execution that it fails before any side effect and its
     /// client releases the claim.
     pub release_ppm: u32,
+    /// How long each region serves its log to peers, ms: short in some profiles, so that a
+    /// region cut off for longer must catch up from a snapshot.
+    pub log_retention_ms: u64,
 }
 
 impl Faults {
@@ -139,6 +142,11 @@ impl Faults {
                 draw(0, 20_000) as u32
             },
             release_ppm: draw(10_000, 50_000) as u32,
+            log_retention_ms: match profile {
+                Profile::PartitionHeavy => draw(1_000, 5_000),
+                Profile::Swarm if draw(0, 1) == 1 => draw(2_000, 8_000),
+                _ => 7 * 24 * 3_600_000,
+            },
         }
     }
 }

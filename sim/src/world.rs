@@ -186,6 +186,9 @@ fn store_config(id: RegionId, faults: &Faults) -> StoreConfig {
     for ns in &mut cfg.namespaces {
         ns.lease_ms = faults.lease_ms;
     }
+    cfg.log_retention_ms = faults.log_retention_ms;
+    // Fine-grained retention, so that a short retention truncates within a run.
+    cfg.log_bucket_seqs = 16;
     cfg
 }
 
@@ -515,6 +518,15 @@ impl World {
                 }),
                 Event::DriftRejected { .. } => self.counts.drift_rejected += 1,
                 Event::FenceChanged { fenced: true, .. } => self.counts.fences += 1,
+                Event::SnapshotDone { records, .. } => {
+                    self.counts.snapshot_catchups += 1;
+                    self.note(format!(
+                        "r{i} caught up from a snapshot of {records} records"
+                    ));
+                }
+                Event::ResetRequired { peer, origin, .. } => {
+                    self.note(format!("r{i}: {peer} no longer retains {origin}'s range"));
+                }
                 Event::PushDropped { count, .. } => self.counts.push_dropped += count,
                 Event::LookupDone { request, .. } | Event::LookupTimedOut { request, .. } => {
                     self.lookup_answered(i, request)

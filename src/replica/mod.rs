@@ -36,14 +36,15 @@ mod tests;
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::clock::RegionId;
-use crate::record::{Body, Delta, RecordKey, Terminal};
+use crate::record::{Body, Delta, KeyDigest, RecordKey, Terminal};
 use crate::store::entry::Mutation;
 use crate::store::storage::Storage;
 use crate::store::{Holding, Store, StoreError};
 use crate::wire::{
     self, Busy, ClusterId, Digest, Hello, Lookup, LookupReply, Message, Ping, Pong, Push, Range,
-    RangeRequest, Reject, RejectReason, ResetRequired, SeqRange, VersionRange, BATCH_MUTATIONS_MAX,
-    FRAME_BYTES_MAX, GAPS_MAX, ORIGINS_MAX,
+    RangeRequest, Reject, RejectReason, ResetRequired, SeqRange, SnapshotChunk, SnapshotRequest,
+    VersionRange, BATCH_MUTATIONS_MAX, FRAME_BYTES_MAX, GAPS_MAX, ORIGINS_MAX,
+    SNAPSHOT_RECORDS_MAX,
 };
 
 use crate::splitmix::SplitMix64;
@@ -232,6 +233,14 @@ pub enum Event {
         /// The cluster's median clock minus ours, ms.
         offset_ms: i64,
     },
+    /// A snapshot stream from a peer completed: its records are merged and its marks adopted,
+    /// so anti-entropy goes on from there.
+    SnapshotDone {
+        /// The peer.
+        peer: RegionId,
+        /// Records received.
+        records: u64,
+    },
     /// A failover lookup was answered; what the peer knew of the key is merged into the store
     /// (durable with its next flush).
     LookupDone {
@@ -284,6 +293,24 @@ pub struct ReplicaStats {
     pub busy_sent: u64,
     /// Answers to requests no longer in flight (asked again, or delivered twice).
     pub stale_answers: u64,
+    /// Snapshot streams completed (this region caught up from a peer's snapshot).
+    pub snapshots_done: u64,
+    /// Records received in snapshot chunks.
+    pub snapshot_records: u64,
+    /// Snapshot chunks served.
+    pub snapshot_chunks_served: u64,
+}
+
+/// A snapshot stream being pulled from a peer.
+#[derive(Debug, Clone)]
+struct SnapshotPull {
+    peer: RegionId,
+    request: u64,
+    after: Option<KeyDigest>,
+    /// The peer's durable marks when the stream began (from its first chunk).
+    marks: Option<Vec<(RegionId, u64)>>,
+    resend_at_ms: u64,
+    records: u64,
 }
 
 /// One region's replication state machine. See the module docs for the driving protocol.
@@ -304,6 +331,10 @@ pub struct Replica {
     lookups: BTreeMap<u64, (RegionId, RecordKey, u64)>,
     /// Lookups peers asked whose answer is not durable here yet: (peer, request, key).
     to_answer: Vec<(RegionId, u64, RecordKey)>,
+    /// The snapshot stream this region is pulling, if any (one at a time).
+    snapshot: Option<SnapshotPull>,
+    /// Snapshot chunks peers asked for whose records are not durable here yet.
+    to_serve: Vec<(RegionId, SnapshotRequest)>,
     /// Whether this replica has fenced the store.
     fenced: bool,
     /// Serving budget: bytes still allowed in the current second, and that second.
@@ -341,6 +372,8 @@ impl Replica {
             health,
             lookups: BTreeMap::new(),
             to_answer: Vec::new(),
+            snapshot: None,
+            to_serve: Vec::new(),
             fenced: false,
             serve_left: 0,
             serve_second: u64::MAX,
@@ -388,6 +421,11 @@ impl Replica {
     /// The transport's link to `peer` went down: its queue and requests are dropped (what they
     /// carried is fetched again by anti-entropy).
     pub fn disconnected(&mut self, _now_ms: u64, peer: RegionId) {
+        if self.snapshot.as_ref().is_some_and(|s| s.peer == peer) {
+            // Resumed from its last chunk when a peer next answers ResetRequired.
+            self.snapshot = None;
+        }
+        self.to_serve.retain(|(p, _)| *p != peer);
         if let Some(p) = self.peers.get_mut(&peer) {
             let was_up = matches!(p.link, Link::Up { .. });
             p.reset();
@@ -457,6 +495,17 @@ impl Replica {
         }
         for (peer, request, key) in std::mem::take(&mut self.to_answer) {
             self.answer_lookup(store, now_ms, peer, request, key);
+        }
+        for (peer, r) in std::mem::take(&mut self.to_serve) {
+            self.serve_snapshot(store, now_ms, peer, r);
+        }
+        if self
+            .snapshot
+            .as_ref()
+            .is_some_and(|s| s.resend_at_ms <= now_ms)
+        {
+            // No chunk in time: ask again from the same resume point.
+            self.ask_snapshot(now_ms);
         }
         let ids: Vec<RegionId> = self.peers.keys().copied().collect();
         store.advance_stability(&ids);
@@ -739,6 +788,13 @@ impl Replica {
                 if let Some(r) = p.ranges.get_mut(&b.request) {
                     r.resend_at_ms = now_ms + u64::from(b.retry_after_ms);
                 }
+                if let Some(s) = self
+                    .snapshot
+                    .as_mut()
+                    .filter(|s| s.peer == peer && s.request == b.request)
+                {
+                    s.resend_at_ms = now_ms + u64::from(b.retry_after_ms);
+                }
             }
             Message::ResetRequired(r) => {
                 let p = self.peers.get_mut(&peer).expect("peer");
@@ -752,6 +808,19 @@ impl Replica {
                     origin: r.origin,
                     retained_from: r.retained_from,
                 });
+                if self.snapshot.is_none() {
+                    let request = self.next_request;
+                    self.next_request += 1;
+                    self.snapshot = Some(SnapshotPull {
+                        peer,
+                        request,
+                        after: None,
+                        marks: None,
+                        resend_at_ms: 0,
+                        records: 0,
+                    });
+                    self.ask_snapshot(now_ms);
+                }
             }
             Message::Ping(ping) => self.transmits.push_back((
                 peer,
@@ -788,6 +857,8 @@ impl Replica {
             }
             Message::Lookup(l) => self.answer_lookup(store, now_ms, peer, l.request, l.key),
             Message::LookupReply(r) => self.on_lookup_reply(store, now_ms, peer, r),
+            Message::SnapshotRequest(r) => self.serve_snapshot(store, now_ms, peer, r),
+            Message::SnapshotChunk(c) => self.on_snapshot_chunk(store, now_ms, peer, c),
             other => {
                 let kind = other.kind();
                 self.events.push_back(Event::Unhandled { peer, kind });
@@ -1046,6 +1117,172 @@ impl Replica {
         }
     }
 
+    /// Whether the serving budget of the current second has bytes left; if not, answers the
+    /// peer's `request` with `Busy` until the next second.
+    fn serve_budget_left(&mut self, now_ms: u64, peer: RegionId, request: u64) -> bool {
+        let second = now_ms / 1000;
+        if second != self.serve_second {
+            self.serve_second = second;
+            self.serve_left = self.cfg.serve_bytes_per_s;
+        }
+        if self.serve_left > 0 {
+            return true;
+        }
+        self.stats.busy_sent += 1;
+        self.transmits.push_back((
+            peer,
+            Message::Busy(Busy {
+                request,
+                retry_after_ms: (1000 - now_ms % 1000) as u32,
+            }),
+        ));
+        false
+    }
+
+    /// Asks the snapshot stream's peer for its next chunk.
+    fn ask_snapshot(&mut self, now_ms: u64) {
+        let Some(s) = self.snapshot.as_mut() else {
+            return;
+        };
+        s.resend_at_ms = now_ms + self.cfg.range_timeout_ms;
+        self.transmits.push_back((
+            s.peer,
+            Message::SnapshotRequest(SnapshotRequest {
+                request: s.request,
+                after: s.after,
+                max_records: SNAPSHOT_CHUNK_RECORDS,
+            }),
+        ));
+    }
+
+    /// Serves a chunk of this region's key-ordered snapshot: durable records only (later, if
+    /// the newest write of one is not durable yet), within the serving budget and the byte
+    /// budget of a frame, with this region's durable marks.
+    fn serve_snapshot<S: Storage>(
+        &mut self,
+        store: &Store<S>,
+        now_ms: u64,
+        peer: RegionId,
+        r: SnapshotRequest,
+    ) {
+        if !self.serve_budget_left(now_ms, peer, r.request) {
+            return;
+        }
+        let max = (r.max_records as usize).min(SNAPSHOT_RECORDS_MAX);
+        // The marks first: every record read after them holds at least what they cover.
+        let marks: Vec<(RegionId, u64)> = store.marks().into_iter().take(ORIGINS_MAX).collect();
+        let chunk = match store.snapshot_chunk(r.after, max) {
+            Ok(p) => match p.try_into_value(store) {
+                Ok(c) => c,
+                Err(_) => {
+                    self.to_serve.push((peer, r));
+                    return;
+                }
+            },
+            // Unreadable now: the asker asks again after its timeout.
+            Err(_) => return,
+        };
+        let budget = (self.cfg.range_bytes as usize).min(FRAME_BYTES_MAX / 2);
+        let mut bytes = 0;
+        let mut records = Vec::new();
+        let total = chunk.records.len();
+        for (digest, key, record) in chunk.records {
+            let b = approx_record_bytes(&key, &record) + 64;
+            if !records.is_empty() && bytes + b > budget {
+                break;
+            }
+            bytes += b;
+            records.push((digest, key, record));
+        }
+        self.serve_left = self.serve_left.saturating_sub(bytes as u64);
+        self.stats.snapshot_chunks_served += 1;
+        // Cut short by the byte budget: resume after the last record sent.
+        let next = if records.len() < total {
+            records.last().map(|(d, _, _)| *d)
+        } else {
+            chunk.next
+        };
+        self.transmits.push_back((
+            peer,
+            Message::SnapshotChunk(SnapshotChunk {
+                request: r.request,
+                records: records.into_iter().map(|(_, k, rec)| (k, rec)).collect(),
+                next,
+                marks,
+            }),
+        ));
+    }
+
+    /// A chunk of the snapshot stream this region pulls: merge its records, then ask for the
+    /// next; once complete, adopt the marks of the stream's first chunk.
+    fn on_snapshot_chunk<S: Storage>(
+        &mut self,
+        store: &Store<S>,
+        now_ms: u64,
+        peer: RegionId,
+        c: SnapshotChunk,
+    ) {
+        let Some(s) = self
+            .snapshot
+            .as_mut()
+            .filter(|s| s.peer == peer && s.request == c.request)
+        else {
+            self.stats.stale_answers += 1;
+            return;
+        };
+        if c.records
+            .first()
+            .is_some_and(|(k, _)| s.after.is_some_and(|a| k.digest() <= a))
+            || c.records
+                .iter()
+                .any(|(k, _)| c.next.is_some_and(|n| k.digest() > n))
+        {
+            self.violation(peer, "snapshot chunk out of order".into());
+            return;
+        }
+        for (key, record) in &c.records {
+            if let Err(e) = store.merge_record(now_ms, peer, key, record) {
+                // Asked again from the same point after the timeout.
+                self.events.push_back(Event::MergeUnavailable {
+                    peer,
+                    error: e.to_string(),
+                });
+                return;
+            }
+        }
+        let s = self.snapshot.as_mut().expect("checked");
+        s.records += c.records.len() as u64;
+        self.stats.snapshot_records += c.records.len() as u64;
+        if s.marks.is_none() {
+            s.marks = Some(c.marks);
+        }
+        match c.next {
+            Some(next) => {
+                s.after = Some(next);
+                self.ask_snapshot(now_ms);
+            }
+            None => {
+                let s = self.snapshot.take().expect("checked");
+                let marks = s.marks.unwrap_or_default();
+                if let Err(e) = store.adopt_marks(peer, &marks) {
+                    self.events.push_back(Event::MergeUnavailable {
+                        peer,
+                        error: e.to_string(),
+                    });
+                    return;
+                }
+                self.stats.snapshots_done += 1;
+                for p in self.peers.values_mut() {
+                    p.truncated.clear();
+                }
+                self.events.push_back(Event::SnapshotDone {
+                    peer,
+                    records: s.records,
+                });
+            }
+        }
+    }
+
     fn on_range_request<S: Storage>(
         &mut self,
         store: &Store<S>,
@@ -1053,21 +1290,7 @@ impl Replica {
         peer: RegionId,
         r: RangeRequest,
     ) {
-        let second = now_ms / 1000;
-        if second != self.serve_second {
-            self.serve_second = second;
-            self.serve_left = self.cfg.serve_bytes_per_s;
-        }
-        if self.serve_left == 0 {
-            self.stats.busy_sent += 1;
-            let retry_after_ms = (1000 - now_ms % 1000) as u32;
-            self.transmits.push_back((
-                peer,
-                Message::Busy(Busy {
-                    request: r.request,
-                    retry_after_ms,
-                }),
-            ));
+        if !self.serve_budget_left(now_ms, peer, r.request) {
             return;
         }
         let count = (r.range.last - r.range.first + 1).min(BATCH_MUTATIONS_MAX as u64) as usize;
@@ -1166,7 +1389,23 @@ impl Replica {
 /// An upper bound on a mutation's encoded size, for batching (bincode: a varint is at most 9
 /// bytes for a `u64`, 17 for a `u128`; lengths are varints too).
 fn approx_bytes(m: &Mutation) -> usize {
-    let key = m.key.namespace().len() + m.key.principal().len() + m.key.key().len() + 3 * 9;
+    approx_delta_bytes(&m.key, &m.delta)
+}
+
+/// Records asked for per snapshot chunk (the server also cuts a chunk at its byte budget).
+const SNAPSHOT_CHUNK_RECORDS: u32 = 512;
+
+/// Rough encoded size of a record in a snapshot chunk.
+fn approx_record_bytes(key: &RecordKey, record: &crate::record::Record) -> usize {
+    record
+        .to_deltas()
+        .iter()
+        .map(|d| approx_delta_bytes(key, d))
+        .sum()
+}
+
+fn approx_delta_bytes(k: &RecordKey, d: &Delta) -> usize {
+    let key = k.namespace().len() + k.principal().len() + k.key().len() + 3 * 9;
     let stamp = 9 + 16;
     let outcome = |o: &crate::record::Outcome| {
         let body = match &o.body {
@@ -1181,7 +1420,7 @@ fn approx_bytes(m: &Mutation) -> usize {
             + 1
             + body
     };
-    let delta = match &m.delta {
+    let delta = match d {
         Delta::Claim { facts, .. } => stamp + 32 + 17 + 3 * 9 + 9 + facts.takes_over.len() * stamp,
         Delta::Extend { .. } => stamp + 9,
         Delta::Finish { terminal, .. } => {

@@ -37,17 +37,22 @@ fn cluster() -> ClusterId {
 
 impl Net {
     fn new(names: &[&str], tweak: impl Fn(&mut ReplicaConfig)) -> Self {
+        Self::with_stores(names, tweak, |_| {})
+    }
+
+    fn with_stores(
+        names: &[&str],
+        tweak: impl Fn(&mut ReplicaConfig),
+        store_tweak: impl Fn(&mut StoreConfig),
+    ) -> Self {
         let ids: Vec<RegionId> = names.iter().map(|n| rid(n)).collect();
         let regions = ids
             .iter()
             .enumerate()
             .map(|(i, id)| {
-                let store = Store::open(
-                    VolatileStorage::new(),
-                    StoreConfig::new(*id, &["payments"]),
-                    T0,
-                )
-                .unwrap();
+                let mut store_cfg = StoreConfig::new(*id, &["payments"]);
+                store_tweak(&mut store_cfg);
+                let store = Store::open(VolatileStorage::new(), store_cfg, T0).unwrap();
                 let mut cfg = ReplicaConfig::new(cluster());
                 tweak(&mut cfg);
                 let replica = Replica::new(*id, &ids, cfg, i as u64 + 1, 0);
@@ -920,4 +925,69 @@ fn an_item_becomes_actionable_only_once_every_region_has_seen_the_key() {
             "{name}"
         );
     }
+}
+
+#[test]
+fn a_region_behind_the_retained_log_catches_up_from_a_snapshot() {
+    let mut net = Net::with_stores(
+        &["a", "b", "c"],
+        |_| {},
+        |s| {
+            s.log_retention_ms = 1_000;
+            s.log_bucket_seqs = 4;
+        },
+    );
+    net.connect_all();
+    net.cut_both("c", "a");
+    net.cut_both("c", "b");
+    for i in 0..40 {
+        pair(
+            &mut net,
+            ["a", "b"][i % 2],
+            &format!("order-{i}"),
+            "charged",
+        );
+        net.run(100, 50);
+    }
+    net.run(3_000, 50);
+    net.heal();
+    net.connect_all();
+    net.run(10_000, 50);
+    let done = net
+        .region("c")
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::SnapshotDone { .. }))
+        .count();
+    assert!(done >= 1, "c caught up from a snapshot");
+    assert!(
+        net.region("c")
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::ResetRequired { .. })),
+        "because its peers no longer retained what it lacked"
+    );
+    let held = |net: &mut Net, name: &str| {
+        let mut m = net.marks(name);
+        m.retain(|_, s| *s > 0);
+        m
+    };
+    assert_eq!(held(&mut net, "c"), held(&mut net, "a"));
+    assert_eq!(held(&mut net, "c"), held(&mut net, "b"));
+    for i in 0..40 {
+        let k = RecordKey::new("payments", "acct", format!("order-{i}"));
+        let now = net.now;
+        let read = |net: &mut Net, name: &str| {
+            let s = &net.region(name).store;
+            s.wait(s.read(now, &k).unwrap()).unwrap().unwrap().record
+        };
+        assert_eq!(read(&mut net, "c"), read(&mut net, "a"), "order-{i}");
+    }
+    // c now serves what it adopted as truncated: a fourth region would snapshot from it too.
+    let now = net.now;
+    let c = &net.region("c").store;
+    assert!(matches!(
+        c.log_from(now, rid("a"), 1, 10),
+        Err(StoreError::LogTruncated { .. })
+    ));
 }

@@ -45,6 +45,11 @@ pub(super) enum Effect {
         /// Unix ms.
         until_ms: u64,
     },
+    /// Marks adopted from a snapshot: (origin, mark).
+    Adopt {
+        /// Per origin, every number up to the mark counts as held.
+        marks: Vec<(RegionId, u64)>,
+    },
 }
 
 /// The effect of a decoded log entry at `loc`, if it has one.
@@ -85,7 +90,9 @@ pub(super) fn effect_of(loc: Loc, entry: &LogEntry) -> Option<Effect> {
         LogEntry::Reserve { until_ms } => Some(Effect::Reserve {
             until_ms: *until_ms,
         }),
-        LogEntry::Marks { .. } => None,
+        LogEntry::Marks { marks } => Some(Effect::Adopt {
+            marks: marks.clone(),
+        }),
     }
 }
 

@@ -88,6 +88,9 @@ pub struct StoreConfig {
     pub log: LogConfig,
     /// How long mutations stay servable to peers (independent of any TTL). Default 7 days.
     pub log_retention_ms: u64,
+    /// Granularity of that retention, and of the map from sequence numbers to log positions:
+    /// one checkpoint per origin every this many numbers. Default 256.
+    pub log_bucket_seqs: u64,
     /// Index shard count (power of two). Default 256.
     pub index_shards: usize,
 }
@@ -104,6 +107,7 @@ impl StoreConfig {
                 .collect(),
             log: LogConfig::default(),
             log_retention_ms: 7 * 24 * 3600 * 1000,
+            log_bucket_seqs: SEQ_CHECKPOINT_EVERY,
             index_shards: index::SHARDS_DEFAULT,
         }
     }
@@ -287,6 +291,7 @@ pub struct Store<S: Storage> {
     region: RegionId,
     namespaces: BTreeMap<String, NamespacePolicy>,
     log_retention_ms: u64,
+    bucket_seqs: u64,
     clock: Clock,
     log: Log<S>,
     index: IndexMap,
@@ -338,7 +343,12 @@ impl<S: Storage> Store<S> {
         let log = Log::open(storage, log_config)?;
         let index = index::new_index(config.index_shards);
         let region = config.region;
-        let recovered = recovery::replay(&log, &index, region)?;
+        if config.log_bucket_seqs == 0 {
+            return Err(StoreError::Config(
+                "log_bucket_seqs must be at least 1".into(),
+            ));
+        }
+        let recovered = recovery::replay(&log, &index, region, config.log_bucket_seqs)?;
         log.set_next_seq(recovered.next_seq);
         let clock = Clock::new(
             region,
@@ -350,6 +360,7 @@ impl<S: Storage> Store<S> {
             region,
             namespaces,
             log_retention_ms: config.log_retention_ms,
+            bucket_seqs: config.log_bucket_seqs,
             clock,
             log,
             index,
@@ -695,7 +706,7 @@ impl<S: Storage> Store<S> {
                 self.log.append_sequenced(bytes, class, space)
             })?
             .map_err(|e| self.log_error(e))?;
-        if seq % SEQ_CHECKPOINT_EVERY == 0 || seq == 1 {
+        if seq % self.bucket_seqs == 0 || seq == 1 {
             // Local numbers follow log order: the first of each bucket is its smallest position.
             lock(&self.replication).checkpoint(self.region, seq, loc, now_ms);
         }

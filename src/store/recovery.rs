@@ -71,6 +71,13 @@ impl State<'_> {
                 let r = &mut self.out.reservation_ms;
                 *r = Some(r.unwrap_or(0).max(*until_ms));
             }
+            Effect::Adopt { marks } => {
+                for (origin, mark) in marks {
+                    if *origin != self.region {
+                        self.out.replication.adopt(*origin, *mark, None);
+                    }
+                }
+            }
         }
     }
 }
@@ -80,6 +87,7 @@ pub(super) fn replay<S: Storage>(
     log: &Log<S>,
     index: &IndexMap,
     region: RegionId,
+    bucket_seqs: u64,
 ) -> Result<Recovered, StoreError> {
     let mut st = State {
         index,
@@ -88,7 +96,7 @@ pub(super) fn replay<S: Storage>(
             next_seq: 1,
             reservation_ms: None,
             max_hlc: 0,
-            replication: Replication::default(),
+            replication: Replication::new(bucket_seqs),
             hinted_segments: 0,
             scanned_segments: 0,
         },

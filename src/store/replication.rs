@@ -73,11 +73,25 @@ impl SeqSet {
             self.mark += 1;
         }
     }
+
+    /// Counts every number up to `mark` as held (a snapshot brought their effects).
+    pub(super) fn adopt(&mut self, mark: u64) {
+        if mark <= self.mark {
+            return;
+        }
+        self.mark = mark;
+        self.above = self.above.split_off(&(mark + 1));
+        while self.above.remove(&(self.mark + 1)) {
+            self.mark += 1;
+        }
+    }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Replication {
-    /// origin → bucket (seq / SEQ_CHECKPOINT_EVERY) → (smallest log position of any of its
+    /// Sequence numbers per bucket (`StoreConfig::log_bucket_seqs`).
+    pub(super) bucket_seqs: u64,
+    /// origin → bucket (seq / bucket_seqs) → (smallest log position of any of its
     /// numbers, newest time one was written, Unix ms). Remote numbers may arrive out of order,
     /// hence the smallest position per bucket.
     pub(super) buckets: BTreeMap<RegionId, BTreeMap<u64, (Loc, u64)>>,
@@ -90,15 +104,39 @@ pub(super) struct Replication {
     /// Per origin, the largest number announced before its entry was appended (see
     /// `stability`): a bound on every remote number appended so far.
     pub(super) announced: BTreeMap<RegionId, u64>,
+    /// Per origin, the mark adopted from a snapshot: numbers up to it are held in effect but
+    /// not as entries, so they are not served (askers get `LogTruncated`).
+    pub(super) adopted: BTreeMap<RegionId, u64>,
+    /// Adoptions appended but not known durable yet: (lsn, origin, mark).
+    pending_adoptions: VecDeque<(Lsn, RegionId, u64)>,
+}
+
+impl Default for Replication {
+    fn default() -> Self {
+        Self::new(SEQ_CHECKPOINT_EVERY)
+    }
 }
 
 impl Replication {
+    pub(super) fn new(bucket_seqs: u64) -> Self {
+        Self {
+            bucket_seqs: bucket_seqs.max(1),
+            buckets: BTreeMap::new(),
+            received: BTreeMap::new(),
+            durable: BTreeMap::new(),
+            pending: VecDeque::new(),
+            announced: BTreeMap::new(),
+            adopted: BTreeMap::new(),
+            pending_adoptions: VecDeque::new(),
+        }
+    }
+
     pub(super) fn checkpoint(&mut self, origin: RegionId, seq: u64, loc: Loc, ms: u64) {
         let b = self
             .buckets
             .entry(origin)
             .or_default()
-            .entry(seq / SEQ_CHECKPOINT_EVERY)
+            .entry(seq / self.bucket_seqs)
             .or_insert((loc, ms));
         b.0 = b.0.min(loc);
         b.1 = b.1.max(ms);
@@ -131,8 +169,28 @@ impl Replication {
         self.pending.push_back((origin, seq, lsn));
     }
 
+    /// Adopts `mark` for `origin` (see [`Store::adopt_marks`]); durable once `lsn` is, or at
+    /// once when `lsn` is `None` (recovery).
+    pub(super) fn adopt(&mut self, origin: RegionId, mark: u64, lsn: Option<Lsn>) {
+        self.announce(origin, mark);
+        self.received.entry(origin).or_default().adopt(mark);
+        let floor = self.adopted.entry(origin).or_insert(0);
+        *floor = (*floor).max(mark);
+        match lsn {
+            Some(lsn) => self.pending_adoptions.push_back((lsn, origin, mark)),
+            None => self.durable.entry(origin).or_default().adopt(mark),
+        }
+    }
+
     /// Moves what became durable into the durable sets.
     fn settle(&mut self, durable_lsn: Lsn) {
+        while let Some(&(lsn, origin, mark)) = self.pending_adoptions.front() {
+            if lsn > durable_lsn {
+                break;
+            }
+            self.durable.entry(origin).or_default().adopt(mark);
+            self.pending_adoptions.pop_front();
+        }
         while let Some(&(origin, seq, lsn)) = self.pending.front() {
             if lsn > durable_lsn {
                 break;
@@ -421,6 +479,51 @@ impl<S: Storage> Store<S> {
         Ok(Pending { lsn, value: true })
     }
 
+    /// Adopts the marks a snapshot stream from `from` carried, once every record of the stream
+    /// was merged ([`Store::merge_record`]): per origin, every number up to the mark counts as
+    /// held here, so anti-entropy asks only for what lies above. Written as a `Marks` log entry
+    /// after the records (recovery adopts it again); digests advertise the new marks once it is
+    /// durable. This region's own log and marks not above ours are left alone. Numbers held
+    /// only in effect are never served: a peer asking for them gets `LogTruncated` and takes a
+    /// snapshot in turn.
+    pub fn adopt_marks(
+        &self,
+        from: RegionId,
+        marks: &[(RegionId, u64)],
+    ) -> Result<Pending<()>, StoreError> {
+        if self.log.is_poisoned() {
+            return Err(StoreError::Unavailable(Unavailable::LogFailed));
+        }
+        let new: Vec<(RegionId, u64)> = {
+            let repl = lock(&self.replication);
+            marks
+                .iter()
+                .filter(|(o, m)| {
+                    *o != self.region
+                        && *m > 0
+                        && *m <= SEQ_MAX
+                        && repl.received.get(o).map_or(0, |s| s.mark) < *m
+                })
+                .copied()
+                .collect()
+        };
+        if new.is_empty() {
+            return Ok(Pending { lsn: 0, value: () });
+        }
+        // The records' facts have unknown numbers: stability waits for the sender's digest.
+        lock(&self.stability).image_from(from);
+        let bytes = entry::encode(&LogEntry::Marks { marks: new.clone() })?;
+        let (lsn, _) = self
+            .log
+            .append(&bytes, AppendClass::Normal)
+            .map_err(|e| self.log_error(e))?;
+        let mut repl = lock(&self.replication);
+        for (o, m) in new {
+            repl.adopt(o, m, Some(lsn));
+        }
+        Ok(Pending { lsn, value: () })
+    }
+
     fn append_image(
         &self,
         key: &RecordKey,
@@ -494,6 +597,14 @@ impl<S: Storage> Store<S> {
         let until = from_seq.saturating_add(max as u64);
         let start = {
             let repl = lock(&self.replication);
+            // Numbers adopted from a snapshot are held in effect only.
+            let adopted = repl.adopted.get(&origin).map_or(1, |m| m + 1);
+            if from_seq < adopted {
+                return Err(StoreError::LogTruncated {
+                    origin,
+                    first_retained: adopted,
+                });
+            }
             let Some(buckets) = repl.buckets.get(&origin) else {
                 return Ok(Vec::new());
             };
@@ -508,7 +619,7 @@ impl<S: Storage> Store<S> {
                 .find(|(i, (_, ms))| {
                     *ms >= horizon || times.get(i + 1).is_none_or(|(_, next)| *next >= horizon)
                 })
-                .map(|(_, (b, _))| (b * SEQ_CHECKPOINT_EVERY).max(1));
+                .map(|(_, (b, _))| (b * repl.bucket_seqs).max(1));
             if let Some(first_retained) = first_retained {
                 if from_seq < first_retained {
                     return Err(StoreError::LogTruncated {
@@ -521,7 +632,7 @@ impl<S: Storage> Store<S> {
             // bucket below is included too: a bucket's first checkpoint is recorded just after
             // its entry is appended, so for a moment entries of a bucket with no checkpoint yet
             // may be durable; they all lie after the previous bucket's position.
-            let b = from_seq / SEQ_CHECKPOINT_EVERY;
+            let b = from_seq / repl.bucket_seqs;
             buckets
                 .range(..b)
                 .next_back()

@@ -1321,3 +1321,40 @@ fn resuming_ones_own_claim_ignores_a_claim_beyond_the_max_drift() {
         "{d:?}"
     );
 }
+
+#[test]
+fn marks_adopted_from_a_snapshot_are_held_survive_a_restart_and_are_not_served() {
+    let disk = MemStorage::new();
+    let s = open(&disk, T0);
+    let (b, c) = (region("b"), region("c"));
+    s.wait(
+        s.adopt_marks(c, &[(b, 50), (c, 7), (region("a"), 99)])
+            .unwrap(),
+    )
+    .unwrap();
+    let marks = s.marks();
+    assert_eq!(marks.get(&b), Some(&50), "b adopted up to 50");
+    assert_eq!(marks.get(&c), Some(&7));
+    assert_eq!(marks.get(&region("a")), Some(&0), "never our own log");
+    assert!(matches!(
+        s.log_from(T0, b, 1, 10),
+        Err(StoreError::LogTruncated {
+            first_retained: 51,
+            ..
+        })
+    ));
+    assert_eq!(s.log_from(T0, b, 51, 10).unwrap(), Vec::new());
+    // Lower marks change nothing.
+    s.wait(s.adopt_marks(c, &[(b, 10)]).unwrap()).unwrap();
+    drop(s);
+    let s = open(&disk, T0 + 1_000);
+    assert_eq!(
+        s.marks().get(&b),
+        Some(&50),
+        "recovered from the Marks entry"
+    );
+    assert!(matches!(
+        s.log_from(T0 + 1_000, b, 50, 10),
+        Err(StoreError::LogTruncated { .. })
+    ));
+}
