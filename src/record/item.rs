@@ -60,10 +60,11 @@ pub struct ItemContext<'a> {
     /// earlier claim or a takeover this region does not know). Until replication tracks
     /// stability, callers pass `false`: nothing is actionable.
     pub stable: bool,
-    /// Unix ms before which a lease has surely run out everywhere (the deriving region's
-    /// clock minus the max drift). A claim that is not the winner, never reported back and
-    /// whose lease ended before this is a `Verify` item: its client may have run it and died.
-    /// Pass 0 to derive only what holds at any time.
+    /// Unix ms before which a lease has surely run out everywhere, and before which every
+    /// region's clock has moved (the deriving region's clock minus the max drift). A claim that
+    /// is not the winner, never reported back and whose lease ended before this is a `Verify`
+    /// item: its client may have run it and died. An item is actionable only once the key's
+    /// newest claim is older than this. Pass 0 to derive only what holds at any time.
     pub lapsed_before_ms: u64,
 }
 
@@ -94,6 +95,32 @@ impl Record {
         out
     }
 
+    /// What stability alone does not settle: a claim below the winner that lost only to a
+    /// takeover wins again if every taker in force is later released (a taker within its lease
+    /// may be), so each needs a taker that executed or whose lease ran out (its owner refuses
+    /// to release it then: `StoreError::LeaseRanOut`); and no region may
+    /// still stamp a claim below the newest one, which holds once the newest claim is older
+    /// than the max drift (a stamp too far ahead does not move a region's clock).
+    fn settled(&self, g: &Generation, ctx: ItemContext<'_>) -> bool {
+        let Some(w) = g.winner else {
+            return false;
+        };
+        let newest_old_enough = self
+            .claims()
+            .next_back()
+            .is_none_or(|(s, _)| s.physical_ms() <= ctx.lapsed_before_ms);
+        newest_old_enough
+            && g.taken_over.keys().filter(|v| **v < w).all(|v| {
+                g.stamps.iter().any(|t| {
+                    self.claim(t).is_some_and(|c| {
+                        (c.executed() || (!c.released() && c.lease_until_ms < ctx.lapsed_before_ms))
+                            && !g.orphans.contains(t)
+                            && c.facts.as_ref().is_some_and(|f| f.takes_over.contains(v))
+                    })
+                })
+            })
+    }
+
     fn generation_items(
         &self,
         key: &RecordKey,
@@ -106,8 +133,8 @@ impl Record {
         let winner_fp = winner.and_then(|(_, c)| c.facts.as_ref().map(|f| f.fingerprint));
         let completed = winner_status == Some(ClaimStatus::Completed)
             || crate::mutants::active(crate::mutants::Mutant::ActionableWhileInFlight);
-        let stable =
-            ctx.stable || crate::mutants::active(crate::mutants::Mutant::ActionableBeforeStable);
+        let stable = (ctx.stable && self.settled(g, ctx))
+            || crate::mutants::active(crate::mutants::Mutant::ActionableBeforeStable);
         let actionable = completed && stable;
         for s in &g.stamps {
             let Some(c) = self.claim(s) else { continue };

@@ -41,7 +41,8 @@ fn ctx(retired: &Retirements) -> ItemContext<'_> {
     ItemContext {
         retired,
         stable: true,
-        lapsed_before_ms: 0,
+        // Long after every stamp: leases have run out, every clock has moved past the claims.
+        lapsed_before_ms: u64::MAX,
     }
 }
 
@@ -641,6 +642,11 @@ proptest! {
                     let i = items.iter().find(|i| i.claim == *s).unwrap();
                     let justified = (c.executed() && Some(*s) != g.winner)
                         || (i.kind == ItemKind::Verify && g.taken_over.contains_key(s))
+                        // In flight past its lease (the context says every lease ran out).
+                        || (i.kind == ItemKind::Verify
+                            && !c.executed()
+                            && !c.released()
+                            && Some(*s) != g.winner)
                         || (i.kind == ItemKind::Reversed && i.resolved && Some(*s) == g.winner);
                     prop_assert!(justified, "unjustified item {:?}", i);
                 }
@@ -678,4 +684,81 @@ fn a_losing_claim_silent_past_its_lease_is_a_verify_item() {
     // The winner itself is never an item, however long it stays in flight.
     let alone = build(&[claim(b, facts(1, None))]);
     assert!(alone.items(&key(), at(u64::MAX)).is_empty());
+}
+
+#[test]
+fn an_item_waits_while_a_taker_in_flight_could_still_be_released() {
+    let y = stamp(0, 0, 0);
+    let w = stamp(5, 0, 1);
+    let t = stamp(40, 0, 2);
+    let none = Retirements::none();
+    // y ran out of lease; w (which never heard of y) completed; t took y over, not knowing w;
+    // y completed late. w wins (y is taken over), y is a duplicate.
+    let r = build(&[
+        claim(y, facts(1, None)),
+        claim(w, facts(1, None)),
+        done(w, 200),
+        claim(t, facts(1, Some(y))),
+        done(y, 200),
+    ]);
+    // Just after t: its lease (until T0 + 70) still runs.
+    let item_of = |r: &Record, s: Stamp| {
+        let at = ItemContext {
+            retired: &none,
+            stable: true,
+            lapsed_before_ms: T0 + 41,
+        };
+        r.items(&key(), at)
+            .into_iter()
+            .find(|i| i.claim == s)
+            .unwrap()
+    };
+    let i = item_of(&r, y);
+    assert_eq!((i.kind, i.winner), (ItemKind::Duplicate, Some(w)));
+    assert!(
+        !i.actionable,
+        "t may still be released, and y would win again"
+    );
+    // Once t's lease ran out, its owner refuses to release it: settled.
+    assert!(r
+        .items(&key(), ctx(&none))
+        .iter()
+        .any(|i| i.claim == y && i.actionable));
+    // Released, t's takeover is void: y wins, w is the duplicate.
+    let mut released_t = r.clone();
+    released_t.apply(&released(t)).unwrap();
+    assert_eq!(item_of(&released_t, w).winner, Some(y));
+    // Completed, t can never be released: y's loss is settled.
+    let mut done_t = r.clone();
+    done_t.apply(&done(t, 200)).unwrap();
+    assert!(item_of(&done_t, y).actionable);
+}
+
+#[test]
+fn an_item_waits_until_the_newest_claim_is_older_than_the_max_drift() {
+    let a = stamp(0, 0, 0);
+    let b = stamp(5, 0, 1);
+    let r = build(&[
+        claim(a, facts(1, None)),
+        done(a, 200),
+        claim(b, facts(1, None)),
+        done(b, 200),
+    ]);
+    let none = Retirements::none();
+    let at = |lapsed_before_ms| {
+        r.items(
+            &key(),
+            ItemContext {
+                retired: &none,
+                stable: true,
+                lapsed_before_ms,
+            },
+        )[0]
+        .actionable
+    };
+    assert!(
+        !at(T0 + 4),
+        "a region whose clock has not reached b could still claim below it"
+    );
+    assert!(at(T0 + 5));
 }

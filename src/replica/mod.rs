@@ -992,12 +992,17 @@ impl Replica {
     }
 
     fn send_digest<S: Storage>(&mut self, store: &Store<S>, now_ms: u64, peer: RegionId) {
-        let origins: Vec<_> = store
-            .holdings(GAPS_MAX)
-            .iter()
-            .take(ORIGINS_MAX)
-            .map(sync::digest_entry)
-            .collect();
+        let mut holdings = store.holdings(GAPS_MAX);
+        if holdings.len() > ORIGINS_MAX {
+            // Cut to the limit, always keeping our own log's entry: without it a peer cannot
+            // use the digest for stability.
+            let own = holdings.iter().position(|h| h.origin == self.region);
+            let own = own.map(|i| holdings.remove(i));
+            holdings.truncate(ORIGINS_MAX - usize::from(own.is_some()));
+            holdings.extend(own);
+            holdings.sort_by_key(|h| h.origin);
+        }
+        let origins: Vec<_> = holdings.iter().map(sync::digest_entry).collect();
         let jitter = self.rng.below(
             self.cfg
                 .digest_max_ms

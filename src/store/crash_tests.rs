@@ -190,6 +190,8 @@ fn run(seed: u64, broken: bool) -> Result<Exercised, String> {
                         // Lost in an earlier crash (never acknowledged) or finished already.
                         Err(StoreError::UnknownClaim(_) | StoreError::UnknownKey) => {}
                         Err(StoreError::AlreadyFinished(_)) => {}
+                        // Too late to release: the claim stays as it is.
+                        Err(StoreError::LeaseRanOut { .. }) if release => {}
                         Err(e) => return Err(format!("finish failed: {e}")),
                     }
                 }
@@ -201,7 +203,8 @@ fn run(seed: u64, broken: bool) -> Result<Exercised, String> {
                             StoreError::UnknownClaim(_)
                             | StoreError::UnknownKey
                             | StoreError::TakenOver { .. }
-                            | StoreError::AlreadyFinished(_),
+                            | StoreError::AlreadyFinished(_)
+                            | StoreError::LeaseRanOut { .. },
                         ) => {}
                         Err(e) => return Err(format!("extend failed: {e}")),
                     }

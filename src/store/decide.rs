@@ -120,13 +120,14 @@ fn lease_ran_out(lease_until_ms: u64, ask: &Ask<'_>) -> bool {
 }
 
 /// Our own claim in this generation with the caller's attempt token and fingerprint, still in
-/// flight and not taken over.
+/// flight, within its lease and not taken over.
 fn own_unanswered(record: &Record, g: &Generation, ask: &Ask<'_>) -> Option<Stamp> {
     g.stamps.iter().copied().find(|s| {
         s.region == ask.region
             && !g.taken_over.contains_key(s)
             && record.claim(s).is_some_and(|c| {
                 c.status() == ClaimStatus::InFlight
+                    && ask.now_ms <= c.lease_until_ms
                     && c.facts.as_ref().is_some_and(|f| {
                         f.attempt == ask.attempt && f.fingerprint == *ask.fingerprint
                     })

@@ -113,6 +113,15 @@ pub enum StoreError {
     /// The claim already has a different terminal write.
     #[error("claim {0:?} is already finished differently")]
     AlreadyFinished(Stamp),
+    /// The claim's lease ran out: it can no longer be released or extended (only completed:
+    /// once a lease is over, other regions may rely on the claim staying as it is).
+    #[error("the lease of claim {claim:?} ran out at {lease_until_ms}")]
+    LeaseRanOut {
+        /// The claim.
+        claim: Stamp,
+        /// When its lease ended, Unix ms.
+        lease_until_ms: u64,
+    },
     /// The claim was taken over; its lease can no longer be extended.
     #[error("claim {claim:?} was taken over by {by:?}")]
     TakenOver {

@@ -96,6 +96,14 @@ impl<S: Storage> Store<S> {
     ) -> Result<Pending<Completion>, StoreError> {
         self.with_key(key, |e, record| {
             let c = self.own_claim(record, claim)?;
+            if c.terminal.is_none() && terminal == Terminal::Released && now_ms > c.lease_until_ms {
+                // Past its lease a claim may have been taken over, and its takeover of others
+                // relied on: a release would void it.
+                return Err(StoreError::LeaseRanOut {
+                    claim,
+                    lease_until_ms: c.lease_until_ms,
+                });
+            }
             match &c.terminal {
                 Some(t) if *t == terminal => {}
                 Some(_) => return Err(StoreError::AlreadyFinished(claim)),
@@ -206,6 +214,12 @@ impl<S: Storage> Store<S> {
                 if let Some(by) = g.taken_over.get(&claim) {
                     return Err(StoreError::TakenOver { claim, by: *by });
                 }
+            }
+            if now_ms > c.lease_until_ms {
+                return Err(StoreError::LeaseRanOut {
+                    claim,
+                    lease_until_ms: c.lease_until_ms,
+                });
             }
             let until = now_ms.saturating_add(lease_ms);
             let old_lease = c.lease_until_ms;

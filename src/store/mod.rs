@@ -299,6 +299,8 @@ pub struct Store<S: Storage> {
     /// follow log order.
     replication: Mutex<Replication>,
     stability: Mutex<stability::Stability>,
+    /// The stable lsn plus one (0: nothing stable yet), for readers.
+    stable_lsn_plus1: AtomicU64,
     retired: Retirements,
     fenced: AtomicBool,
     stats: StoreStats,
@@ -366,6 +368,7 @@ impl<S: Storage> Store<S> {
             index,
             replication: Mutex::new(recovered.replication),
             stability: Mutex::new(stability::Stability::default()),
+            stable_lsn_plus1: AtomicU64::new(0),
             retired: Retirements::none(),
             fenced: AtomicBool::new(false),
             stats: StoreStats::default(),

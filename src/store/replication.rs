@@ -417,8 +417,12 @@ impl<S: Storage> Store<S> {
         }
         self.settle_clock(now_ms)?;
         // Before the append: the facts' numbers are unknown here, so stability waits for the
-        // sender's next digest.
-        lock(&self.stability).image_from(from);
+        // next digests of the sender and of the facts' origins.
+        let origins = incoming
+            .claims()
+            .map(|(s, _)| s.region)
+            .chain(incoming.resolutions().map(|r| r.at.region));
+        lock(&self.stability).image_from(from, origins);
         if let Some((newest, _)) = incoming.claims().next_back() {
             if matches!(
                 self.clock.observe(now_ms, *newest),
@@ -510,8 +514,9 @@ impl<S: Storage> Store<S> {
         if new.is_empty() {
             return Ok(Pending { lsn: 0, value: () });
         }
-        // The records' facts have unknown numbers: stability waits for the sender's digest.
-        lock(&self.stability).image_from(from);
+        // The records' facts have unknown numbers: stability waits for the next digests of the
+        // sender and of every origin it reported.
+        lock(&self.stability).image_from(from, marks.iter().map(|(o, _)| *o));
         let bytes = entry::encode(&LogEntry::Marks { marks: new.clone() })?;
         let (lsn, _) = self
             .log

@@ -28,7 +28,8 @@
 //! Everything here is in memory: after a restart stability starts again from nothing (the first
 //! checkpoint covers all recovered entries), which only delays it.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::Ordering;
 
 use super::log::Lsn;
 use super::replication::Holding;
@@ -45,16 +46,23 @@ pub const DIGESTS_PER_PEER_MAX: usize = 8;
 struct Checkpoint {
     lsn: Lsn,
     bound: BTreeMap<RegionId, u64>,
-    /// Peers whose digest, received after `after`, must raise `bound` first (they sent whole
-    /// records).
-    awaiting: BTreeSet<RegionId>,
-    after: u64,
+    /// Regions whose first digest received after the checkpoint must raise `bound` first: a
+    /// region that sent whole records (all its heads), and the origins of those records' facts
+    /// (their own head, which bounds every fact they made before it).
+    awaiting: BTreeMap<RegionId, Heads>,
+}
+
+/// Which heads of an awaited digest bound a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Heads {
+    /// The sender's own log only.
+    Own,
+    /// Every origin's.
+    All,
 }
 
 #[derive(Debug, Clone)]
 struct PeerDigest {
-    /// Receive order, across all peers.
-    n: u64,
     /// origin → (contiguous mark, head).
     holds: BTreeMap<RegionId, (u64, u64)>,
 }
@@ -64,9 +72,8 @@ struct PeerDigest {
 pub(super) struct Stability {
     pending: VecDeque<Checkpoint>,
     digests: BTreeMap<RegionId, VecDeque<PeerDigest>>,
-    received: u64,
-    /// Peers that sent whole records since the last checkpoint.
-    images_from: BTreeSet<RegionId>,
+    /// Regions awaited by the next checkpoint (whole records merged since the last one).
+    images_from: BTreeMap<RegionId, Heads>,
     /// Every key whose newest entry is at or below this is stable (none before the first
     /// checkpoint is: recovered keys carry lsn 0).
     stable_lsn: Option<Lsn>,
@@ -75,16 +82,32 @@ pub(super) struct Stability {
 }
 
 impl Stability {
-    /// A peer's digest arrived.
+    /// A peer's digest arrived. It settles what the checkpoints taken before it await of this
+    /// peer: the first digest after a checkpoint was sent after the records the checkpoint
+    /// covers, so its heads bound them.
     pub(super) fn peer_digest(&mut self, peer: RegionId, holdings: &[Holding]) {
-        self.received += 1;
         let d = PeerDigest {
-            n: self.received,
             holds: holdings
                 .iter()
                 .map(|h| (h.origin, (h.mark, h.head.max(h.mark))))
                 .collect(),
         };
+        for cp in &mut self.pending {
+            let Some(heads) = cp.awaiting.remove(&peer) else {
+                continue;
+            };
+            if !d.holds.contains_key(&peer) {
+                // Cut short before the sender's own entry: not a bound yet.
+                cp.awaiting.insert(peer, heads);
+                continue;
+            }
+            for (o, (_, head)) in &d.holds {
+                if heads == Heads::All || *o == peer {
+                    let b = cp.bound.entry(*o).or_insert(0);
+                    *b = (*b).max(*head);
+                }
+            }
+        }
         let q = self.digests.entry(peer).or_default();
         if q.len() == DIGESTS_PER_PEER_MAX {
             q.pop_front();
@@ -92,9 +115,17 @@ impl Stability {
         q.push_back(d);
     }
 
-    /// `peer` sent a whole record (its facts' numbers are unknown here).
-    pub(super) fn image_from(&mut self, peer: RegionId) {
-        self.images_from.insert(peer);
+    /// `peer` sent whole records (their facts' numbers are unknown here) whose facts were
+    /// made by `origins`.
+    pub(super) fn image_from(
+        &mut self,
+        peer: RegionId,
+        origins: impl IntoIterator<Item = RegionId>,
+    ) {
+        self.images_from.insert(peer, Heads::All);
+        for o in origins {
+            self.images_from.entry(o).or_insert(Heads::Own);
+        }
     }
 
     /// Takes a checkpoint at `lsn` with `bound`, unless nothing was appended since the last.
@@ -107,14 +138,16 @@ impl Stability {
             lsn,
             bound,
             awaiting: std::mem::take(&mut self.images_from),
-            after: self.received,
         };
         if self.pending.len() == CHECKPOINTS_MAX {
-            // Covering more with a larger bound is conservative; keep any awaited peers.
+            // Covering more with a larger bound is conservative; keep what the replaced one
+            // awaited (a digest after the newer checkpoint is after the older one too).
             let last = self.pending.pop_back().expect("full");
             let mut cp = cp;
-            cp.awaiting.extend(last.awaiting);
-            cp.after = cp.after.max(last.after);
+            for (p, h) in last.awaiting {
+                let e = cp.awaiting.entry(p).or_insert(h);
+                *e = (*e).max(h);
+            }
             self.pending.push_back(cp);
         } else {
             self.pending.push_back(cp);
@@ -135,7 +168,7 @@ impl Stability {
             let usable = self.digests.get(peer).and_then(|q| {
                 q.iter()
                     .rev()
-                    .find(|d| d.holds.get(peer).map_or(0, |(_, head)| *head) <= have)
+                    .find(|d| d.holds.get(peer).is_some_and(|(_, head)| *head <= have))
             });
             let Some(d) = usable else {
                 return self.stable_lsn; // a peer has said nothing usable yet
@@ -153,28 +186,10 @@ impl Stability {
         let frontier = frontier.unwrap_or_default();
         let alone = peers.is_empty();
         while let Some(cp) = self.pending.front_mut() {
-            // Whole records merged before this checkpoint: their senders' later digests bound
-            // them.
-            let mut waiting = false;
-            for peer in std::mem::take(&mut cp.awaiting) {
-                let later = self
-                    .digests
-                    .get(&peer)
-                    .and_then(|q| q.iter().rev().find(|d| d.n > cp.after));
-                match later {
-                    Some(d) => {
-                        for (o, (_, head)) in &d.holds {
-                            let b = cp.bound.entry(*o).or_insert(0);
-                            *b = (*b).max(*head);
-                        }
-                    }
-                    None => {
-                        cp.awaiting.insert(peer);
-                        waiting = true;
-                    }
-                }
-            }
-            if waiting && !alone {
+            // Whole records merged before this checkpoint wait for digests after it; regions
+            // that are not peers (retired, or this one) are not waited for.
+            cp.awaiting.retain(|r, _| peers.contains(r));
+            if !cp.awaiting.is_empty() {
                 break;
             }
             let within = alone
@@ -189,11 +204,6 @@ impl Stability {
             self.pending.pop_front();
         }
         self.stable_lsn
-    }
-
-    /// Whether a key whose newest entry has `lsn` is stable.
-    pub(super) fn is_stable(&self, lsn: Lsn) -> bool {
-        self.stable_lsn.is_some_and(|s| lsn <= s)
     }
 }
 
@@ -223,12 +233,18 @@ impl<S: Storage> Store<S> {
             .collect();
         let mut st = lock(&self.stability);
         st.checkpoint(lsn, bound);
-        st.advance(&peers, &held)
+        let stable = st.advance(&peers, &held);
+        if let Some(s) = stable {
+            // Readers check it without the lock: lsn + 1, 0 while nothing is stable.
+            self.stable_lsn_plus1
+                .fetch_max(s.saturating_add(1), Ordering::Release);
+        }
+        stable
     }
 
     /// Whether a key whose newest log entry has `lsn` is stable here.
     pub(super) fn is_stable(&self, lsn: Lsn) -> bool {
-        lock(&self.stability).is_stable(lsn)
+        lsn < self.stable_lsn_plus1.load(Ordering::Acquire)
     }
 }
 
@@ -307,7 +323,7 @@ mod tests {
     fn a_whole_record_waits_for_its_senders_next_digest() {
         let mut s = Stability::default();
         s.peer_digest(r("b"), &[holding("a", 5, 5), holding("b", 7, 7)]);
-        s.image_from(r("b"));
+        s.image_from(r("b"), [r("a")]);
         s.checkpoint(10, bound(&[("a", 5)]));
         let peers = [r("b")];
         let held = bound(&[("b", 30)]);
@@ -365,8 +381,48 @@ mod tests {
     #[test]
     fn a_region_alone_is_stable_at_once() {
         let mut s = Stability::default();
-        s.image_from(r("x"));
+        s.image_from(r("x"), []);
         s.checkpoint(4, bound(&[("a", 5)]));
         assert_eq!(s.advance(&[], &BTreeMap::new()), Some(4));
+    }
+
+    #[test]
+    fn a_digest_cut_short_before_its_senders_own_entry_is_not_usable() {
+        let mut s = Stability::default();
+        s.checkpoint(10, bound(&[("a", 5)]));
+        s.peer_digest(r("z"), &[holding("a", 5, 5)]);
+        assert_eq!(s.advance(&[r("z")], &BTreeMap::new()), None);
+    }
+
+    #[test]
+    fn records_from_several_peers_are_bounded_by_their_next_digests_without_falling_behind() {
+        let mut s = Stability::default();
+        let peers = [r("b"), r("c")];
+        let mut stable = None;
+        for round in 1..=50u64 {
+            // Every round: records merged from b with facts of c, a checkpoint, then one
+            // digest from each peer, holding everything so far.
+            s.image_from(r("b"), [r("c")]);
+            s.checkpoint(round, bound(&[("a", round)]));
+            let heads = [
+                holding("a", round, round),
+                holding("b", round, round),
+                holding("c", round, round),
+            ];
+            s.peer_digest(r("b"), &heads);
+            s.peer_digest(r("c"), &heads);
+            stable = s.advance(&peers, &bound(&[("b", round), ("c", round)]));
+        }
+        assert_eq!(stable, Some(50), "each round's digests settle that round");
+        assert!(s.pending.is_empty());
+    }
+
+    #[test]
+    fn records_from_a_region_that_is_no_peer_do_not_hold_stability_back() {
+        let mut s = Stability::default();
+        s.image_from(r("gone"), [r("gone")]);
+        s.checkpoint(3, bound(&[("a", 1)]));
+        s.peer_digest(r("b"), &[holding("a", 1, 1), holding("b", 0, 0)]);
+        assert_eq!(s.advance(&[r("b")], &BTreeMap::new()), Some(3));
     }
 }

@@ -1358,3 +1358,34 @@ fn marks_adopted_from_a_snapshot_are_held_survive_a_restart_and_are_not_served()
         Err(StoreError::LogTruncated { .. })
     ));
 }
+
+#[test]
+fn past_its_lease_a_claim_can_be_completed_but_not_released_extended_or_resumed() {
+    let s = open(&MemStorage::new(), T0);
+    let lease = s.namespace("pay").unwrap().lease_ms();
+    let c = execute(&s, T0, &req("k", "b", 1));
+    let late = T0 + lease + 1;
+    assert!(matches!(
+        s.release(late, &key("k"), c),
+        Err(StoreError::LeaseRanOut { claim, .. }) if claim == c
+    ));
+    assert!(matches!(
+        s.extend(late, &key("k"), c, 1_000),
+        Err(StoreError::LeaseRanOut { .. })
+    ));
+    // Re-sending the attempt token no longer revives it: it is in flight (until the max
+    // drift has passed too, then taken over).
+    assert!(matches!(
+        claim(&s, late, &req("k", "b", 1)),
+        Decision::InFlight { claim, .. } if claim == c
+    ));
+    // A late completion is still recorded.
+    assert_eq!(
+        complete(&s, late, "k", c, "done").terminal,
+        ClaimStatus::Completed
+    );
+    // Within the lease, a release is fine.
+    let d = execute(&s, T0, &req("k2", "b", 2));
+    s.wait(s.release(T0 + lease, &key("k2"), d).unwrap())
+        .unwrap();
+}
