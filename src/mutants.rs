@@ -29,11 +29,14 @@ pub enum Mutant {
     ActionableWhileInFlight,
     /// An item is actionable before its key is stable.
     ActionableBeforeStable,
+    /// The replica pushes local mutations as soon as they are appended, before they are
+    /// durable (a crash then takes back what peers already hold).
+    PushBeforeSync,
 }
 
 impl Mutant {
     /// Every mutant.
-    pub const ALL: [Mutant; 8] = [
+    pub const ALL: [Mutant; 9] = [
         Mutant::WinnerLargestStamp,
         Mutant::MergeKeepsOnlyWinner,
         Mutant::AckBeforeSync,
@@ -42,6 +45,7 @@ impl Mutant {
         Mutant::CrashedLoserNoItem,
         Mutant::ActionableWhileInFlight,
         Mutant::ActionableBeforeStable,
+        Mutant::PushBeforeSync,
     ];
 }
 

@@ -27,8 +27,10 @@ use crate::{Counts, Options, Report};
 /// Simulated time starts here (Unix ms, 2027-01-15): well after 2024, where hlc-gen's epoch is.
 pub const T0: u64 = 1_800_000_000_000;
 const NAMESPACE: &str = "payments";
-/// How often each region's replica and store are driven, ms.
+/// How often each region's store flushes and its replica is driven, ms.
 const TICK_MS: u64 = 5;
+/// The replica's timers run this long after each flush.
+const REPLICA_OFFSET_MS: u64 = 2;
 /// Clients move to a fresh key space this often, ms.
 const KEY_EPOCH_MS: u64 = 3_000;
 /// How long the liveness phase may take to converge, ms.
@@ -124,6 +126,11 @@ struct Client {
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Ev {
+    /// Group commit: the region's store syncs what was appended, and the answers that became
+    /// durable go out.
+    Flush(usize),
+    /// The region's replica timers (pushes, digests, pings, stability), between flushes: what
+    /// was appended since the last flush is not durable yet.
     Tick(usize),
     Client(usize),
     Deliver {
@@ -135,6 +142,11 @@ enum Ev {
     },
     /// Try to (re)connect two regions.
     Connect(usize, usize),
+    /// Region `at` notices that `peer`'s process is gone (its connection timed out).
+    PeerLost {
+        at: usize,
+        peer: usize,
+    },
     PartitionStart,
     PartitionEnd(Vec<(usize, usize)>),
     Crash,
@@ -157,6 +169,9 @@ pub struct World {
     cut: BTreeMap<(usize, usize), u32>,
     /// Live connections, by region pair (lower index first), with their id.
     conns: BTreeMap<(usize, usize), u64>,
+    /// Connections whose end at a crashed region is gone, with that region: what it sent
+    /// before the crash is still delivered.
+    draining: BTreeMap<u64, usize>,
     next_conn: u64,
     /// Per directed link, the latest delivery time scheduled: a connection delivers in order.
     last_delivery: BTreeMap<(usize, usize), u64>,
@@ -260,6 +275,7 @@ impl World {
             latency,
             cut: BTreeMap::new(),
             conns: BTreeMap::new(),
+            draining: BTreeMap::new(),
             next_conn: 1,
             last_delivery: BTreeMap::new(),
             oracle: Oracle::default(),
@@ -301,7 +317,8 @@ impl World {
             for j in i + 1..self.regions.len() {
                 self.at(T0, Ev::Connect(i, j));
             }
-            self.at(T0 + TICK_MS, Ev::Tick(i));
+            self.at(T0 + TICK_MS, Ev::Flush(i));
+            self.at(T0 + TICK_MS + REPLICA_OFFSET_MS, Ev::Tick(i));
         }
         for c in 0..self.clients.len() {
             let t = T0 + between(&mut self.rngs.workload, 0, 50);
@@ -386,11 +403,13 @@ impl World {
 
     fn handle(&mut self, ev: Ev) {
         match ev {
+            Ev::Flush(i) => {
+                self.regions[i].store.flush().expect("in-memory flush");
+                self.answer(i);
+                self.at(self.now + TICK_MS, Ev::Flush(i));
+            }
             Ev::Tick(i) => {
                 let now = self.clock(i);
-                let r = &mut self.regions[i];
-                r.store.flush().expect("in-memory flush");
-                self.answer(i);
                 let r = &mut self.regions[i];
                 r.replica.handle_timeout(&r.store, now);
                 self.drain(i);
@@ -406,7 +425,11 @@ impl World {
                 conn,
                 bytes,
             } => {
-                if self.conns.get(&pair(from, to)) != Some(&conn) {
+                let live = self.conns.get(&pair(from, to)) == Some(&conn);
+                // After a crash, what the dead process had sent still arrives; nothing reaches
+                // the dead process.
+                let sent_before_crash = self.draining.get(&conn) == Some(&from);
+                if !live && !sent_before_crash {
                     // Its connection broke while it was on the way.
                     self.counts.messages_lost += 1;
                     return;
@@ -430,6 +453,15 @@ impl World {
                 self.drain(to);
             }
             Ev::Connect(a, b) => self.connect(a, b),
+            Ev::PeerLost { at, peer } => {
+                // Unless a new connection has come up since.
+                if !self.conns.contains_key(&pair(at, peer)) {
+                    let now = self.clock(at);
+                    let id = self.regions[peer].id;
+                    self.regions[at].replica.disconnected(now, id);
+                    self.note(format!("r{at} lost r{peer}"));
+                }
+            }
             Ev::PartitionStart => self.partition(),
             Ev::Crash => {
                 if !self.liveness {
@@ -502,6 +534,21 @@ impl World {
         let redial = between(&mut self.rngs.network, 200, 2_000);
         self.at(self.now + redial, Ev::Connect(a.min(b), a.max(b)));
     }
+    /// Region `i`'s process died: its end of the link with `j` is gone at once, but what it
+    /// had sent is already in the network and still arrives; `j` learns of the loss after
+    /// that, and both redial later.
+    fn lose_process(&mut self, i: usize, j: usize) {
+        let Some(conn) = self.conns.remove(&pair(i, j)) else {
+            return;
+        };
+        self.counts.connection_breaks += 1;
+        self.draining.insert(conn, i);
+        let last = self.last_delivery.get(&(i, j)).copied().unwrap_or(0);
+        self.at(last.max(self.now) + 1, Ev::PeerLost { at: j, peer: i });
+        let redial = between(&mut self.rngs.network, 200, 2_000);
+        self.at(self.now + redial, Ev::Connect(i.min(j), i.max(j)));
+    }
+
     /// Sends what region `i`'s replica has to send, through the faulty network.
     fn drain(&mut self, i: usize) {
         while let Some(ev) = self.regions[i].replica.poll_event() {
@@ -1012,7 +1059,7 @@ impl World {
         ));
         for j in 0..self.opts.regions {
             if j != i {
-                self.break_link(i, j);
+                self.lose_process(i, j);
             }
         }
         for c in 0..self.clients.len() {

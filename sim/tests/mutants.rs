@@ -19,6 +19,10 @@ fn first_failure(m: Mutant, profile: Profile, seeds: u64) -> Option<(u64, Vec<&'
         (!r.passed()).then(|| (seed, r.violations.iter().map(|v| v.check).collect()))
     });
     mutants::plant(None);
+    if let Some((seed, checks)) = &found {
+        // Shown with `--nocapture`.
+        eprintln!("{m:?}: caught at seed {seed} by {checks:?}");
+    }
     found
 }
 
@@ -101,6 +105,20 @@ fn an_item_actionable_before_its_key_is_stable_is_caught() {
     let (seed, checks) = first_failure(Mutant::ActionableBeforeStable, Profile::PartitionHeavy, 10)
         .expect("caught within 10 seeds");
     assert!(checks.contains(&"S11"), "seed {seed}: {checks:?}");
+}
+
+#[test]
+fn pushing_before_the_sync_is_caught() {
+    // A crash takes back mutations peers already hold; the restarted region numbers other
+    // mutations the same, and the regions' records part ways.
+    let (seed, checks) = first_failure(Mutant::PushBeforeSync, Profile::DiskChaos, 20)
+        .expect("caught within 20 seeds");
+    assert!(
+        checks
+            .iter()
+            .any(|c| ["L1", "S1", "S3", "S5", "W3"].contains(c)),
+        "seed {seed}: {checks:?}"
+    );
 }
 
 #[test]

@@ -913,6 +913,22 @@ impl Replica {
 
     /// Queues this region's new durable mutations for every peer that is up.
     fn queue_local<S: Storage>(&mut self, store: &Store<S>, now_ms: u64) {
+        #[cfg(feature = "mutants")]
+        if crate::mutants::active(crate::mutants::Mutant::PushBeforeSync) {
+            let ahead = store.mutant_unsynced_after(self.pushed_up_to);
+            if let Some(last) = ahead.last() {
+                self.pushed_up_to = last.seq;
+                self.enqueue_local(&ahead, now_ms);
+                // ... and at once.
+                let ids: Vec<RegionId> = self.peers.keys().copied().collect();
+                for id in ids {
+                    if let Some(p) = self.peers.get_mut(&id) {
+                        p.push_deadline_ms = p.push_deadline_ms.map(|_| now_ms);
+                    }
+                    self.flush_push(id, now_ms, false);
+                }
+            }
+        }
         loop {
             let durable = store.log().durable_seq();
             if durable <= self.pushed_up_to {
@@ -928,25 +944,30 @@ impl Replica {
                 }
             };
             self.pushed_up_to = batch.last().map_or(durable, |m| m.seq);
-            let ids: Vec<RegionId> = self.peers.keys().copied().collect();
-            for id in ids {
-                if !self.is_up(id) {
-                    continue;
-                }
-                let p = self.peers.get_mut(&id).expect("peer");
-                let dropped = p.enqueue(&batch, self.cfg.push_queue_bytes, approx_bytes);
-                if p.push_deadline_ms.is_none() && !p.queue.is_empty() {
-                    p.push_deadline_ms = Some(now_ms + self.cfg.push_delay_ms);
-                }
-                if dropped > 0 {
-                    self.stats.push_dropped += dropped;
-                    self.events.push_back(Event::PushDropped {
-                        peer: id,
-                        count: dropped,
-                    });
-                }
-                self.flush_push(id, now_ms, true);
+            self.enqueue_local(&batch, now_ms);
+        }
+    }
+
+    /// Queues this region's mutations for every peer whose link is up.
+    fn enqueue_local(&mut self, batch: &[Mutation], now_ms: u64) {
+        let ids: Vec<RegionId> = self.peers.keys().copied().collect();
+        for id in ids {
+            if !self.is_up(id) {
+                continue;
             }
+            let p = self.peers.get_mut(&id).expect("peer");
+            let dropped = p.enqueue(batch, self.cfg.push_queue_bytes, approx_bytes);
+            if p.push_deadline_ms.is_none() && !p.queue.is_empty() {
+                p.push_deadline_ms = Some(now_ms + self.cfg.push_delay_ms);
+            }
+            if dropped > 0 {
+                self.stats.push_dropped += dropped;
+                self.events.push_back(Event::PushDropped {
+                    peer: id,
+                    count: dropped,
+                });
+            }
+            self.flush_push(id, now_ms, true);
         }
     }
 

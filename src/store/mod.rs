@@ -301,6 +301,9 @@ pub struct Store<S: Storage> {
     stability: Mutex<stability::Stability>,
     /// The stable lsn plus one (0: nothing stable yet), for readers.
     stable_lsn_plus1: AtomicU64,
+    /// The `PushBeforeSync` mutant's copy of local mutations as they are appended.
+    #[cfg(feature = "mutants")]
+    mutant_unsynced: Mutex<Vec<Mutation>>,
     retired: Retirements,
     fenced: AtomicBool,
     stats: StoreStats,
@@ -369,6 +372,8 @@ impl<S: Storage> Store<S> {
             replication: Mutex::new(recovered.replication),
             stability: Mutex::new(stability::Stability::default()),
             stable_lsn_plus1: AtomicU64::new(0),
+            #[cfg(feature = "mutants")]
+            mutant_unsynced: Mutex::new(Vec::new()),
             retired: Retirements::none(),
             fenced: AtomicBool::new(false),
             stats: StoreStats::default(),
@@ -713,7 +718,28 @@ impl<S: Storage> Store<S> {
             // Local numbers follow log order: the first of each bucket is its smallest position.
             lock(&self.replication).checkpoint(self.region, seq, loc, now_ms);
         }
+        #[cfg(feature = "mutants")]
+        if crate::mutants::active(crate::mutants::Mutant::PushBeforeSync) {
+            let mut delta = delta.clone();
+            if let Delta::Claim { facts, .. } = &mut delta {
+                facts.origin_seq = seq;
+            }
+            lock(&self.mutant_unsynced).push(Mutation {
+                origin: self.region,
+                seq,
+                key: key.clone(),
+                delta,
+            });
+        }
         Ok((lsn, loc, seq))
+    }
+
+    /// The `PushBeforeSync` mutant: local mutations above `seq`, durable or not.
+    #[cfg(feature = "mutants")]
+    pub fn mutant_unsynced_after(&self, seq: u64) -> Vec<Mutation> {
+        let mut v = lock(&self.mutant_unsynced);
+        v.retain(|m| m.seq > seq);
+        v.clone()
     }
 
     /// [`Store::append_local`] for an existing key: chains the entry to the key's previous one
