@@ -18,7 +18,8 @@
 //! Clients also run slow (past their lease: takeovers and late completions), release, or die
 //! after their side effect.
 //!
-//! Not simulated yet: clock steps, snapshots, stability. `docs/simulation.md` keeps the list.
+//! Clocks drift and step, processes pause, regions fall behind retention and catch up from
+//! snapshots. `docs/simulation.md` keeps the list of what is not simulated yet.
 
 pub mod oracle;
 pub mod profile;
@@ -112,6 +113,12 @@ pub struct Counts {
     pub snapshot_catchups: u64,
     /// Items shown as actionable during the run (distinct per region), sampled every 250 ms.
     pub actionable_seen: u64,
+    /// Clock steps (forwards or backwards).
+    pub clock_steps: u64,
+    /// Process pauses.
+    pub pauses: u64,
+    /// Releases refused because the claim's lease had run out (it stays in flight).
+    pub late_releases: u64,
 }
 
 impl Counts {
@@ -146,6 +153,9 @@ impl Counts {
         self.fences += o.fences;
         self.snapshot_catchups += o.snapshot_catchups;
         self.actionable_seen += o.actionable_seen;
+        self.clock_steps += o.clock_steps;
+        self.pauses += o.pauses;
+        self.late_releases += o.late_releases;
     }
 }
 

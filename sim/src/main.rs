@@ -127,8 +127,8 @@ fn main() -> ExitCode {
             totals.torn_writes
         );
         println!(
-            "client faults: slow executions {}, abandoned {}, releases {}; items shown actionable during runs {}",
-            totals.slow, totals.abandoned, totals.releases, totals.actionable_seen
+            "client faults: slow executions {}, abandoned {}, releases {}; clock steps {}, pauses {}; items shown actionable during runs {}",
+            totals.slow, totals.abandoned, totals.releases, totals.clock_steps, totals.pauses, totals.actionable_seen
         );
         println!(
             "speed: {:.0} client requests per wall second, {:.0}x simulated time",

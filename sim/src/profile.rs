@@ -92,6 +92,18 @@ pub struct Faults {
     /// How long each region serves its log to peers, ms: short in some profiles, so that a
     /// region cut off for longer must catch up from a snapshot.
     pub log_retention_ms: u64,
+    /// Largest clock rate error of a region, parts per million (either sign).
+    pub drift_ppm: u64,
+    /// Mean time between clock steps (a region's clock jumps, forwards or backwards) in the
+    /// safety phase, ms (0: none).
+    pub step_every_ms: u64,
+    /// Largest clock step, ms.
+    pub step_ms: u64,
+    /// Mean time between process pauses (a region stops for a while: no flush, no timer, no
+    /// message handled; its clock runs on) in the safety phase, ms (0: none).
+    pub pause_every_ms: u64,
+    /// Pause length range, ms.
+    pub pause_ms: (u64, u64),
 }
 
 impl Faults {
@@ -142,6 +154,27 @@ impl Faults {
                 draw(0, 20_000) as u32
             },
             release_ppm: draw(10_000, 50_000) as u32,
+            drift_ppm: match profile {
+                Profile::ClockChaos => 200,
+                Profile::Swarm => 50,
+                _ => 20,
+            },
+            step_every_ms: match profile {
+                Profile::ClockChaos => draw(2_000, 8_000),
+                Profile::Swarm if draw(0, 2) == 0 => draw(5_000, 20_000),
+                _ => 0,
+            },
+            step_ms: if profile == Profile::ClockChaos {
+                400
+            } else {
+                200
+            },
+            pause_every_ms: match profile {
+                Profile::Calm | Profile::ClockChaos => 0,
+                _ if draw(0, 1) == 0 => 0,
+                _ => draw(3_000, 12_000),
+            },
+            pause_ms: (50, 3_000),
             log_retention_ms: match profile {
                 Profile::PartitionHeavy => draw(1_000, 5_000),
                 Profile::Swarm if draw(0, 1) == 1 => draw(2_000, 8_000),

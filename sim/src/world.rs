@@ -14,7 +14,9 @@ use idem::record::{
 };
 use idem::replica::{Event, Replica, ReplicaConfig};
 use idem::store::storage::MemStorage;
-use idem::store::{ClaimRequest, Completion, Decision, Pending, Store, StoreConfig, Unavailable};
+use idem::store::{
+    ClaimRequest, Completion, Decision, Pending, Store, StoreConfig, StoreError, Unavailable,
+};
 use idem::wire::frame::{self, FrameDecoder};
 use idem::wire::ClusterId;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -72,11 +74,26 @@ struct Region {
     disk: MemStorage,
     store: Store<MemStorage>,
     replica: Replica,
-    /// This region's clock minus true time, ms.
+    /// This region's clock minus true time at the start, ms.
     skew_ms: i64,
+    /// Its clock's rate error, parts per million.
+    drift_ppm: i64,
+    /// The sum of the steps its clock took, ms.
+    step_ms: i64,
+    /// While paused (true time, ms), the process does nothing; its events wait.
+    paused_until: u64,
     /// Bumped by each crash.
     incarnation: u64,
     replica_cfg: ReplicaConfig,
+}
+
+impl Region {
+    /// This region's clock at true time `now`: its offset, its steps, and its rate error since
+    /// the start.
+    fn clock(&self, now: u64) -> u64 {
+        let drift = (now.saturating_sub(T0) as i64).saturating_mul(self.drift_ppm) / 1_000_000;
+        now.saturating_add_signed(self.skew_ms + self.step_ms + drift)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -148,6 +165,10 @@ enum Ev {
         peer: usize,
     },
     PartitionStart,
+    /// A region's clock jumps.
+    ClockStep,
+    /// A region's process stops for a while.
+    Pause,
     PartitionEnd(Vec<(usize, usize)>),
     Crash,
     Liveness,
@@ -169,9 +190,9 @@ pub struct World {
     cut: BTreeMap<(usize, usize), u32>,
     /// Live connections, by region pair (lower index first), with their id.
     conns: BTreeMap<(usize, usize), u64>,
-    /// Connections whose end at a crashed region is gone, with that region: what it sent
-    /// before the crash is still delivered.
-    draining: BTreeMap<u64, usize>,
+    /// Connections whose end at a crashed region is gone, with that region and the other end's
+    /// incarnation: what it sent before the crash is still delivered, to that incarnation.
+    draining: BTreeMap<u64, (usize, u64)>,
     next_conn: u64,
     /// Per directed link, the latest delivery time scheduled: a connection delivers in order.
     last_delivery: BTreeMap<(usize, usize), u64>,
@@ -228,6 +249,8 @@ impl World {
             .map(|id| {
                 let skew =
                     between(&mut clocks, 0, 2 * faults.skew_ms) as i64 - faults.skew_ms as i64;
+                let drift_ppm =
+                    between(&mut clocks, 0, 2 * faults.drift_ppm) as i64 - faults.drift_ppm as i64;
                 let now = T0.saturating_add_signed(skew);
                 let disk = MemStorage::new();
                 let store = Store::open(disk.clone(), store_config(*id, &faults), now)
@@ -241,6 +264,9 @@ impl World {
                     store,
                     replica,
                     skew_ms: skew,
+                    drift_ppm,
+                    step_ms: 0,
+                    paused_until: 0,
                     incarnation: 0,
                     replica_cfg: cfg,
                 }
@@ -308,7 +334,33 @@ impl World {
 
     /// Region `i`'s clock.
     fn clock(&self, i: usize) -> u64 {
-        self.now.saturating_add_signed(self.regions[i].skew_ms)
+        self.regions[i].clock(self.now)
+    }
+
+    /// The region an event needs running (its process), if any.
+    fn runs_on(&self, ev: &Ev) -> Option<usize> {
+        match ev {
+            Ev::Flush(i) | Ev::Tick(i) => Some(*i),
+            Ev::Deliver { to, .. } => Some(*to),
+            Ev::PeerLost { at, .. } => Some(*at),
+            Ev::Client(c) => Some(
+                self.clients[*c]
+                    .work
+                    .as_ref()
+                    .map_or(self.clients[*c].region, |w| w.region),
+            ),
+            Ev::Connect(a, b) => {
+                let (a, b) = (*a, *b);
+                Some(
+                    if self.regions[a].paused_until > self.regions[b].paused_until {
+                        a
+                    } else {
+                        b
+                    },
+                )
+            }
+            _ => None,
+        }
     }
 
     /// Runs the seed to the end and checks it.
@@ -332,6 +384,14 @@ impl World {
             let t = T0 + between(&mut self.rngs.faults, 0, self.faults.crash_every_ms);
             self.at(t, Ev::Crash);
         }
+        if self.faults.step_every_ms > 0 {
+            let t = T0 + between(&mut self.rngs.faults, 0, self.faults.step_every_ms);
+            self.at(t, Ev::ClockStep);
+        }
+        if self.faults.pause_every_ms > 0 {
+            let t = T0 + between(&mut self.rngs.faults, 0, self.faults.pause_every_ms);
+            self.at(t, Ev::Pause);
+        }
         let end_safety = T0 + self.opts.duration_ms;
         self.at(end_safety, Ev::Liveness);
         let deadline = end_safety + LIVENESS_BOUND_MS;
@@ -350,7 +410,13 @@ impl World {
         if converged {
             // Let every lease run out on every clock before the checks: a losing claim whose
             // client never reported back is an item only then.
-            let settled = self.now + self.faults.lease_ms + 2 * self.faults.skew_ms + 1_000;
+            let offset = self
+                .regions
+                .iter()
+                .map(|r| r.clock(self.now).abs_diff(self.now))
+                .max()
+                .unwrap_or(0);
+            let settled = self.now + self.faults.lease_ms + 2 * offset + 1_000;
             self.run_until(settled);
             // L3: items whose winner completed become actionable everywhere within a bound.
             let bound = self.now + ACTIONABLE_BOUND_MS;
@@ -390,7 +456,7 @@ impl World {
     fn not_actionable(&self) -> Vec<(usize, u64, Stamp)> {
         let mut out = Vec::new();
         for (i, r) in self.regions.iter().enumerate() {
-            let now = self.now.saturating_add_signed(r.skew_ms);
+            let now = r.clock(self.now);
             for (key, it) in r.store.all_items(now).unwrap_or_default() {
                 if it.winner_status == Some(ClaimStatus::Completed) && !it.actionable {
                     let k = key.key()[1..].parse().unwrap_or(u64::MAX);
@@ -401,7 +467,26 @@ impl World {
         out
     }
 
+    /// A region picked by the faults stream.
+    fn random_region(&mut self) -> usize {
+        between(&mut self.rngs.faults, 0, self.opts.regions as u64 - 1) as usize
+    }
+
+    /// Schedules the next fault of a kind, `every` ms apart on average (jittered ±50%).
+    fn again(&mut self, every: u64, ev: Ev) {
+        let next = between(&mut self.rngs.faults, every / 2, every * 3 / 2);
+        self.at(self.now + next.max(1), ev);
+    }
+
     fn handle(&mut self, ev: Ev) {
+        if let Some(i) = self.runs_on(&ev) {
+            let until = self.regions[i].paused_until;
+            if until > self.now {
+                // A paused process handles nothing; in order, once it runs again.
+                self.at(until, ev);
+                return;
+            }
+        }
         match ev {
             Ev::Flush(i) => {
                 self.regions[i].store.flush().expect("in-memory flush");
@@ -428,7 +513,10 @@ impl World {
                 let live = self.conns.get(&pair(from, to)) == Some(&conn);
                 // After a crash, what the dead process had sent still arrives; nothing reaches
                 // the dead process.
-                let sent_before_crash = self.draining.get(&conn) == Some(&from);
+                // (Only while no new connection has replaced the old one.)
+                let sent_before_crash = self.draining.get(&conn)
+                    == Some(&(from, self.regions[to].incarnation))
+                    && !self.conns.contains_key(&pair(from, to));
                 if !live && !sent_before_crash {
                     // Its connection broke while it was on the way.
                     self.counts.messages_lost += 1;
@@ -463,13 +551,34 @@ impl World {
                 }
             }
             Ev::PartitionStart => self.partition(),
+            Ev::ClockStep => {
+                if !self.liveness {
+                    let i = self.random_region();
+                    let step = between(&mut self.rngs.faults, 1, 2 * self.faults.step_ms) as i64
+                        - self.faults.step_ms as i64;
+                    self.regions[i].step_ms += step;
+                    self.counts.clock_steps += 1;
+                    self.note(format!("clock of r{i} steps {step} ms"));
+                    self.again(self.faults.step_every_ms, Ev::ClockStep);
+                }
+            }
+            Ev::Pause => {
+                if !self.liveness {
+                    let i = self.random_region();
+                    let (lo, hi) = self.faults.pause_ms;
+                    let len = between(&mut self.rngs.faults, lo, hi);
+                    let r = &mut self.regions[i];
+                    r.paused_until = r.paused_until.max(self.now + len);
+                    self.counts.pauses += 1;
+                    self.note(format!("r{i} pauses for {len} ms"));
+                    self.again(self.faults.pause_every_ms, Ev::Pause);
+                }
+            }
             Ev::Crash => {
                 if !self.liveness {
-                    let i = between(&mut self.rngs.faults, 0, self.opts.regions as u64 - 1);
-                    self.crash(i as usize);
-                    let every = self.faults.crash_every_ms;
-                    let next = between(&mut self.rngs.faults, every / 2, every * 3 / 2);
-                    self.at(self.now + next.max(1), Ev::Crash);
+                    let i = self.random_region();
+                    self.crash(i);
+                    self.again(self.faults.crash_every_ms, Ev::Crash);
                 }
             }
             Ev::PartitionEnd(links) => {
@@ -486,6 +595,10 @@ impl World {
             Ev::Liveness => {
                 self.liveness = true;
                 self.cut.clear();
+                // Clocks are put right (a last step each) and pauses end.
+                for r in &mut self.regions {
+                    r.step_ms = 0;
+                }
                 self.note("liveness phase: heal, no new requests".into());
             }
         }
@@ -542,7 +655,7 @@ impl World {
             return;
         };
         self.counts.connection_breaks += 1;
-        self.draining.insert(conn, i);
+        self.draining.insert(conn, (i, self.regions[j].incarnation));
         let last = self.last_delivery.get(&(i, j)).copied().unwrap_or(0);
         self.at(last.max(self.now) + 1, Ev::PeerLost { at: j, peer: i });
         let redial = between(&mut self.rngs.network, 200, 2_000);
@@ -553,11 +666,14 @@ impl World {
     fn drain(&mut self, i: usize) {
         while let Some(ev) = self.regions[i].replica.poll_event() {
             match ev {
-                Event::ProtocolViolation { what, .. } => self.oracle.violations.push(Violation {
-                    check: "W2",
-                    key: None,
-                    detail: format!("region {i} saw a protocol violation: {what}"),
-                }),
+                Event::ProtocolViolation { what, .. } => {
+                    self.note(format!("r{i} protocol violation: {what}"));
+                    self.oracle.violations.push(Violation {
+                        check: "W2",
+                        key: None,
+                        detail: format!("region {i} saw a protocol violation: {what}"),
+                    })
+                }
                 Event::InvalidMutation { error, .. } => self.oracle.violations.push(Violation {
                     check: "W3",
                     key: None,
@@ -777,6 +893,13 @@ impl World {
         match issued {
             Ok(a) => {
                 self.clients[c].awaiting = Some((r.incarnation, a));
+            }
+            Err(StoreError::LeaseRanOut { .. }) if w.step == Step::Release => {
+                // Too late to release (its process was paused, say): the claim stays in
+                // flight, and once it loses or is taken over it is a Verify item.
+                self.counts.late_releases += 1;
+                self.note(format!("c{c} r{region} too late to release k{}", w.key));
+                self.finish_work(c);
             }
             Err(e) => {
                 self.oracle.violations.push(Violation {
@@ -1044,6 +1167,8 @@ impl World {
         }
         let r = &mut self.regions[i];
         r.incarnation += 1;
+        // The new process is not paused.
+        r.paused_until = r.paused_until.min(self.now);
         let ids: Vec<RegionId> = (0..self.opts.regions).map(region_name).collect();
         let pushed = r.store.log().durable_seq();
         r.replica = Replica::new(
@@ -1157,7 +1282,7 @@ impl World {
         self.oracle.check_client_log();
         let mut counts = std::mem::take(&mut self.counts);
         for (i, r) in self.regions.iter().enumerate() {
-            let now = self.now.saturating_add_signed(r.skew_ms);
+            let now = r.clock(self.now);
             let Ok(items) = r.store.all_items(now) else {
                 continue;
             };
@@ -1227,7 +1352,7 @@ impl World {
             let key = key_of(k);
             let mut views = Vec::new();
             for (i, r) in self.regions.iter().enumerate() {
-                let now = self.now.saturating_add_signed(r.skew_ms);
+                let now = r.clock(self.now);
                 match r.store.read(now, &key).and_then(|p| r.store.wait(p)) {
                     Ok(Some(v)) => views.push(v),
                     other => {

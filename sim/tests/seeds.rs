@@ -58,6 +58,9 @@ fn a_block_of_swarm_seeds_passes_and_exercises_the_faults() {
     assert!(t.duplicates >= 2_500, "{t:?}");
     assert!(t.key_reuses >= 120, "{t:?}");
     assert!(t.verify_items >= 80, "{t:?}");
+    // Process pauses (171 when written) and clock steps (57).
+    assert!(t.pauses >= 80, "{t:?}");
+    assert!(t.clock_steps >= 25, "{t:?}");
     // Items that became actionable during the runs (18.3k), which S11 then checks.
     assert!(t.actionable_seen >= 9_000, "{t:?}");
 }
