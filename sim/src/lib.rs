@@ -119,6 +119,9 @@ pub struct Counts {
     pub pauses: u64,
     /// Releases refused because the claim's lease had run out (it stays in flight).
     pub late_releases: u64,
+    /// Claims of keys never seen in their region that first asked every reachable peer
+    /// (lookup on miss).
+    pub miss_lookups: u64,
 }
 
 impl Counts {
@@ -156,6 +159,7 @@ impl Counts {
         self.clock_steps += o.clock_steps;
         self.pauses += o.pauses;
         self.late_releases += o.late_releases;
+        self.miss_lookups += o.miss_lookups;
     }
 }
 

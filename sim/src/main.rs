@@ -136,7 +136,7 @@ fn main() -> ExitCode {
             sim_ms as f64 / 1000.0 / wall
         );
         println!(
-            "exercised: duplicates {}, key reuses {}, verify items {}, takeovers {}, late completions {}, crashes {}, torn writes {}, partitions {}, clock fences {}, snapshot catch-ups {}, failover lookups {}",
+            "exercised: duplicates {}, key reuses {}, verify items {}, takeovers {}, late completions {}, crashes {}, torn writes {}, partitions {}, clock fences {}, snapshot catch-ups {}, failover lookups {}, lookups on miss {}",
             totals.duplicates,
             totals.key_reuses,
             totals.verify_items,
@@ -147,7 +147,8 @@ fn main() -> ExitCode {
             totals.partitions,
             totals.fences,
             totals.snapshot_catchups,
-            totals.lookups
+            totals.lookups,
+            totals.miss_lookups
         );
         println!("seeds: {n}, failed: {failed}, violations: {violations}");
     }

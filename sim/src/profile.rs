@@ -104,6 +104,9 @@ pub struct Faults {
     pub pause_every_ms: u64,
     /// Pause length range, ms.
     pub pause_ms: (u64, u64),
+    /// Whether the namespace looks keys never seen in a region up at every reachable peer
+    /// before granting them.
+    pub lookup_on_miss: bool,
 }
 
 impl Faults {
@@ -175,6 +178,7 @@ impl Faults {
                 _ => draw(3_000, 12_000),
             },
             pause_ms: (50, 3_000),
+            lookup_on_miss: profile != Profile::Calm && draw(0, 1) == 1,
             log_retention_ms: match profile {
                 Profile::PartitionHeavy => draw(1_000, 5_000),
                 Profile::Swarm if draw(0, 1) == 1 => draw(2_000, 8_000),

@@ -121,8 +121,10 @@ struct Work {
     /// After a failover: the region it came from, which the new region asks about the key
     /// (a failover lookup) before the claim is sent.
     prior: Option<usize>,
-    /// The failover lookup in flight, by request id at the new region.
-    lookup: Option<u64>,
+    /// The lookups in flight (failover, or on miss), by request id at the serving region.
+    lookups: Vec<u64>,
+    /// Whether the serving region already checked the key for a lookup on miss.
+    miss_checked: bool,
 }
 
 /// An answer the store gave but has not made durable yet: the client gets it once it is.
@@ -223,6 +225,9 @@ fn store_config(id: RegionId, faults: &Faults) -> StoreConfig {
         ns.lease_ms = faults.lease_ms;
     }
     cfg.log_retention_ms = faults.log_retention_ms;
+    for ns in &mut cfg.namespaces {
+        ns.lookup_on_miss = faults.lookup_on_miss;
+    }
     // Fine-grained retention, so that a short retention truncates within a run.
     cfg.log_bucket_seqs = 16;
     cfg
@@ -839,27 +844,44 @@ impl World {
                 claim: None,
                 region: self.clients[c].region,
                 prior: None,
-                lookup: None,
+                lookups: Vec::new(),
+                miss_checked: false,
             });
             self.counts.requests += 1;
         }
         let region = self.clients[c].work.as_ref().expect("work").region;
         let now = self.clock(region);
         if let Some(w) = self.clients[c].work.as_mut() {
-            if w.step == Step::Claim && w.lookup.is_none() {
+            if w.step == Step::Claim && w.lookups.is_empty() {
                 if let Some(prior) = w.prior {
                     // The claim carries a prior-region hint: ask that region first (bounded
                     // wait); the answer's facts are merged before the claim is decided.
                     let peer = self.regions[prior].id;
                     let key = key_of(w.key);
                     if let Some(id) = self.regions[region].replica.lookup(now, peer, key) {
-                        w.lookup = Some(id);
+                        w.lookups = vec![id];
                         self.counts.lookups += 1;
                         self.drain(region);
                         return;
                     }
                     // The link is down: decide without it (the namespace grants).
                     w.prior = None;
+                } else if self.faults.lookup_on_miss && !w.miss_checked {
+                    // A key never seen here: ask every reachable peer first (lookup on miss).
+                    w.miss_checked = true;
+                    let key = key_of(w.key);
+                    let store = &self.regions[region].store;
+                    let unseen = store.read(now, &key).is_ok_and(|p| p.peek().is_none());
+                    if unseen {
+                        let ids = self.regions[region].replica.lookup_everywhere(now, &key);
+                        if !ids.is_empty() {
+                            let w = self.clients[c].work.as_mut().expect("work");
+                            w.lookups = ids;
+                            self.counts.miss_lookups += 1;
+                            self.drain(region);
+                            return;
+                        }
+                    }
                 }
             }
         }
@@ -912,19 +934,22 @@ impl World {
         }
     }
 
-    /// A failover lookup at region `i` ended (answered or timed out): its client sends the
-    /// claim now.
+    /// A lookup at region `i` ended (answered or timed out): once all of its client's have,
+    /// the client sends the claim.
     fn lookup_answered(&mut self, i: usize, request: u64) {
         let waiting = self.clients.iter().position(|cl| {
             cl.work
                 .as_ref()
-                .is_some_and(|w| w.region == i && w.lookup == Some(request))
+                .is_some_and(|w| w.region == i && w.lookups.contains(&request))
         });
         if let Some(c) = waiting {
             let w = self.clients[c].work.as_mut().expect("work");
-            w.prior = None;
-            w.lookup = None;
-            self.at(self.now, Ev::Client(c));
+            w.lookups.retain(|r| *r != request);
+            if w.lookups.is_empty() {
+                // Every answer is in (or timed out): the claim goes ahead.
+                w.prior = None;
+                self.at(self.now, Ev::Client(c));
+            }
         }
     }
 
@@ -1192,8 +1217,8 @@ impl World {
             let lookup = self.clients[c]
                 .work
                 .as_mut()
-                .filter(|w| w.region == i)
-                .and_then(|w| w.lookup.take());
+                .filter(|w| w.region == i && !w.lookups.is_empty())
+                .map(|w| std::mem::take(&mut w.lookups));
             let lost = if here {
                 self.clients[c].awaiting.take()
             } else {

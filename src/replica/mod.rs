@@ -627,6 +627,15 @@ impl Replica {
         Some(request)
     }
 
+    /// [`Replica::lookup`] of `key` at every peer whose link is up (lookup on miss). Returns
+    /// the request ids (none when no link is up).
+    pub fn lookup_everywhere(&mut self, now_ms: u64, key: &RecordKey) -> Vec<u64> {
+        let ids: Vec<RegionId> = self.peers.keys().copied().collect();
+        ids.into_iter()
+            .filter_map(|p| self.lookup(now_ms, p, key.clone()))
+            .collect()
+    }
+
     /// Answers a peer's lookup with what is durable here (later, if the key's newest write is
     /// not durable yet: a peer must never learn a fact a crash here could take back).
     fn answer_lookup<S: Storage>(

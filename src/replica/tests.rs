@@ -991,3 +991,38 @@ fn a_region_behind_the_retained_log_catches_up_from_a_snapshot() {
         Err(StoreError::LogTruncated { .. })
     ));
 }
+
+#[test]
+fn a_lookup_on_miss_asks_every_peer_whose_link_is_up() {
+    let mut net = Net::new(&["a", "b", "c"], |_| {});
+    net.connect_all();
+    // c's pushes to b are lost: b knows nothing of the key c completed.
+    net.cut.insert((rid("c"), rid("b")));
+    let outcome = pair(&mut net, "c", "order-7", "charged");
+    net.run(20, 1);
+    net.heal();
+    let now = net.now;
+    let key = RecordKey::new("payments", "acct", "order-7");
+    let b = net.region("b");
+    let asked = b.replica.lookup_everywhere(now, &key);
+    assert_eq!(asked.len(), 2, "a and c");
+    net.pump();
+    let done = net
+        .region("b")
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::LookupDone { request, .. } if asked.contains(request)))
+        .count();
+    assert_eq!(done, 2);
+    match claim(&mut net, "b", "order-7") {
+        Decision::Replay { outcome: o, .. } => assert_eq!(o, outcome),
+        other => panic!("b should replay c's outcome, got {other:?}"),
+    }
+    // With every link down there is no one to ask.
+    let ids = net.ids();
+    let b = net.region("b");
+    for p in ids {
+        b.replica.disconnected(now, p);
+    }
+    assert!(b.replica.lookup_everywhere(now, &key).is_empty());
+}

@@ -64,7 +64,9 @@ pub use entry::Mutation;
 pub use error::{StoreError, Unavailable};
 use index::{IndexEntry, IndexMap};
 use log::{AppendClass, Loc, Log, LogConfig, LogError, Lsn, Space};
-pub use policy::{Disposition, Keep, NamespaceConfig, NamespacePolicy, StatusRange};
+pub use policy::{
+    Disposition, Keep, LookupUnanswered, NamespaceConfig, NamespacePolicy, StatusRange,
+};
 use replication::Replication;
 pub use replication::{Holding, SEQ_MAX};
 use storage::Storage;

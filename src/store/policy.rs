@@ -77,6 +77,26 @@ pub struct NamespaceConfig {
     pub headers_allowed: Vec<String>,
     /// How bodies are kept. Default full.
     pub keep: Keep,
+    /// Before granting a key never seen in this region, ask every reachable peer about it
+    /// (a bounded wait): one round trip between regions on first claims, for fewer duplicates
+    /// when callers cannot say which region they tried before (a global load balancer).
+    /// Default off.
+    pub lookup_on_miss: bool,
+    /// What a claim gets when a lookup it waited for (failover or on miss) found no answer in
+    /// time. Default: granted anyway.
+    pub lookup_unanswered: LookupUnanswered,
+}
+
+/// What to do when a lookup before a claim gets no answer in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LookupUnanswered {
+    /// Decide on what this region knows (available; if both regions ran the operation, the
+    /// duplicate is flagged later).
+    #[default]
+    Grant,
+    /// Answer `Unavailable`: the caller retries later.
+    Unavailable,
 }
 
 impl Default for NamespaceConfig {
@@ -93,6 +113,8 @@ impl Default for NamespaceConfig {
             indeterminate_statuses: Vec::new(),
             headers_allowed: vec!["content-type".into(), "location".into(), "etag".into()],
             keep: Keep::Full,
+            lookup_on_miss: false,
+            lookup_unanswered: LookupUnanswered::Grant,
         }
     }
 }
