@@ -457,7 +457,9 @@ impl World {
         self.now = self.now.max(t);
     }
 
-    /// Items, by (region, key, claim), whose winner completed but that are not actionable.
+    /// Items, by (region, key, claim), whose winner completed but that are not actionable, on
+    /// keys whose every claim finished (a claim left in flight for good, by a client that died,
+    /// may still be released or completed: it can hold an item back for as long).
     fn not_actionable(&self) -> Vec<(usize, u64, Stamp)> {
         let mut out = Vec::new();
         for (i, r) in self.regions.iter().enumerate() {
@@ -465,7 +467,13 @@ impl World {
             for (key, it) in r.store.all_items(now).unwrap_or_default() {
                 if it.winner_status == Some(ClaimStatus::Completed) && !it.actionable {
                     let k = key.key()[1..].parse().unwrap_or(u64::MAX);
-                    out.push((i, k, it.claim));
+                    let finished =
+                        self.oracle.grants.get(&k).is_some_and(|gs| {
+                            gs.iter().all(|g| g.completed.is_some() || g.released)
+                        });
+                    if finished {
+                        out.push((i, k, it.claim));
+                    }
                 }
             }
         }

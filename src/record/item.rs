@@ -96,9 +96,9 @@ impl Record {
     }
 
     /// What stability alone does not settle: a claim below the winner that lost only to a
-    /// takeover wins again if every taker in force is later released (a taker within its lease
-    /// may be), so each needs a taker that executed or whose lease ran out (its owner refuses
-    /// to release it then: `StoreError::LeaseRanOut`); and no region may
+    /// takeover wins again if every taker in force is later released (a taker still in flight
+    /// may be, or may have been with the release still on its way), so each needs a taker that
+    /// executed, which is never released; and no region may
     /// still stamp a claim below the newest one, which holds once the newest claim is older
     /// than the max drift (a stamp too far ahead does not move a region's clock).
     fn settled(&self, g: &Generation, ctx: ItemContext<'_>) -> bool {
@@ -113,7 +113,7 @@ impl Record {
             && g.taken_over.keys().filter(|v| **v < w).all(|v| {
                 g.stamps.iter().any(|t| {
                     self.claim(t).is_some_and(|c| {
-                        (c.executed() || (!c.released() && c.lease_until_ms < ctx.lapsed_before_ms))
+                        c.executed()
                             && !g.orphans.contains(t)
                             && c.facts.as_ref().is_some_and(|f| f.takes_over.contains(v))
                     })

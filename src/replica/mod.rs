@@ -310,6 +310,8 @@ struct SnapshotPull {
     /// The peer's durable marks when the stream began (from its first chunk).
     marks: Option<Vec<(RegionId, u64)>>,
     resend_at_ms: u64,
+    /// Asks of the current chunk so far.
+    tries: u32,
     records: u64,
 }
 
@@ -422,8 +424,8 @@ impl Replica {
     /// carried is fetched again by anti-entropy).
     pub fn disconnected(&mut self, _now_ms: u64, peer: RegionId) {
         if self.snapshot.as_ref().is_some_and(|s| s.peer == peer) {
-            // Resumed from its last chunk when a peer next answers ResetRequired.
-            self.snapshot = None;
+            // Started again, from the start, when a peer next answers ResetRequired.
+            self.drop_snapshot();
         }
         self.to_serve.retain(|(p, _)| *p != peer);
         if let Some(p) = self.peers.get_mut(&peer) {
@@ -826,6 +828,7 @@ impl Replica {
                         after: None,
                         marks: None,
                         resend_at_ms: 0,
+                        tries: 0,
                         records: 0,
                     });
                     self.ask_snapshot(now_ms);
@@ -1152,6 +1155,15 @@ impl Replica {
         }
     }
 
+    /// Gives the snapshot stream up and lets every peer be asked for ranges again, so that the
+    /// next `ResetRequired` (from whichever peer) starts another stream.
+    fn drop_snapshot(&mut self) {
+        self.snapshot = None;
+        for p in self.peers.values_mut() {
+            p.truncated.clear();
+        }
+    }
+
     /// Whether the serving budget of the current second has bytes left; if not, answers the
     /// peer's `request` with `Busy` until the next second.
     fn serve_budget_left(&mut self, now_ms: u64, peer: RegionId, request: u64) -> bool {
@@ -1176,9 +1188,20 @@ impl Replica {
 
     /// Asks the snapshot stream's peer for its next chunk.
     fn ask_snapshot(&mut self, now_ms: u64) {
+        // A fresh request id per ask: a late answer to an earlier ask is then merely stale.
+        let request = self.next_request;
         let Some(s) = self.snapshot.as_mut() else {
             return;
         };
+        if s.tries >= RANGE_TRIES_MAX {
+            // The peer does not answer: give the stream up; the next ResetRequired, from any
+            // peer, starts another.
+            self.drop_snapshot();
+            return;
+        }
+        self.next_request += 1;
+        s.request = request;
+        s.tries += 1;
         s.resend_at_ms = now_ms + self.cfg.range_timeout_ms;
         self.transmits.push_back((
             s.peer,
@@ -1210,6 +1233,8 @@ impl Replica {
             Ok(p) => match p.try_into_value(store) {
                 Ok(c) => c,
                 Err(_) => {
+                    // Answered once durable; one deferred answer per peer (a re-ask replaces it).
+                    self.to_serve.retain(|(p, _)| *p != peer);
                     self.to_serve.push((peer, r));
                     return;
                 }
@@ -1276,16 +1301,27 @@ impl Replica {
             return;
         }
         for (key, record) in &c.records {
-            if let Err(e) = store.merge_record(now_ms, peer, key, record) {
-                // Asked again from the same point after the timeout.
-                self.events.push_back(Event::MergeUnavailable {
-                    peer,
-                    error: e.to_string(),
-                });
-                return;
+            match store.merge_record(now_ms, peer, key, record) {
+                Ok(_) => {}
+                Err(e @ (StoreError::Invalid(_) | StoreError::InvalidMutation { .. })) => {
+                    // Never mergeable: give this peer's stream up (it stays marked truncated
+                    // on this link, so it is not asked again until the link comes back).
+                    self.snapshot = None;
+                    self.violation(peer, format!("snapshot record refused: {e}"));
+                    return;
+                }
+                Err(e) => {
+                    // Asked again from the same point after the timeout.
+                    self.events.push_back(Event::MergeUnavailable {
+                        peer,
+                        error: e.to_string(),
+                    });
+                    return;
+                }
             }
         }
         let s = self.snapshot.as_mut().expect("checked");
+        s.tries = 0;
         s.records += c.records.len() as u64;
         self.stats.snapshot_records += c.records.len() as u64;
         if s.marks.is_none() {

@@ -1026,3 +1026,185 @@ fn a_lookup_on_miss_asks_every_peer_whose_link_is_up() {
     }
     assert!(b.replica.lookup_everywhere(now, &key).is_empty());
 }
+
+impl Net {
+    /// Like `pump`, but every snapshot chunk is delivered twice (a resend after a timeout
+    /// whose first answer was only late).
+    fn pump_dup_chunks(&mut self) {
+        loop {
+            let ids = self.ids();
+            for id in &ids {
+                let r = self.regions.get_mut(id).unwrap();
+                while let Some((to, msg)) = r.replica.poll_transmit() {
+                    if !self.cut.contains(&(*id, to)) {
+                        let dup = matches!(msg, Message::SnapshotChunk(_));
+                        let bytes = frame::encode(&msg).unwrap();
+                        if dup {
+                            self.wire.push_back((*id, to, bytes.clone()));
+                        }
+                        self.wire.push_back((*id, to, bytes));
+                    }
+                }
+                while let Some(e) = r.replica.poll_event() {
+                    r.events.push(e);
+                }
+            }
+            let Some((from, to, bytes)) = self.wire.pop_front() else {
+                return;
+            };
+            let mut d = FrameDecoder::new();
+            d.push(&bytes).unwrap();
+            let msg = d.next().unwrap().unwrap();
+            let now = self.now;
+            let r = self.regions.get_mut(&to).unwrap();
+            r.replica.receive(&r.store, now, from, msg);
+            r.store.flush().unwrap();
+        }
+    }
+}
+
+fn behind_net(tweak: impl Fn(&mut ReplicaConfig)) -> Net {
+    let mut net = Net::with_stores(&["a", "b", "c"], tweak, |s| {
+        s.log_retention_ms = 1_000;
+        s.log_bucket_seqs = 4;
+    });
+    net.connect_all();
+    net.cut_both("c", "a");
+    net.cut_both("c", "b");
+    for i in 0..20 {
+        pair(
+            &mut net,
+            ["a", "b"][i % 2],
+            &format!("order-{i}"),
+            "charged",
+        );
+        net.run(100, 50);
+    }
+    net.run(3_000, 50);
+    net
+}
+
+#[test]
+fn a_snapshot_chunk_delivered_twice_is_merely_stale() {
+    let mut net = behind_net(|c| c.range_bytes = 1);
+    net.heal();
+    net.connect_all();
+    let end = net.now + 10_000;
+    while net.now < end {
+        net.now += 50;
+        let now = net.now;
+        for r in net.regions.values_mut() {
+            r.store.flush().unwrap();
+            r.replica.handle_timeout(&r.store, now);
+        }
+        net.pump_dup_chunks();
+    }
+    let c = net.region("c");
+    let v: Vec<_> = c
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::ProtocolViolation { .. }))
+        .collect();
+    let done = c
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::SnapshotDone { .. }))
+        .count();
+    assert!(
+        v.is_empty(),
+        "a duplicated chunk is stale, not a violation: {:?}",
+        v.first()
+    );
+    assert!(done >= 1, "and the catch-up completes");
+}
+
+#[test]
+fn losing_the_snapshot_peer_lets_another_peer_serve_the_catch_up() {
+    let mut net = behind_net(|c| {
+        c.range_bytes = 1;
+        c.serve_bytes_per_s = 1;
+    });
+    net.heal();
+    net.connect_all();
+    // Let ResetRequired come from both, and the stream start.
+    let mut streaming = None;
+    for _ in 0..200 {
+        net.run(50, 50);
+        if let Some(s) = &net.region("c").replica.snapshot {
+            let p = s.peer;
+            let other = if p == rid("a") { rid("b") } else { rid("a") };
+            if !net.region("c").replica.peers[&other].truncated.is_empty() {
+                streaming = Some((p, other));
+                break;
+            }
+        }
+    }
+    let (p, _other) = streaming.expect("a stream, and the other peer truncated");
+    let now = net.now;
+    net.region("c").replica.disconnected(now, p);
+    net.cut.insert((rid("c"), p));
+    net.cut.insert((p, rid("c")));
+    net.run(60_000, 50);
+    let c = net.region("c");
+    let done = c
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::SnapshotDone { .. }))
+        .count();
+    assert!(done > 0, "c catches up from the peer it still reaches");
+}
+
+#[test]
+fn a_snapshot_with_a_namespace_unknown_here_still_completes() {
+    let mut net = Net::with_stores(
+        &["a", "b", "c"],
+        |_| {},
+        |s| {
+            s.log_retention_ms = 1_000;
+            s.log_bucket_seqs = 4;
+            if s.region != rid("c") {
+                let mut ns = s.namespaces[0].clone();
+                ns.name = "refunds".into();
+                s.namespaces.push(ns);
+            }
+        },
+    );
+    net.connect_all();
+    net.cut_both("c", "a");
+    net.cut_both("c", "b");
+    for i in 0..20 {
+        pair(
+            &mut net,
+            ["a", "b"][i % 2],
+            &format!("order-{i}"),
+            "charged",
+        );
+        net.run(100, 50);
+    }
+    // One key in a namespace c does not know (a config rollout in progress).
+    {
+        let now = net.now;
+        let r = net.region("a");
+        let mut req = request("r-1", "POST /refund");
+        req.key = RecordKey::new("refunds", "acct", "r-1");
+        let d = r.store.wait(r.store.claim(now, &req).unwrap()).unwrap();
+        assert!(matches!(d, Decision::Execute { .. }));
+    }
+    net.run(3_000, 50);
+    net.heal();
+    net.connect_all();
+    net.run(30_000, 50);
+    let c = net.region("c");
+    let done = c
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::SnapshotDone { .. }))
+        .count();
+    let unavailable = c
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::MergeUnavailable { .. }))
+        .count();
+    assert_eq!(unavailable, 0, "no record was refused for its namespace");
+    assert!(done > 0, "c catches up");
+}
