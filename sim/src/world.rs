@@ -569,7 +569,11 @@ impl World {
                     let i = self.random_region();
                     let step = between(&mut self.rngs.faults, 1, 2 * self.faults.step_ms) as i64
                         - self.faults.step_ms as i64;
-                    self.regions[i].step_ms += step;
+                    // Steps add up, but a clock stays within the largest step of true time (plus
+                    // its offset and drift).
+                    let limit = self.faults.step_ms as i64;
+                    let r = &mut self.regions[i];
+                    r.step_ms = (r.step_ms + step).clamp(-limit, limit);
                     self.counts.clock_steps += 1;
                     self.note(format!("clock of r{i} steps {step} ms"));
                     self.again(self.faults.step_every_ms, Ev::ClockStep);
@@ -608,7 +612,8 @@ impl World {
             Ev::Liveness => {
                 self.liveness = true;
                 self.cut.clear();
-                // Clocks are put right (a last step each) and pauses end.
+                // Clocks are put right (a last step each); no new pause starts (one under way
+                // runs its course).
                 for r in &mut self.regions {
                     r.step_ms = 0;
                 }
