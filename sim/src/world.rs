@@ -1060,6 +1060,18 @@ impl World {
                     if !took_over.is_empty() {
                         self.counts.takeovers += 1;
                     }
+                    // S9: no stamp beyond the clock reservation the region's log holds.
+                    let reserved = self.regions[region].store.clock().reserved_ms();
+                    if claim.physical_ms() > reserved {
+                        self.oracle.violations.push(Violation {
+                            check: "S9",
+                            key: Some(w.key),
+                            detail: format!(
+                                "region {region} granted {claim:?} beyond its reservation \
+                                 ({reserved})"
+                            ),
+                        });
+                    }
                     let g = Grant {
                         stamp: claim,
                         fingerprint: w.fingerprint,
