@@ -929,27 +929,7 @@ fn an_item_becomes_actionable_only_once_every_region_has_seen_the_key() {
 
 #[test]
 fn a_region_behind_the_retained_log_catches_up_from_a_snapshot() {
-    let mut net = Net::with_stores(
-        &["a", "b", "c"],
-        |_| {},
-        |s| {
-            s.log_retention_ms = 1_000;
-            s.log_bucket_seqs = 4;
-        },
-    );
-    net.connect_all();
-    net.cut_both("c", "a");
-    net.cut_both("c", "b");
-    for i in 0..40 {
-        pair(
-            &mut net,
-            ["a", "b"][i % 2],
-            &format!("order-{i}"),
-            "charged",
-        );
-        net.run(100, 50);
-    }
-    net.run(3_000, 50);
+    let mut net = behind_net(|_| {}, 40);
     net.heal();
     net.connect_all();
     net.run(10_000, 50);
@@ -1063,7 +1043,9 @@ impl Net {
     }
 }
 
-fn behind_net(tweak: impl Fn(&mut ReplicaConfig)) -> Net {
+/// Three regions with a 1 s retention; `c` is cut off while `a` and `b` complete `keys` keys,
+/// then long enough for their logs of them to be past retention.
+fn behind_net(tweak: impl Fn(&mut ReplicaConfig), keys: usize) -> Net {
     let mut net = Net::with_stores(&["a", "b", "c"], tweak, |s| {
         s.log_retention_ms = 1_000;
         s.log_bucket_seqs = 4;
@@ -1071,7 +1053,7 @@ fn behind_net(tweak: impl Fn(&mut ReplicaConfig)) -> Net {
     net.connect_all();
     net.cut_both("c", "a");
     net.cut_both("c", "b");
-    for i in 0..20 {
+    for i in 0..keys {
         pair(
             &mut net,
             ["a", "b"][i % 2],
@@ -1086,7 +1068,7 @@ fn behind_net(tweak: impl Fn(&mut ReplicaConfig)) -> Net {
 
 #[test]
 fn a_snapshot_chunk_delivered_twice_is_merely_stale() {
-    let mut net = behind_net(|c| c.range_bytes = 1);
+    let mut net = behind_net(|c| c.range_bytes = 1, 20);
     net.heal();
     net.connect_all();
     let end = net.now + 10_000;
@@ -1120,10 +1102,13 @@ fn a_snapshot_chunk_delivered_twice_is_merely_stale() {
 
 #[test]
 fn losing_the_snapshot_peer_lets_another_peer_serve_the_catch_up() {
-    let mut net = behind_net(|c| {
-        c.range_bytes = 1;
-        c.serve_bytes_per_s = 1;
-    });
+    let mut net = behind_net(
+        |c| {
+            c.range_bytes = 1;
+            c.serve_bytes_per_s = 1;
+        },
+        20,
+    );
     net.heal();
     net.connect_all();
     // Let ResetRequired come from both, and the stream start.
