@@ -272,6 +272,16 @@ pub enum Event {
         /// The message's kind.
         kind: &'static str,
     },
+    /// A peer reported a retirement this region did not hold (or held with a smaller number):
+    /// it is now logged here. When `region` is this region, it grants no new claim again.
+    Retired {
+        /// The peer that reported it.
+        peer: RegionId,
+        /// The retired region.
+        region: RegionId,
+        /// Its last number that counts.
+        last_seq: u64,
+    },
 }
 
 /// Counters, for metrics and tests.
@@ -871,6 +881,19 @@ impl Replica {
             Message::LookupReply(r) => self.on_lookup_reply(store, now_ms, peer, r),
             Message::SnapshotRequest(r) => self.serve_snapshot(store, now_ms, peer, r),
             Message::SnapshotChunk(c) => self.on_snapshot_chunk(store, now_ms, peer, c),
+            Message::Retired(r) => match store.retire_from_peer(r.region, r.last_seq) {
+                Ok(p) if *p.peek() => self.events.push_back(Event::Retired {
+                    peer,
+                    region: r.region,
+                    last_seq: r.last_seq,
+                }),
+                Ok(_) => {}
+                // The next round sends it again.
+                Err(e) => self.events.push_back(Event::MergeUnavailable {
+                    peer,
+                    error: e.to_string(),
+                }),
+            },
             other => {
                 let kind = other.kind();
                 self.events.push_back(Event::Unhandled { peer, kind });
@@ -1046,6 +1069,12 @@ impl Replica {
         p.next_digest_ms = now_ms + self.cfg.digest_min_ms + jitter;
         self.transmits
             .push_back((peer, Message::Digest(Digest { origins })));
+        // Retirements travel with every round (there are few, and a region that was down
+        // must hear of them): durable ones only, like every other fact.
+        for (region, last_seq) in store.durable_retirements().0 {
+            self.transmits
+                .push_back((peer, Message::Retired(wire::Retired { region, last_seq })));
+        }
     }
 
     /// A peer's digest: ask it for what it holds and we lack, one range per origin at a time.

@@ -882,6 +882,18 @@ fn a_lookup_is_answered_only_with_durable_facts() {
         .is_some_and(|r| r.claim_count() == 1));
 }
 
+/// Every item a region shows now: (kind, actionable).
+fn shown_items(net: &mut Net, name: &str) -> Vec<(ItemKind, bool)> {
+    let now = net.now;
+    net.region(name)
+        .store
+        .all_items(now)
+        .unwrap()
+        .into_iter()
+        .map(|(_, item)| (item.kind, item.actionable))
+        .collect()
+}
+
 #[test]
 fn an_item_becomes_actionable_only_once_every_region_has_seen_the_key() {
     let mut net = Net::new(&["a", "b", "c"], |_| {});
@@ -891,20 +903,10 @@ fn an_item_becomes_actionable_only_once_every_region_has_seen_the_key() {
     pair(&mut net, "a", "order-1", "charge ch_A");
     net.now += 3;
     pair(&mut net, "b", "order-1", "charge ch_B");
-    let shown = |net: &mut Net, name: &str| {
-        let now = net.now;
-        net.region(name)
-            .store
-            .all_items(now)
-            .unwrap()
-            .into_iter()
-            .map(|(_, item)| (item.kind, item.actionable))
-            .collect::<Vec<_>>()
-    };
     // b and c exchange digests, but a, cut off, may still hold an earlier claim (it does).
     net.run(8_000, 50);
     assert_eq!(
-        shown(&mut net, "b"),
+        shown_items(&mut net, "b"),
         Vec::new(),
         "b's claim is the only one it knows"
     );
@@ -914,13 +916,16 @@ fn an_item_becomes_actionable_only_once_every_region_has_seen_the_key() {
     net.cut.remove(&(rid("c"), rid("a")));
     net.connect_all();
     net.run(8_000, 50);
-    assert_eq!(shown(&mut net, "b"), vec![(ItemKind::Duplicate, false)]);
+    assert_eq!(
+        shown_items(&mut net, "b"),
+        vec![(ItemKind::Duplicate, false)]
+    );
     net.heal();
     net.connect_all();
     net.run(12_000, 50);
     for name in ["a", "b", "c"] {
         assert_eq!(
-            shown(&mut net, name),
+            shown_items(&mut net, name),
             vec![(ItemKind::Duplicate, true)],
             "{name}"
         );
@@ -1192,4 +1197,72 @@ fn a_snapshot_with_a_namespace_unknown_here_still_completes() {
         .count();
     assert_eq!(unavailable, 0, "no record was refused for its namespace");
     assert!(done > 0, "c catches up");
+}
+
+#[test]
+fn retiring_a_lost_region_spreads_releases_stability_and_stops_the_region_if_it_returns() {
+    let mut net = Net::new(&["a", "b", "l"], |_| {});
+    net.connect_all();
+    pair(&mut net, "l", "order-1", "charge ch_L");
+    net.run(200, 50);
+    assert_eq!(
+        net.marks("a")[&rid("l")],
+        2,
+        "l's claim and completion arrived"
+    );
+    // l is lost for good. a and b each charge order-2 across a partition between them.
+    for peer in ["a", "b"] {
+        net.cut_both("l", peer);
+    }
+    net.cut_both("a", "b");
+    pair(&mut net, "a", "order-2", "charge ch_A");
+    net.now += 3;
+    pair(&mut net, "b", "order-2", "charge ch_B");
+    net.cut.remove(&(rid("a"), rid("b")));
+    net.cut.remove(&(rid("b"), rid("a")));
+    net.run(12_000, 50);
+    for name in ["a", "b"] {
+        assert_eq!(
+            shown_items(&mut net, name),
+            vec![(ItemKind::Duplicate, false)],
+            "{name} waits for l, which may hold an earlier claim"
+        );
+    }
+    // The operator retires l at a, at everything a holds of its log.
+    let held = net.marks("a")[&rid("l")];
+    let r = net.region("a");
+    r.store
+        .wait(r.store.retire(rid("l"), held).unwrap())
+        .unwrap();
+    net.run(12_000, 50);
+    assert!(
+        net.region("b").events.iter().any(|e| matches!(
+            e,
+            Event::Retired { peer, region, last_seq: 2 } if *peer == rid("a") && *region == rid("l")
+        )),
+        "b heard of it from a"
+    );
+    for name in ["a", "b"] {
+        assert_eq!(
+            net.region(name).store.retirements().0.get(&rid("l")),
+            Some(&2)
+        );
+        assert_eq!(
+            shown_items(&mut net, name),
+            vec![(ItemKind::Duplicate, true)],
+            "{name}: l no longer holds stability back"
+        );
+    }
+    // l comes back from the dead: it hears it was retired and grants nothing new.
+    net.heal();
+    net.connect_all();
+    net.run(6_000, 50);
+    assert!(net.region("l").store.is_retired_here());
+    assert!(matches!(
+        claim(&mut net, "l", "order-3"),
+        Decision::Unavailable {
+            reason: crate::store::Unavailable::Retired,
+            ..
+        }
+    ));
 }

@@ -100,7 +100,7 @@ impl<S: Storage> Store<S> {
                     .max(hlc_physical_ms(self.clock.last_hlc()))
                     .max(newest.map_or(0, |n| n.physical_ms())),
                 max_drift_ms: self.clock.config().max_drift_ms,
-                retired: &self.retired,
+                retired: &self.retired_view(),
             },
         );
         if let Some(stale) = planned.release_stale {
@@ -200,6 +200,9 @@ impl<S: Storage> Store<S> {
     ) -> Result<Result<Granted, Unavailable>, StoreError> {
         if self.is_fenced() {
             return Ok(Err(Unavailable::Fenced));
+        }
+        if self.is_retired_here() {
+            return Ok(Err(Unavailable::Retired));
         }
         let stamp = match self.clock.stamp(now_ms) {
             // Granting below a claim the key already holds would take the key from it.

@@ -79,6 +79,14 @@ pub enum LogEntry {
         /// Its number in this region's log.
         seq: u64,
     },
+    /// A region retired for good (see the store's `retire` module): its log counts up to
+    /// `last_seq`. Joined by the largest `last_seq`.
+    Retired {
+        /// The retired region.
+        region: RegionId,
+        /// Its last sequence number that counts.
+        last_seq: u64,
+    },
 }
 
 /// Why an entry could not be encoded.

@@ -35,6 +35,10 @@ pub enum Unavailable {
     /// further ahead than the max drift decide nothing.
     #[error("a claim on this key is stamped ahead of our clock")]
     ClockBehind,
+    /// A peer reported that an operator retired this region for good: it grants no new
+    /// claims again. It rejoins only as a new region with an empty data directory.
+    #[error("region retired by an operator: no new claims")]
+    Retired,
 }
 
 impl Unavailable {
@@ -45,7 +49,7 @@ impl Unavailable {
             Unavailable::ClockBehind => 50,
             Unavailable::RestartFence => 250,
             Unavailable::Fenced | Unavailable::DiskFull => 1_000,
-            Unavailable::LogFailed => 5_000,
+            Unavailable::LogFailed | Unavailable::Retired => 5_000,
         }
     }
 }
@@ -170,6 +174,19 @@ pub enum StoreError {
     /// directory is damaged. Nothing was changed.
     #[error("corrupt log entry: {0}")]
     Corrupt(String),
+    /// A region cannot retire itself: retire it at a surviving region.
+    #[error("a region cannot retire itself; retire it at a surviving region")]
+    RetireSelf,
+    /// A retirement asked to count numbers of a region's log this region does not hold.
+    #[error("cannot retire {region} at seq {last_seq}: this region holds its log up to {held}; retire it at the region that holds the most")]
+    RetireBeyondHeld {
+        /// The region.
+        region: RegionId,
+        /// The number asked.
+        last_seq: u64,
+        /// The contiguous prefix of its log held here.
+        held: u64,
+    },
 }
 
 impl From<LogError> for StoreError {

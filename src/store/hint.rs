@@ -50,6 +50,13 @@ pub(super) enum Effect {
         /// Per origin, every number up to the mark counts as held.
         marks: Vec<(RegionId, u64)>,
     },
+    /// A region retired: its log counts up to `last_seq`.
+    Retire {
+        /// The region.
+        region: RegionId,
+        /// Its last number that counts.
+        last_seq: u64,
+    },
 }
 
 /// The effect of a decoded log entry at `loc`, if it has one.
@@ -92,6 +99,10 @@ pub(super) fn effect_of(loc: Loc, entry: &LogEntry) -> Option<Effect> {
         }),
         LogEntry::Marks { marks } => Some(Effect::Adopt {
             marks: marks.clone(),
+        }),
+        LogEntry::Retired { region, last_seq } => Some(Effect::Retire {
+            region: *region,
+            last_seq: *last_seq,
         }),
     }
 }

@@ -5,16 +5,22 @@ use super::storage::Storage;
 use super::{Completion, Disposition, KeyView, Pending, Store, StoreError, Unavailable};
 use crate::clock::{ClockError, Stamp};
 use crate::record::{
-    ClaimStatus, Delta, ItemContext, ItemId, Outcome, Record, RecordKey, Resolution, Terminal,
+    ClaimStatus, Delta, ItemContext, ItemId, Outcome, Record, RecordKey, Resolution, Retirements,
+    Terminal,
 };
 
 impl<S: Storage> Store<S> {
     /// What item derivation needs at `now_ms` for a key whose newest entry has `lsn`: the
     /// retired regions, whether the key is stable here, and the time before which every lease
     /// has run out on every clock within the max drift.
-    pub(super) fn item_context(&self, now_ms: u64, lsn: Lsn) -> ItemContext<'_> {
+    pub(super) fn item_context<'a>(
+        &self,
+        now_ms: u64,
+        lsn: Lsn,
+        retired: &'a Retirements,
+    ) -> ItemContext<'a> {
         ItemContext {
-            retired: &self.retired,
+            retired,
             stable: self.is_stable(lsn),
             lapsed_before_ms: now_ms.saturating_sub(self.clock.config().max_drift_ms),
         }
@@ -176,7 +182,7 @@ impl<S: Storage> Store<S> {
             let superseded = status != ClaimStatus::Released
                 && record.claim_count() > 1
                 && record
-                    .generation_of(&self.retired, &claim)
+                    .generation_of(&self.retired_view(), &claim)
                     .is_none_or(|g| g.winner != Some(claim));
             Ok(Pending {
                 lsn: e.lsn,
@@ -210,7 +216,7 @@ impl<S: Storage> Store<S> {
             if c.terminal.is_some() {
                 return Err(StoreError::AlreadyFinished(claim));
             }
-            if let Some(g) = record.generation_of(&self.retired, &claim) {
+            if let Some(g) = record.generation_of(&self.retired_view(), &claim) {
                 if let Some(by) = g.taken_over.get(&claim) {
                     return Err(StoreError::TakenOver { claim, by: *by });
                 }
@@ -267,7 +273,8 @@ impl<S: Storage> Store<S> {
             .map_err(|e| StoreError::Invalid(e.to_string()))?;
         self.settle_clock(now_ms)?;
         self.with_key(key, |e, record| {
-            let ctx = self.item_context(now_ms, e.lsn);
+            let retired = self.retired_view();
+            let ctx = self.item_context(now_ms, e.lsn, &retired);
             if !record.items(key, ctx).iter().any(|i| i.id == item) {
                 return Err(StoreError::UnknownItem);
             }
@@ -309,7 +316,8 @@ impl<S: Storage> Store<S> {
             Some(r) => (**r).clone(),
             None => *self.take_record(&mut e, key)?,
         };
-        let items = record.items(key, self.item_context(now_ms, e.lsn));
+        let retired = self.retired_view();
+        let items = record.items(key, self.item_context(now_ms, e.lsn, &retired));
         Ok(Pending {
             lsn: e.lsn,
             value: Some(KeyView {

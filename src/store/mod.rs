@@ -45,6 +45,7 @@ mod record_pool;
 mod recovery;
 mod replication;
 mod reserve;
+mod retire;
 mod stability;
 pub mod storage;
 
@@ -57,7 +58,6 @@ use serde::{Deserialize, Serialize};
 use crate::clock::{Clock, ClockConfig, RegionId, Stamp};
 use crate::record::{
     AttemptToken, ClaimStatus, Delta, Fingerprint, Item, KeyDigest, Outcome, Record, RecordKey,
-    Retirements,
 };
 use entry::LogEntry;
 pub use entry::Mutation;
@@ -306,7 +306,12 @@ pub struct Store<S: Storage> {
     /// The `PushBeforeSync` mutant's copy of local mutations as they are appended.
     #[cfg(feature = "mutants")]
     mutant_unsynced: Mutex<Vec<Mutation>>,
-    retired: Retirements,
+    /// Retired regions (see `retire`), with a flag so the claim path skips the lock while
+    /// there are none.
+    retired: Mutex<retire::RetiredState>,
+    any_retired: AtomicBool,
+    /// A peer reported this region retired: no new claims, for good.
+    retired_here: AtomicBool,
     fenced: AtomicBool,
     stats: StoreStats,
     recovered_from: (usize, usize),
@@ -376,11 +381,17 @@ impl<S: Storage> Store<S> {
             stable_lsn_plus1: AtomicU64::new(0),
             #[cfg(feature = "mutants")]
             mutant_unsynced: Mutex::new(Vec::new()),
-            retired: Retirements::none(),
+            retired: Mutex::new(retire::RetiredState::default()),
+            any_retired: AtomicBool::new(false),
+            retired_here: AtomicBool::new(false),
             fenced: AtomicBool::new(false),
             stats: StoreStats::default(),
             recovered_from: (recovered.hinted_segments, recovered.scanned_segments),
         };
+        for (region, last_seq) in &recovered.retired {
+            lock(&store.retired).join(*region, *last_seq, 0);
+            store.note_retired(*region);
+        }
         if now_ms > store.clock.restart_fence_ms() {
             store.settle_clock(now_ms)?;
             store.log.flush()?;

@@ -3,6 +3,7 @@
 //! valid, else by decoding its frames (and then writing the hint it lacked, when the segment
 //! can never grow again).
 
+use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 
 use super::entry;
@@ -25,6 +26,8 @@ pub(super) struct Recovered {
     pub max_hlc: u64,
     /// Received marks and log checkpoints.
     pub replication: Replication,
+    /// Retired regions, joined by the largest last number.
+    pub retired: BTreeMap<RegionId, u64>,
     /// Segments restored from hints, and segments decoded.
     pub hinted_segments: usize,
     /// Segments whose frames were decoded.
@@ -78,6 +81,10 @@ impl State<'_> {
                     }
                 }
             }
+            Effect::Retire { region, last_seq } => {
+                let r = self.out.retired.entry(*region).or_insert(*last_seq);
+                *r = (*r).max(*last_seq);
+            }
         }
     }
 }
@@ -97,6 +104,7 @@ pub(super) fn replay<S: Storage>(
             reservation_ms: None,
             max_hlc: 0,
             replication: Replication::new(bucket_seqs),
+            retired: BTreeMap::new(),
             hinted_segments: 0,
             scanned_segments: 0,
         },

@@ -738,11 +738,12 @@ impl<S: Storage> Store<S> {
     pub fn all_items(&self, now_ms: u64) -> Result<Vec<(RecordKey, Item)>, StoreError> {
         let mut out = Vec::new();
         let mut after = None;
+        let retired = self.retired_view();
         loop {
             let chunk = self.wait(self.snapshot_chunk(after, 1024)?)?;
             for (_, key, record) in &chunk.records {
                 let lsn = self.index.get(&key.digest()).map_or(Lsn::MAX, |e| e.lsn);
-                let ctx = self.item_context(now_ms, lsn);
+                let ctx = self.item_context(now_ms, lsn, &retired);
                 out.extend(record.items(key, ctx).into_iter().map(|i| (key.clone(), i)));
             }
             match chunk.next {

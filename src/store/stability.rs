@@ -157,11 +157,23 @@ impl Stability {
     /// Moves the stable point as far as the peers' usable digests allow. `peers` are the
     /// regions that must have seen a fact (every other non-retired region); `held` is, per
     /// origin, the contiguous mark this region holds durably.
+    ///
+    /// `retired` maps each retired region to its last number that counts: facts numbered
+    /// above it are orphans, which can change no winner, so no checkpoint waits for them; and
+    /// nothing becomes stable until this region holds each retired log up to that number (no
+    /// digest of the retired region will ever say more).
     pub(super) fn advance(
         &mut self,
         peers: &[RegionId],
         held: &BTreeMap<RegionId, u64>,
+        retired: &BTreeMap<RegionId, u64>,
     ) -> Option<Lsn> {
+        if retired
+            .iter()
+            .any(|(r, last)| held.get(r).copied().unwrap_or(0) < *last)
+        {
+            return self.stable_lsn;
+        }
         let mut frontier: Option<BTreeMap<RegionId, u64>> = None;
         for peer in peers {
             let have = held.get(peer).copied().unwrap_or(0);
@@ -193,10 +205,10 @@ impl Stability {
                 break;
             }
             let within = alone
-                || cp
-                    .bound
-                    .iter()
-                    .all(|(o, b)| *b == 0 || frontier.get(o).is_some_and(|f| f >= b));
+                || cp.bound.iter().all(|(o, b)| {
+                    let b = retired.get(o).map_or(*b, |last| (*b).min(*last));
+                    b == 0 || frontier.get(o).is_some_and(|f| *f >= b)
+                });
             if !within {
                 break;
             }
@@ -226,14 +238,17 @@ impl<S: Storage> Store<S> {
         let mut bound = lock(&self.replication).announced.clone();
         bound.insert(self.region, self.log.appended_seq());
         let held = self.marks();
+        // Only durable retirements count: one a crash could take back must not have let a
+        // checkpoint pass.
+        let retired = self.durable_retirements().0;
         let peers: Vec<RegionId> = peers
             .iter()
-            .filter(|p| **p != self.region && !self.retired.0.contains_key(p))
+            .filter(|p| **p != self.region && !retired.contains_key(p))
             .copied()
             .collect();
         let mut st = lock(&self.stability);
         st.checkpoint(lsn, bound);
-        let stable = st.advance(&peers, &held);
+        let stable = st.advance(&peers, &held, &retired);
         if let Some(s) = stable {
             // Readers check it without the lock: lsn + 1, 0 while nothing is stable.
             self.stable_lsn_plus1
@@ -269,24 +284,32 @@ mod tests {
         v.iter().map(|(o, s)| (r(o), *s)).collect()
     }
 
+    fn none() -> BTreeMap<RegionId, u64> {
+        BTreeMap::new()
+    }
+
     #[test]
     fn a_checkpoint_is_stable_once_every_peer_has_seen_its_bound() {
         let mut s = Stability::default();
         s.checkpoint(10, bound(&[("a", 5), ("b", 3)]));
         let peers = [r("b"), r("c")];
         let held = bound(&[("b", 3), ("c", 2)]);
-        assert_eq!(s.advance(&peers, &held), None, "no digest yet");
+        assert_eq!(s.advance(&peers, &held, &none()), None, "no digest yet");
         s.peer_digest(
             r("b"),
             &[holding("a", 5, 5), holding("b", 3, 3), holding("c", 2, 2)],
         );
-        assert_eq!(s.advance(&peers, &held), None, "c said nothing yet");
+        assert_eq!(
+            s.advance(&peers, &held, &none()),
+            None,
+            "c said nothing yet"
+        );
         s.peer_digest(
             r("c"),
             &[holding("a", 4, 9), holding("b", 3, 3), holding("c", 2, 2)],
         );
         assert_eq!(
-            s.advance(&peers, &held),
+            s.advance(&peers, &held, &none()),
             None,
             "c holds a only up to 4 contiguously"
         );
@@ -294,7 +317,7 @@ mod tests {
             r("c"),
             &[holding("a", 5, 9), holding("b", 3, 3), holding("c", 2, 2)],
         );
-        assert_eq!(s.advance(&peers, &held), Some(10));
+        assert_eq!(s.advance(&peers, &held, &none()), Some(10));
     }
 
     #[test]
@@ -305,8 +328,8 @@ mod tests {
         s.peer_digest(r("b"), &[holding("a", 5, 5), holding("b", 7, 7)]);
         // b wrote up to 7 before its digest; we hold b only up to 6: b may have claimed
         // something we do not know yet.
-        assert_eq!(s.advance(&peers, &bound(&[("b", 6)])), None);
-        assert_eq!(s.advance(&peers, &bound(&[("b", 7)])), Some(10));
+        assert_eq!(s.advance(&peers, &bound(&[("b", 6)]), &none()), None);
+        assert_eq!(s.advance(&peers, &bound(&[("b", 7)]), &none()), Some(10));
     }
 
     #[test]
@@ -316,7 +339,7 @@ mod tests {
         let peers = [r("b")];
         s.peer_digest(r("b"), &[holding("a", 5, 5), holding("b", 7, 7)]);
         s.peer_digest(r("b"), &[holding("a", 9, 9), holding("b", 20, 20)]);
-        assert_eq!(s.advance(&peers, &bound(&[("b", 7)])), Some(10));
+        assert_eq!(s.advance(&peers, &bound(&[("b", 7)]), &none()), Some(10));
     }
 
     #[test]
@@ -328,16 +351,16 @@ mod tests {
         let peers = [r("b")];
         let held = bound(&[("b", 30)]);
         assert_eq!(
-            s.advance(&peers, &held),
+            s.advance(&peers, &held, &none()),
             None,
             "b's digest predates the record"
         );
         // b's next digest: its heads (a up to 12) bound the record's facts; b itself holds a
         // contiguously only up to 8, so not yet.
         s.peer_digest(r("b"), &[holding("a", 8, 12), holding("b", 30, 30)]);
-        assert_eq!(s.advance(&peers, &held), None);
+        assert_eq!(s.advance(&peers, &held, &none()), None);
         s.peer_digest(r("b"), &[holding("a", 12, 12), holding("b", 30, 30)]);
-        assert_eq!(s.advance(&peers, &held), Some(10));
+        assert_eq!(s.advance(&peers, &held, &none()), Some(10));
     }
 
     #[test]
@@ -355,7 +378,7 @@ mod tests {
         );
         let peers = [r("b")];
         s.peer_digest(r("b"), &[holding("a", 3, 3), holding("b", 0, 0)]);
-        assert_eq!(s.advance(&peers, &BTreeMap::new()), Some(3));
+        assert_eq!(s.advance(&peers, &BTreeMap::new(), &none()), Some(3));
         // The last checkpoint was replaced by the newest: it needs the newest bound.
         s.peer_digest(
             r("b"),
@@ -364,7 +387,7 @@ mod tests {
                 holding("b", 0, 0),
             ],
         );
-        assert!(s.advance(&peers, &BTreeMap::new()) < Some(CHECKPOINTS_MAX as u64 + 10));
+        assert!(s.advance(&peers, &BTreeMap::new(), &none()) < Some(CHECKPOINTS_MAX as u64 + 10));
         s.peer_digest(
             r("b"),
             &[
@@ -373,7 +396,7 @@ mod tests {
             ],
         );
         assert_eq!(
-            s.advance(&peers, &BTreeMap::new()),
+            s.advance(&peers, &BTreeMap::new(), &none()),
             Some(CHECKPOINTS_MAX as u64 + 10)
         );
     }
@@ -383,7 +406,7 @@ mod tests {
         let mut s = Stability::default();
         s.image_from(r("x"), []);
         s.checkpoint(4, bound(&[("a", 5)]));
-        assert_eq!(s.advance(&[], &BTreeMap::new()), Some(4));
+        assert_eq!(s.advance(&[], &BTreeMap::new(), &none()), Some(4));
     }
 
     #[test]
@@ -391,7 +414,7 @@ mod tests {
         let mut s = Stability::default();
         s.checkpoint(10, bound(&[("a", 5)]));
         s.peer_digest(r("z"), &[holding("a", 5, 5)]);
-        assert_eq!(s.advance(&[r("z")], &BTreeMap::new()), None);
+        assert_eq!(s.advance(&[r("z")], &BTreeMap::new(), &none()), None);
     }
 
     #[test]
@@ -411,7 +434,7 @@ mod tests {
             ];
             s.peer_digest(r("b"), &heads);
             s.peer_digest(r("c"), &heads);
-            stable = s.advance(&peers, &bound(&[("b", round), ("c", round)]));
+            stable = s.advance(&peers, &bound(&[("b", round), ("c", round)]), &none());
         }
         assert_eq!(stable, Some(50), "each round's digests settle that round");
         assert!(s.pending.is_empty());
@@ -423,6 +446,6 @@ mod tests {
         s.image_from(r("gone"), [r("gone")]);
         s.checkpoint(3, bound(&[("a", 1)]));
         s.peer_digest(r("b"), &[holding("a", 1, 1), holding("b", 0, 0)]);
-        assert_eq!(s.advance(&[r("b")], &BTreeMap::new()), Some(3));
+        assert_eq!(s.advance(&[r("b")], &BTreeMap::new(), &none()), Some(3));
     }
 }

@@ -284,7 +284,12 @@ fn a_claim_after_expiry_opens_a_new_generation() {
     let c2 = execute(&s, T0 + 60_000, &req("k", "other", 3));
     complete(&s, T0 + 60_001, "k", c2, "second");
     let view = s.wait(s.read(T0, &key("k")).unwrap()).unwrap().unwrap();
-    assert_eq!(view.record.generations(&Retirements::none()).len(), 2);
+    assert_eq!(
+        view.record
+            .generations(&crate::record::Retirements::none())
+            .len(),
+        2
+    );
     assert!(view.items.is_empty(), "a new generation is no divergence");
 }
 
@@ -861,7 +866,12 @@ fn no_stamp_is_reused_across_restarts() {
 
 /// Everything a store holds: marks and every key's record, through the snapshot stream.
 fn state_of(s: &Store<MemStorage>) -> Vec<String> {
-    let mut out = vec![format!("{} keys, marks {:?}", s.key_count(), s.marks())];
+    let mut out = vec![format!(
+        "{} keys, marks {:?}, retired {:?}",
+        s.key_count(),
+        s.marks(),
+        s.durable_retirements()
+    )];
     let mut after = None;
     loop {
         let chunk = s.wait(s.snapshot_chunk(after, 64).unwrap()).unwrap();
@@ -897,6 +907,10 @@ fn hint_files_restore_the_same_state_as_decoding_the_log() {
             }
             let pc = execute(&peer, T0 + i, &req(&format!("peer{i}"), "b", 1));
             let _ = pc;
+            if i == 20 {
+                // Lands in a sealed segment: its hint must carry it.
+                s.wait(s.retire_from_peer(region("z"), 7).unwrap()).unwrap();
+            }
         }
         for m in peer.log_from(T0 + 300, region("b"), 1, 1_000).unwrap() {
             s.wait(s.merge_remote(T0 + 300, m).unwrap()).unwrap();
@@ -913,6 +927,7 @@ fn hint_files_restore_the_same_state_as_decoding_the_log() {
     );
     let a = state_of(&with_hints);
     assert!(a.len() > 250, "own and peer keys: {}", a.len());
+    assert!(a[0].contains("{z: 7}"), "{}", a[0]);
     drop(with_hints);
     // Without hints: decode everything.
     for id in disk.list().unwrap() {
@@ -1391,4 +1406,183 @@ fn past_its_lease_a_claim_can_be_completed_but_not_released_extended_or_resumed(
     let d = execute(&s, T0, &req("k2", "b", 2));
     s.wait(s.release(T0 + lease, &key("k2"), d).unwrap())
         .unwrap();
+}
+
+fn peer_finish(origin: &str, seq: u64, k: &str, stamp: Stamp, body: &str) -> Mutation {
+    Mutation {
+        origin: region(origin),
+        seq,
+        key: key(k),
+        delta: Delta::Finish {
+            stamp,
+            terminal: crate::record::Terminal::Completed(Outcome::new(200, body)),
+        },
+    }
+}
+
+fn merge<S: Storage>(s: &Store<S>, now: u64, m: Mutation) {
+    s.wait(s.merge_remote(now, m).unwrap()).unwrap();
+}
+
+#[test]
+fn a_retirement_is_checked_joined_by_its_largest_number_and_survives_restart() {
+    let disk = MemStorage::new();
+    let l = region("l");
+    {
+        let s = open(&disk, T0);
+        for seq in 1..=3 {
+            merge(&s, T0, peer_claim("l", seq, &format!("k{seq}"), T0, "x"));
+        }
+        assert!(matches!(
+            s.retire(region("a"), 1),
+            Err(StoreError::RetireSelf)
+        ));
+        assert!(matches!(
+            s.retire(l, 4),
+            Err(StoreError::RetireBeyondHeld { held: 3, .. })
+        ));
+        let p = s.retire(l, 2).unwrap();
+        assert!(p.value, "a new retirement");
+        assert_eq!(
+            s.retirements().0.get(&l),
+            Some(&2),
+            "decisions see it at once"
+        );
+        assert!(
+            s.durable_retirements().0.is_empty(),
+            "peers hear of it only once durable"
+        );
+        s.wait(p).unwrap();
+        assert_eq!(s.durable_retirements().0.get(&l), Some(&2));
+        assert!(
+            !s.wait(s.retire(l, 1).unwrap()).unwrap(),
+            "smaller: no change"
+        );
+        assert!(s.wait(s.retire(l, 3).unwrap()).unwrap(), "larger: raised");
+        assert!(!s.is_retired_here());
+    }
+    let s = open(&disk, T0 + 1_000);
+    assert_eq!(s.retirements().0.get(&l), Some(&3), "recovered");
+    assert_eq!(s.durable_retirements().0.get(&l), Some(&3));
+}
+
+#[test]
+fn claims_of_a_retired_region_past_its_last_number_are_orphans() {
+    let s = open(&MemStorage::new(), T0);
+    let l = region("l");
+    // Seq 1-2: a claim on "k", completed. Both count.
+    let k = peer_claim("l", 1, "k", T0, "x");
+    let k_stamp = k.delta.stamp();
+    merge(&s, T0, k);
+    merge(&s, T0, peer_finish("l", 2, "k", k_stamp, "done"));
+    s.wait(s.retire(l, 2).unwrap()).unwrap();
+    // Seq 3-4 arrive after the retirement (relayed by a third region): an executed claim on
+    // "j", stamped before anything here. It is an orphan: never the winner.
+    let j = peer_claim("l", 3, "j", T0, "x");
+    let j_stamp = j.delta.stamp();
+    merge(&s, T0 + 5, j);
+    merge(&s, T0 + 5, peer_finish("l", 4, "j", j_stamp, "orphan"));
+    match claim(&s, T0 + 10, &req("k", "x", 1)) {
+        Decision::Replay { claim, .. } => assert_eq!(claim, k_stamp, "seq 1 still counts"),
+        other => panic!("{other:?}"),
+    }
+    let mine = execute(&s, T0 + 10, &req("j", "x", 2));
+    assert!(mine > j_stamp, "granted after the orphan, yet it wins");
+    let view = s
+        .wait(s.read(T0 + 20, &key("j")).unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(view.items.len(), 1, "{:?}", view.items);
+    assert_eq!(view.items[0].claim, j_stamp);
+    assert_eq!(view.items[0].kind, crate::record::ItemKind::Orphan);
+    assert_eq!(view.items[0].winner, Some(mine));
+}
+
+#[test]
+fn a_region_told_it_was_retired_grants_no_new_claims_but_finishes_and_replays() {
+    let disk = MemStorage::new();
+    {
+        let s = open(&disk, T0);
+        let c = execute(&s, T0, &req("k", "x", 1));
+        assert!(s.wait(s.retire_from_peer(region("a"), 1).unwrap()).unwrap());
+        assert!(s.is_retired_here());
+        assert!(matches!(
+            claim(&s, T0 + 1, &req("new", "x", 2)),
+            Decision::Unavailable {
+                reason: Unavailable::Retired,
+                ..
+            }
+        ));
+        complete(&s, T0 + 2, "k", c, "done");
+        assert!(matches!(
+            claim(&s, T0 + 3, &req("k", "x", 3)),
+            Decision::Replay { claim, .. } if claim == c
+        ));
+    }
+    let s = open(&disk, T0 + 1_000);
+    assert!(s.is_retired_here(), "for good");
+    assert!(matches!(
+        claim(&s, T0 + 1_000, &req("other", "x", 4)),
+        Decision::Unavailable {
+            reason: Unavailable::Retired,
+            ..
+        }
+    ));
+}
+
+fn holding(origin: &str, mark: u64) -> Holding {
+    Holding {
+        origin: region(origin),
+        mark,
+        gaps: Vec::new(),
+        head: mark,
+    }
+}
+
+#[test]
+fn retiring_a_lost_region_lets_stability_advance() {
+    let s = open(&MemStorage::new(), T0);
+    let (b, l) = (region("b"), region("l"));
+    let peers = [b, l];
+    merge(&s, T0, peer_claim("b", 1, "kb", T0, "x"));
+    merge(&s, T0, peer_claim("l", 1, "kl", T0, "x"));
+    execute(&s, T0, &req("ka", "x", 1));
+    let own = s.marks()[&region("a")];
+    // b has seen everything; l went silent for good.
+    s.note_peer_digest(b, &[holding("a", own), holding("b", 1), holding("l", 1)]);
+    assert_eq!(s.advance_stability(&peers), None, "waiting for l's digest");
+    let p = s.retire(l, 1).unwrap();
+    assert_eq!(
+        s.advance_stability(&peers),
+        None,
+        "a retirement counts for stability once durable"
+    );
+    let retired_at = p.lsn;
+    s.wait(p).unwrap();
+    let stable = s.advance_stability(&peers).expect("stable without l");
+    assert!(stable >= retired_at);
+    // A peer raises the retirement to a number this region does not hold yet: nothing new is
+    // stable until it does, and until b holds it too.
+    s.wait(s.retire_from_peer(l, 2).unwrap()).unwrap();
+    execute(&s, T0 + 1, &req("ka2", "x", 2));
+    s.flush().unwrap();
+    assert_eq!(
+        s.advance_stability(&peers),
+        Some(stable),
+        "l's seq 2 missing here"
+    );
+    let p = s
+        .merge_remote(T0 + 2, peer_claim("l", 2, "kl2", T0 + 2, "x"))
+        .unwrap();
+    let l2_at = p.lsn;
+    s.wait(p).unwrap();
+    let own = s.marks()[&region("a")];
+    s.note_peer_digest(b, &[holding("a", own), holding("b", 1), holding("l", 1)]);
+    let before_l2 = s.advance_stability(&peers).unwrap();
+    assert!(
+        before_l2 > stable && before_l2 < l2_at,
+        "what came before l's seq 2 is stable ({before_l2}), not l's seq 2 itself ({l2_at}): b lacks it"
+    );
+    s.note_peer_digest(b, &[holding("a", own), holding("b", 1), holding("l", 2)]);
+    assert!(s.advance_stability(&peers).unwrap() >= l2_at);
 }

@@ -478,7 +478,10 @@ impl Message {
             ),
             Message::Marks(m) => marks(&m.marks, "marks"),
             Message::Lookup(_) | Message::LookupReply(_) => Ok(()),
-            Message::Retired(_) => Ok(()),
+            Message::Retired(r) => check(
+                r.last_seq <= SEQ_MAX,
+                "retired: last number beyond the sequence range",
+            ),
         }
     }
 }

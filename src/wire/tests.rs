@@ -223,7 +223,7 @@ fn messages() -> impl Strategy<Value = Message> {
                 record,
             })
         }),
-        (regions(), u64s())
+        (regions(), 0u64..=crate::store::SEQ_MAX)
             .prop_map(|(region, last_seq)| Message::Retired(Retired { region, last_seq })),
     ]
 }
@@ -698,6 +698,12 @@ fn structural_rules_are_enforced_on_decode() {
     ))
     .contains("digest order"));
     assert!(invalid(chunk(vec![(hi, Record::new())], Some(lo.digest()))).contains("resume point"));
+
+    assert!(invalid(Message::Retired(Retired {
+        region: b,
+        last_seq: crate::store::SEQ_MAX + 1,
+    }))
+    .contains("retired"));
 }
 
 #[test]

@@ -1,0 +1,181 @@
+//! Retiring a region lost for good (design section 2).
+//!
+//! An operator writes `Retired{region, last_seq}` at a surviving region: nothing of the lost
+//! region's log numbered above `last_seq` counts any more. Its claims numbered above it are
+//! *orphans* (never eligible, always an `Orphan` item); stability stops waiting for its digests
+//! and asks only that this region hold its log up to `last_seq`. The fact is a log entry
+//! (`LogEntry::Retired`), replayed by recovery and hint files, and travels to every region in
+//! the replica's `Retired` messages, sent with each anti-entropy round once durable.
+//!
+//! Two retirements of one region join by the larger `last_seq`: it orphans fewer claims, so a
+//! claim some region already counted is never orphaned by a later, smaller one, and every
+//! region ends with the same set. Locally, `last_seq` may not exceed the contiguous prefix of
+//! the region's log held here (numbers nobody holds would hold stability back for ever): retire
+//! at the survivor that holds the most of it. A region that learns it was itself retired grants
+//! no new claim again ([`Unavailable::Retired`]); it rejoins only as a new region with an empty
+//! data directory.
+
+use std::collections::BTreeMap;
+use std::ops::Deref;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::entry::{self, LogEntry};
+use super::log::{AppendClass, Lsn};
+use super::storage::Storage;
+use super::{lock, Pending, Store, StoreError, Unavailable, SEQ_MAX};
+use crate::clock::RegionId;
+use crate::record::Retirements;
+
+/// No region retired: what readers see until the first retirement.
+static NONE: Retirements = Retirements(BTreeMap::new());
+
+/// The store's retirements: the joined facts, and the log position each was last raised at.
+#[derive(Debug, Default)]
+pub(super) struct RetiredState {
+    /// Every retirement appended here (durable or not), for decisions.
+    pub(super) all: Arc<Retirements>,
+    /// Per region, the lsn of the entry that set its current `last_seq`.
+    lsn: BTreeMap<RegionId, Lsn>,
+}
+
+impl RetiredState {
+    /// Joins a retirement in; returns whether it changed anything.
+    pub(super) fn join(&mut self, region: RegionId, last_seq: u64, lsn: Lsn) -> bool {
+        if self.all.0.get(&region).is_some_and(|l| *l >= last_seq) {
+            return false;
+        }
+        Arc::make_mut(&mut self.all).0.insert(region, last_seq);
+        self.lsn.insert(region, lsn);
+        true
+    }
+}
+
+/// A read-only view of the retirements, cheap when none exist (the common case): the claim
+/// path takes no lock for it.
+pub(super) enum RetiredView {
+    /// No region retired.
+    None,
+    /// A snapshot of the retirements.
+    Some(Arc<Retirements>),
+}
+
+impl Deref for RetiredView {
+    type Target = Retirements;
+    fn deref(&self) -> &Retirements {
+        match self {
+            RetiredView::None => &NONE,
+            RetiredView::Some(r) => r,
+        }
+    }
+}
+
+impl<S: Storage> Store<S> {
+    /// The retirements decisions and item derivation use (appended ones, durable or not).
+    pub(super) fn retired_view(&self) -> RetiredView {
+        if !self.any_retired.load(Ordering::Acquire) {
+            return RetiredView::None;
+        }
+        RetiredView::Some(lock(&self.retired).all.clone())
+    }
+
+    /// Every retirement appended here (durable or not).
+    pub fn retirements(&self) -> Retirements {
+        (*self.retired_view()).clone()
+    }
+
+    /// The retirements that are durable here: what the replica tells its peers.
+    pub fn durable_retirements(&self) -> Retirements {
+        let durable = self.log.durable_lsn();
+        let r = lock(&self.retired);
+        Retirements(
+            r.all
+                .0
+                .iter()
+                .filter(|(region, _)| r.lsn.get(*region).is_some_and(|l| *l <= durable))
+                .map(|(region, last)| (*region, *last))
+                .collect(),
+        )
+    }
+
+    /// Whether a peer told this region that it was itself retired: it grants no new claim.
+    pub fn is_retired_here(&self) -> bool {
+        self.retired_here.load(Ordering::Acquire)
+    }
+
+    /// Retires `region`, lost for good: its log counts up to `last_seq`, its later claims are
+    /// orphans and stability stops waiting for it. For the operator, at a surviving region.
+    /// Refused for this region itself and for a `last_seq` beyond the contiguous prefix of
+    /// `region`'s log held here ([`StoreError::RetireBeyondHeld`]: retire at the region that
+    /// holds the most). Returns whether it changed anything; like every answer, it counts once
+    /// the log is durable up to the returned lsn.
+    pub fn retire(&self, region: RegionId, last_seq: u64) -> Result<Pending<bool>, StoreError> {
+        if region == self.region {
+            return Err(StoreError::RetireSelf);
+        }
+        let held = self.marks().get(&region).copied().unwrap_or(0);
+        if last_seq > held {
+            return Err(StoreError::RetireBeyondHeld {
+                region,
+                last_seq,
+                held,
+            });
+        }
+        self.append_retired(region, last_seq)
+    }
+
+    /// A peer's `Retired` fact. Joined in like a local one, without the holding check (the
+    /// region that wrote it held the log up to `last_seq`; this one fetches the rest). When it
+    /// names this region, the region stops granting claims for good.
+    pub fn retire_from_peer(
+        &self,
+        region: RegionId,
+        last_seq: u64,
+    ) -> Result<Pending<bool>, StoreError> {
+        self.append_retired(region, last_seq)
+    }
+
+    fn append_retired(&self, region: RegionId, last_seq: u64) -> Result<Pending<bool>, StoreError> {
+        if last_seq > SEQ_MAX {
+            return Err(StoreError::Invalid(format!(
+                "retirement of {region} at seq {last_seq} beyond {SEQ_MAX}"
+            )));
+        }
+        if self.log.is_poisoned() {
+            return Err(StoreError::Unavailable(Unavailable::LogFailed));
+        }
+        if self
+            .retired_view()
+            .0
+            .get(&region)
+            .is_some_and(|l| *l >= last_seq)
+        {
+            return Ok(Pending {
+                lsn: 0,
+                value: false,
+            });
+        }
+        let bytes = entry::encode(&LogEntry::Retired { region, last_seq })?;
+        // Under the lock, so entries and the joined state follow the same order.
+        let mut r = lock(&self.retired);
+        let (lsn, _) = self
+            .log
+            .append(&bytes, AppendClass::Reserved)
+            .map_err(|e| self.log_error(e))?;
+        let changed = r.join(region, last_seq, lsn);
+        drop(r);
+        self.note_retired(region);
+        Ok(Pending {
+            lsn,
+            value: changed,
+        })
+    }
+
+    /// After a retirement was joined in (appended or recovered).
+    pub(super) fn note_retired(&self, region: RegionId) {
+        self.any_retired.store(true, Ordering::Release);
+        if region == self.region {
+            self.retired_here.store(true, Ordering::Release);
+        }
+    }
+}
