@@ -19,7 +19,8 @@
 //! after their side effect.
 //!
 //! Clocks drift and step, processes pause, regions fall behind retention and catch up from
-//! snapshots. `docs/simulation.md` keeps the list of what is not simulated yet.
+//! snapshots. In some seeds a region is lost for good: its clients fail over and an operator
+//! retires it. `docs/simulation.md` keeps the list of what is not simulated yet.
 
 pub mod oracle;
 pub mod profile;
@@ -122,6 +123,21 @@ pub struct Counts {
     /// Claims of keys never seen in their region that first asked every reachable peer
     /// (lookup on miss).
     pub miss_lookups: u64,
+    /// Regions lost for good (their disk with them).
+    pub regions_lost: u64,
+    /// Retirements of lost regions acknowledged to the operator.
+    pub retirements: u64,
+    /// Claims of a lost region that survivors hold past its retirement: `Orphan` items.
+    pub orphans: u64,
+    /// Executions with a side effect whose claim no survivor ever got: lost with their region,
+    /// and beyond any store's reach (an honest limit, not a violation).
+    pub lost_with_region: u64,
+    /// Completions and releases a lost region acknowledged but never shipped: the survivors
+    /// see those claims in flight (then `Verify` items, or taken over).
+    pub finishes_lost_with_region: u64,
+    /// Regions an operator took for lost and retired while they were only cut off: they
+    /// rejoin, and their claims after the retirement are orphans.
+    pub zombies: u64,
 }
 
 impl Counts {
@@ -160,6 +176,12 @@ impl Counts {
         self.pauses += o.pauses;
         self.late_releases += o.late_releases;
         self.miss_lookups += o.miss_lookups;
+        self.regions_lost += o.regions_lost;
+        self.retirements += o.retirements;
+        self.orphans += o.orphans;
+        self.lost_with_region += o.lost_with_region;
+        self.finishes_lost_with_region += o.finishes_lost_with_region;
+        self.zombies += o.zombies;
     }
 }
 

@@ -136,7 +136,7 @@ fn main() -> ExitCode {
             sim_ms as f64 / 1000.0 / wall
         );
         println!(
-            "exercised: duplicates {}, key reuses {}, verify items {}, takeovers {}, late completions {}, crashes {}, torn writes {}, partitions {}, clock fences {}, snapshot catch-ups {}, failover lookups {}, lookups on miss {}",
+            "exercised: duplicates {}, key reuses {}, verify items {}, takeovers {}, late completions {}, crashes {}, torn writes {}, partitions {}, clock fences {}, snapshot catch-ups {}, failover lookups {}, lookups on miss {}, regions lost {} (of which only cut off {}; retired {}, orphans {}, side effects lost with them {}, completions or releases lost with them {})",
             totals.duplicates,
             totals.key_reuses,
             totals.verify_items,
@@ -148,7 +148,13 @@ fn main() -> ExitCode {
             totals.fences,
             totals.snapshot_catchups,
             totals.lookups,
-            totals.miss_lookups
+            totals.miss_lookups,
+            totals.regions_lost + totals.zombies,
+            totals.zombies,
+            totals.retirements,
+            totals.orphans,
+            totals.lost_with_region,
+            totals.finishes_lost_with_region
         );
         println!("seeds: {n}, failed: {failed}, violations: {violations}");
     }

@@ -5,6 +5,11 @@
 //! smallest stamp by the oracle's own comparison (physical-and-logical clock value, then region
 //! name) among the claims neither released nor taken over by an unreleased claim, and the
 //! expected items are the other claims that were not released.
+//!
+//! When a region is lost for good, each of its claims has a [`Fate`], read from the
+//! survivors' records at the end: held (it counts), an orphan (numbered past the retirement:
+//! never the winner, always an `Orphan` item), or lost with the region (no survivor ever got
+//! it: nobody can know of it, so it neither wins nor is an item).
 
 use std::collections::BTreeMap;
 
@@ -44,6 +49,20 @@ pub struct Grant {
     pub completed_at_ms: Option<u64>,
     /// Simulated time of the grant, ms.
     pub at_ms: u64,
+    /// What became of it if its region was lost for good.
+    pub fate: Fate,
+}
+
+/// What became of a claim of a region lost for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fate {
+    /// Its region lives, or the survivors hold it within the retirement: it counts.
+    #[default]
+    Held,
+    /// Survivors hold it, numbered past the retirement's last number.
+    Orphan,
+    /// No survivor holds it: it was lost with its region.
+    Lost,
 }
 
 /// What the oracle knows.
@@ -64,6 +83,9 @@ pub struct Oracle {
     pub actionable: BTreeMap<(u64, Stamp, usize), (u64, Option<Stamp>)>,
     /// Violations found so far.
     pub violations: Vec<Violation>,
+    /// S10 findings, with the claim replayed first: they stand unless that claim turns out an
+    /// orphan (a region cut off and retired replays its own claims until it hears of it).
+    s10: Vec<(u64, Stamp, Violation)>,
 }
 
 /// The oracle's own order of stamps: clock value, then region name.
@@ -191,11 +213,12 @@ impl Oracle {
                 None
             };
             if let Some(detail) = detail {
-                self.violations.push(Violation {
+                let v = Violation {
                     check: "S10",
                     key: Some(key),
                     detail,
-                });
+                };
+                self.s10.push((key, *before, v));
             }
         }
         self.replays.push((key, region, outcome.clone()));
@@ -244,6 +267,23 @@ impl Oracle {
         self.violations.extend(found);
     }
 
+    /// Sets what became of a claim of a region lost for good.
+    pub fn set_fate(&mut self, key: u64, stamp: &Stamp, fate: Fate) {
+        if let Some(g) = self.grant_mut(key, stamp) {
+            g.fate = fate;
+        }
+    }
+
+    /// A claim's acknowledged completion or release was lost with its region (never shipped
+    /// before the region was lost for good): the claim counts as still in flight.
+    pub fn forget_finish(&mut self, key: u64, stamp: &Stamp) {
+        if let Some(g) = self.grant_mut(key, stamp) {
+            g.completed = None;
+            g.completed_at_ms = None;
+            g.released = false;
+        }
+    }
+
     /// Records an acknowledged release.
     pub fn released(&mut self, key: u64, stamp: Stamp) {
         if let Some(g) = self.grant_mut(key, &stamp) {
@@ -252,25 +292,25 @@ impl Oracle {
     }
 
     /// Whether `stamp` is taken over by a claim of `key` that was not released (a released
-    /// taker never ran: its takeover is void).
+    /// taker never ran: its takeover is void), nor an orphan or lost with its region.
     pub fn taken_over(&self, key: u64, stamp: &Stamp) -> bool {
         self.takeovers.get(&key).is_some_and(|ts| {
             ts.iter().any(|(t, v)| {
                 v == stamp
-                    && !self
-                        .grants
-                        .get(&key)
-                        .is_some_and(|gs| gs.iter().any(|g| g.stamp == *t && g.released))
+                    && !self.grants.get(&key).is_some_and(|gs| {
+                        gs.iter()
+                            .any(|g| g.stamp == *t && (g.released || g.fate != Fate::Held))
+                    })
             })
         })
     }
 
     /// The grant that must win `key`: the smallest stamp that was neither released nor taken
-    /// over.
+    /// over, nor an orphan or lost with its region.
     pub fn winner(&self, key: u64) -> Option<&Grant> {
         let mut best: Option<&Grant> = None;
         for g in self.grants.get(&key)? {
-            if g.released || self.taken_over(key, &g.stamp) {
+            if g.released || g.fate != Fate::Held || self.taken_over(key, &g.stamp) {
                 continue;
             }
             if best.is_none_or(|b| earlier(&g.stamp, &b.stamp)) {
@@ -284,7 +324,8 @@ impl Oracle {
     /// completed claim but the winner, as a duplicate when it carried the winner's payload and
     /// a key reuse otherwise (as `Verify` when no claim wins); and every other claim that was
     /// neither released nor completed (taken over, or its lease ran out with no word from its
-    /// client), as `Verify`.
+    /// client), as `Verify`. Orphans that were not released are `Orphan` items; claims lost
+    /// with their region are nobody's items.
     pub fn expected_items(&self, key: u64) -> Vec<(Stamp, ItemKind)> {
         let Some(gs) = self.grants.get(&key) else {
             return Vec::new();
@@ -292,10 +333,12 @@ impl Oracle {
         let w = self.winner(key);
         let mut v: Vec<(Stamp, ItemKind)> = Vec::new();
         for g in gs {
-            if Some(g.stamp) == w.map(|w| w.stamp) || g.released {
+            if Some(g.stamp) == w.map(|w| w.stamp) || g.released || g.fate == Fate::Lost {
                 continue;
             }
-            let kind = if g.completed.is_none() {
+            let kind = if g.fate == Fate::Orphan {
+                ItemKind::Orphan
+            } else if g.completed.is_none() {
                 ItemKind::Verify
             } else {
                 match w {
@@ -315,6 +358,15 @@ impl Oracle {
     /// (S6).
     pub fn check_client_log(&mut self) {
         let mut found = Vec::new();
+        for (key, before, v) in std::mem::take(&mut self.s10) {
+            let orphan = self.grants.get(&key).is_some_and(|gs| {
+                gs.iter()
+                    .any(|g| g.stamp == before && g.fate == Fate::Orphan)
+            });
+            if !orphan {
+                found.push(v);
+            }
+        }
         for (key, region, outcome) in &self.replays {
             let known = self
                 .grants
@@ -369,6 +421,7 @@ mod tests {
             completed: Some(Outcome::new(201, "x")),
             completed_at_ms: Some(0),
             at_ms: 0,
+            fate: Fate::Held,
         }
     }
 
@@ -380,22 +433,45 @@ mod tests {
         o.granted(1, grant(b), &[]);
         o.replayed(1, 0, b, Outcome::new(201, "b"));
         o.replayed(1, 0, a, Outcome::new(201, "a"));
-        assert!(
-            o.violations.is_empty(),
-            "a smaller claim arrived: {:?}",
-            o.violations
-        );
+        assert!(o.s10.is_empty(), "a smaller claim arrived: {:?}", o.s10);
         o.replayed(1, 0, b, Outcome::new(201, "b"));
-        assert_eq!(o.violations.len(), 1, "back to a larger claim");
+        assert_eq!(o.s10.len(), 1, "back to a larger claim");
         o.replayed(1, 0, b, Outcome::new(201, "other bytes"));
-        assert_eq!(o.violations.len(), 2, "a stored outcome changed");
+        assert_eq!(o.s10.len(), 2, "a stored outcome changed");
         // c took d over: moving from d to the larger c is fine.
         let d = stamp(5, "r1");
         o.granted(2, grant(d), &[]);
         o.granted(2, grant(c), &[d]);
         o.replayed(2, 1, d, Outcome::new(201, "d"));
         o.replayed(2, 1, c, Outcome::new(201, "c"));
-        assert_eq!(o.violations.len(), 2, "{:?}", o.violations);
-        assert!(o.violations.iter().all(|v| v.check == "S10"));
+        assert_eq!(o.s10.len(), 2, "{:?}", o.s10);
+        assert!(o.s10.iter().all(|(_, _, v)| v.check == "S10"));
+        // A claim replayed first that turns out an orphan excuses the change.
+        o.set_fate(1, &b, Fate::Orphan);
+        o.check_client_log();
+        let s10 = o.violations.iter().filter(|v| v.check == "S10").count();
+        assert_eq!(s10, 1, "only the outcome change stands: {:?}", o.violations);
+    }
+
+    #[test]
+    fn orphans_and_claims_lost_with_their_region_never_win() {
+        let (a, b, c) = (stamp(10, "r0"), stamp(20, "r1"), stamp(30, "r2"));
+        let mut o = Oracle::default();
+        o.granted(1, grant(a), &[]);
+        o.granted(1, grant(b), &[]);
+        o.granted(1, grant(c), &[]);
+        assert_eq!(o.winner(1).map(|g| g.stamp), Some(a));
+        o.set_fate(1, &a, Fate::Lost);
+        o.set_fate(1, &b, Fate::Orphan);
+        assert_eq!(o.winner(1).map(|g| g.stamp), Some(c));
+        assert_eq!(o.expected_items(1), vec![(b, ItemKind::Orphan)]);
+        // A takeover by an orphan is void.
+        let (d, e) = (stamp(5, "r0"), stamp(40, "r1"));
+        let mut late = grant(d);
+        late.completed = None;
+        o.granted(2, late, &[]);
+        o.granted(2, grant(e), &[d]);
+        o.set_fate(2, &e, Fate::Orphan);
+        assert_eq!(o.winner(2).map(|g| g.stamp), Some(d));
     }
 }

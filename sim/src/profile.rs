@@ -107,6 +107,9 @@ pub struct Faults {
     /// Whether the namespace looks keys never seen in a region up at every reachable peer
     /// before granting them.
     pub lookup_on_miss: bool,
+    /// Whether one region is lost for good during the safety phase (its disk with it): its
+    /// clients fail over, and an operator retires it at the survivor holding most of its log.
+    pub lose_region: bool,
 }
 
 impl Faults {
@@ -184,6 +187,7 @@ impl Faults {
                 Profile::Swarm if draw(0, 1) == 1 => draw(2_000, 8_000),
                 _ => 7 * 24 * 3_600_000,
             },
+            lose_region: profile == Profile::Swarm && draw(0, 3) == 0,
         }
     }
 }

@@ -22,7 +22,7 @@ use idem::wire::ClusterId;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::oracle::{Grant, Oracle, Violation};
+use crate::oracle::{Fate, Grant, Oracle, Violation};
 use crate::profile::Faults;
 use crate::{Counts, Options, Report};
 
@@ -31,6 +31,8 @@ pub const T0: u64 = 1_800_000_000_000;
 const NAMESPACE: &str = "payments";
 /// How often each region's store flushes and its replica is driven, ms.
 const TICK_MS: u64 = 5;
+/// Gaps per origin compared when checking that regions converged.
+const HOLDING_GAPS: usize = 16;
 /// The replica's timers run this long after each flush.
 const REPLICA_OFFSET_MS: u64 = 2;
 /// Clients move to a fresh key space this often, ms.
@@ -173,7 +175,21 @@ enum Ev {
     Pause,
     PartitionEnd(Vec<(usize, usize)>),
     Crash,
+    /// A region is lost for good, with its disk.
+    Lose,
+    /// The operator retires the lost region at the survivor holding most of its log.
+    Retire,
     Liveness,
+}
+
+/// The operator's retirement of a region lost for good.
+struct Retirement {
+    /// The survivor it was written at.
+    at: usize,
+    /// Its last number that counts.
+    last_seq: u64,
+    /// Until the survivor made it durable.
+    pending: Option<Pending<bool>>,
 }
 
 /// One run.
@@ -207,6 +223,13 @@ pub struct World {
     trace_all: bool,
     /// Liveness failures found (see [`Report::liveness`]).
     stalls: Vec<Violation>,
+    /// The region lost for good, if one was.
+    lost: Option<usize>,
+    /// The region an operator took for lost while it was only cut off (it keeps serving its
+    /// clients, and rejoins later), if one was.
+    zombie: Option<usize>,
+    /// Its retirement, once written.
+    retirement: Option<Retirement>,
 }
 
 /// A region pair, lower index first.
@@ -316,6 +339,9 @@ impl World {
             log: Vec::new(),
             trace_all: std::env::var_os("IDEM_SIM_TRACE").is_some_and(|v| v == "1"),
             stalls: Vec::new(),
+            lost: None,
+            zombie: None,
+            retirement: None,
         }
     }
 
@@ -397,6 +423,11 @@ impl World {
             let t = T0 + between(&mut self.rngs.faults, 0, self.faults.pause_every_ms);
             self.at(t, Ev::Pause);
         }
+        if self.faults.lose_region && self.opts.regions >= 3 {
+            let d = self.opts.duration_ms;
+            let t = T0 + between(&mut self.rngs.faults, d / 4, d / 2);
+            self.at(t, Ev::Lose);
+        }
         let end_safety = T0 + self.opts.duration_ms;
         self.at(end_safety, Ev::Liveness);
         let deadline = end_safety + LIVENESS_BOUND_MS;
@@ -462,7 +493,8 @@ impl World {
     /// may still be released or completed: it can hold an item back for as long).
     fn not_actionable(&self) -> Vec<(usize, u64, Stamp)> {
         let mut out = Vec::new();
-        for (i, r) in self.regions.iter().enumerate() {
+        for i in self.survivors() {
+            let r = &self.regions[i];
             let now = r.clock(self.now);
             for (key, it) in r.store.all_items(now).unwrap_or_default() {
                 if it.winner_status == Some(ClaimStatus::Completed) && !it.actionable {
@@ -493,6 +525,10 @@ impl World {
 
     fn handle(&mut self, ev: Ev) {
         if let Some(i) = self.runs_on(&ev) {
+            if self.lost == Some(i) {
+                self.on_lost_region(ev);
+                return;
+            }
             let until = self.regions[i].paused_until;
             if until > self.now {
                 // A paused process handles nothing; in order, once it runs again.
@@ -504,6 +540,7 @@ impl World {
             Ev::Flush(i) => {
                 self.regions[i].store.flush().expect("in-memory flush");
                 self.answer(i);
+                self.check_retirement(i);
                 self.at(self.now + TICK_MS, Ev::Flush(i));
             }
             Ev::Tick(i) => {
@@ -594,10 +631,21 @@ impl World {
             Ev::Crash => {
                 if !self.liveness {
                     let i = self.random_region();
-                    self.crash(i);
+                    if self.lost != Some(i) {
+                        self.crash(i);
+                    }
                     self.again(self.faults.crash_every_ms, Ev::Crash);
                 }
             }
+            Ev::Lose => {
+                let i = self.random_region();
+                if chance(&mut self.rngs.faults, 500_000) {
+                    self.cut_off(i);
+                } else {
+                    self.lose_region(i);
+                }
+            }
+            Ev::Retire => self.retire(),
             Ev::PartitionEnd(links) => {
                 for l in links {
                     if let Some(n) = self.cut.get_mut(&l) {
@@ -629,7 +677,7 @@ impl World {
     /// Opens a connection between `a` and `b` unless a cut stands between them (then tries
     /// again in a second, like a transport redialling).
     fn connect(&mut self, a: usize, b: usize) {
-        if self.conns.contains_key(&pair(a, b)) {
+        if self.conns.contains_key(&pair(a, b)) || self.lost == Some(a) || self.lost == Some(b) {
             return;
         }
         if self.is_cut(a, b) || self.is_cut(b, a) {
@@ -1082,6 +1130,7 @@ impl World {
                         completed: None,
                         completed_at_ms: None,
                         at_ms: self.now,
+                        fate: Fate::Held,
                     };
                     self.oracle.granted(w.key, g, &took_over);
                 } else {
@@ -1136,6 +1185,21 @@ impl World {
                 self.note(format!("c{c} r{region} mismatch k{}", w.key));
                 self.oracle.mismatches.push((w.key, region, w.fingerprint));
                 self.finish_work(c);
+            }
+            Decision::Unavailable {
+                reason: Unavailable::Retired,
+                ..
+            } => {
+                // The region heard that it was retired: its clients move on for good.
+                self.counts.failovers += 1;
+                let next = (region + 1) % self.opts.regions;
+                if self.clients[c].region == region {
+                    self.clients[c].region = next;
+                }
+                w.prior = Some(region);
+                w.region = next;
+                self.note(format!("c{c} r{region} retired: fails over to r{next}"));
+                self.retry(c, w);
             }
             Decision::Unavailable {
                 reason: Unavailable::Fenced,
@@ -1215,6 +1279,7 @@ impl World {
                 return;
             }
         }
+        self.retirement_after_crash(i);
         let r = &mut self.regions[i];
         r.incarnation += 1;
         // The new process is not paused.
@@ -1287,6 +1352,7 @@ impl World {
                 completed: None,
                 completed_at_ms: None,
                 at_ms: self.now,
+                fate: Fate::Held,
             };
             self.oracle.ghost(w.key, g);
         }
@@ -1316,14 +1382,285 @@ impl World {
         {
             return false;
         }
-        let first = self.regions[0].store.marks();
-        self.regions.iter().all(|r| {
-            r.store.marks() == first && r.store.holdings(1).iter().all(|h| h.gaps.is_empty())
-        })
+        if self.retiring().is_some() && self.retirement.as_ref().is_none_or(|r| r.pending.is_some())
+        {
+            return false; // the operator has not retired the lost region yet
+        }
+        self.apart().is_empty()
+    }
+
+    /// The regions still running (all but one lost for good).
+    fn survivors(&self) -> Vec<usize> {
+        (0..self.regions.len())
+            .filter(|i| self.lost != Some(*i))
+            .collect()
+    }
+
+    /// Survivors whose holdings differ from the first survivor's, or that miss numbers of a
+    /// live origin's log (a lost region's log may keep gaps nobody can fill), with what they
+    /// hold.
+    fn apart(&self) -> Vec<(usize, Vec<idem::store::Holding>)> {
+        let survivors = self.survivors();
+        let lost = self.lost.map(|l| self.regions[l].id);
+        let first = self.regions[survivors[0]].store.holdings(HOLDING_GAPS);
+        survivors
+            .into_iter()
+            .map(|i| (i, self.regions[i].store.holdings(HOLDING_GAPS)))
+            .filter(|(_, h)| {
+                *h != first
+                    || h.iter()
+                        .any(|h| !h.gaps.is_empty() && Some(h.origin) != lost)
+            })
+            .collect()
+    }
+
+    /// Region `i` is lost for good, with its disk: its connections die (what it had sent is
+    /// still delivered), it never runs again, its clients' claims fail over to the next
+    /// region (naming `i` as the prior region), and executions under way there give up (their
+    /// claims stay in flight). An operator retires it a little later.
+    fn lose_region(&mut self, i: usize) {
+        self.lost = Some(i);
+        self.counts.regions_lost += 1;
+        self.note(format!("r{i} lost for good"));
+        for j in 0..self.opts.regions {
+            if j != i {
+                self.lose_process(i, j);
+            }
+        }
+        let next = (i + 1) % self.opts.regions;
+        for c in 0..self.clients.len() {
+            if self.clients[c].region == i {
+                self.clients[c].region = next;
+            }
+            if self.clients[c].work.as_ref().is_none_or(|w| w.region != i) {
+                continue;
+            }
+            if let Some((_, Awaiting::Claim(_))) = self.clients[c].awaiting.take() {
+                // Its fate (held by a survivor or lost) is read at the end.
+                self.find_ghost(i, c);
+            }
+            self.fail_over_from(c, i);
+        }
+        let wait = between(&mut self.rngs.faults, 50, 3_000);
+        self.at(self.now + wait, Ev::Retire);
+    }
+
+    /// The region the operator retires: lost for good, or taken for lost.
+    fn retiring(&self) -> Option<usize> {
+        self.lost.or(self.zombie)
+    }
+
+    /// Region `i` is cut off from every peer for several seconds, long enough for an operator
+    /// to take it for lost and retire it; it goes on serving its own clients, whose new claims
+    /// become orphans once its log rejoins the others, and it grants nothing new once it hears
+    /// that it was retired (its clients then fail over).
+    fn cut_off(&mut self, i: usize) {
+        self.zombie = Some(i);
+        self.counts.zombies += 1;
+        let mut links = Vec::new();
+        for j in (0..self.opts.regions).filter(|j| *j != i) {
+            links.push((i, j));
+            links.push((j, i));
+        }
+        for l in &links {
+            *self.cut.entry(*l).or_default() += 1;
+        }
+        for &(a, b) in &links {
+            self.break_link(a, b);
+        }
+        let len = between(&mut self.rngs.faults, 3_000, 8_000);
+        self.note(format!(
+            "r{i} cut off for {len} ms: an operator will take it for lost"
+        ));
+        self.at(self.now + len, Ev::PartitionEnd(links));
+        let wait = between(&mut self.rngs.faults, 50, 2_000);
+        self.at(self.now + wait, Ev::Retire);
+    }
+
+    /// Client `c`'s request was at the lost region `i`: a claim goes to the next region with
+    /// `i` as its prior region; an execution under way gives up, as it can no longer report.
+    fn fail_over_from(&mut self, c: usize, i: usize) {
+        let mut w = self.clients[c].work.clone().expect("work");
+        self.clients[c].awaiting = None;
+        if w.step != Step::Claim {
+            self.note(format!("c{c} gives up k{} with r{i}", w.key));
+            self.finish_work(c);
+            return;
+        }
+        self.counts.failovers += 1;
+        w.prior = Some(i);
+        w.region = (i + 1) % self.opts.regions;
+        w.lookups.clear();
+        self.note(format!("c{c} fails over from lost r{i} to r{}", w.region));
+        self.retry(c, w);
+    }
+
+    /// An event of the lost region: nothing runs there any more.
+    fn on_lost_region(&mut self, ev: Ev) {
+        let lost = self.lost.expect("a lost region");
+        match ev {
+            Ev::Client(c)
+                if self.clients[c]
+                    .work
+                    .as_ref()
+                    .is_some_and(|w| w.region == lost) =>
+            {
+                self.fail_over_from(c, lost)
+            }
+            Ev::Deliver { .. } => self.counts.messages_lost += 1,
+            _ => {}
+        }
+    }
+
+    /// The operator retires the lost region at the survivor that holds the most of its log, at
+    /// that survivor's contiguous mark of it (a paused survivor answers once it runs again).
+    fn retire(&mut self) {
+        let Some(lost) = self.retiring() else {
+            return;
+        };
+        let id = self.regions[lost].id;
+        let mark = |j: usize| self.regions[j].store.marks().get(&id).copied().unwrap_or(0);
+        let at = self
+            .survivors()
+            .into_iter()
+            .filter(|j| *j != lost)
+            .max_by_key(|j| (mark(*j), std::cmp::Reverse(*j)))
+            .expect("survivors");
+        let last_seq = mark(at);
+        let until = self.regions[at].paused_until;
+        if until > self.now {
+            self.at(until, Ev::Retire);
+            return;
+        }
+        match self.regions[at].store.retire(id, last_seq) {
+            Ok(p) => {
+                self.note(format!(
+                    "operator retires r{lost} at r{at}, last seq {last_seq}"
+                ));
+                self.retirement = Some(Retirement {
+                    at,
+                    last_seq,
+                    pending: Some(p),
+                });
+            }
+            Err(e) => self.oracle.violations.push(Violation {
+                check: "E3",
+                key: None,
+                detail: format!("region {at} refused to retire r{lost} at {last_seq}: {e}"),
+            }),
+        }
+    }
+
+    /// After region `i` flushed: the operator's retirement there is acknowledged once durable.
+    fn check_retirement(&mut self, i: usize) {
+        let store = &self.regions[i].store;
+        if let Some(r) = self.retirement.as_mut().filter(|r| r.at == i) {
+            if r.pending.as_ref().is_some_and(|p| p.is_durable(store)) {
+                r.pending = None;
+                self.counts.retirements += 1;
+            }
+        }
+    }
+
+    /// Region `i` crashed: an unacknowledged retirement written there is written again unless
+    /// it survived.
+    fn retirement_after_crash(&mut self, i: usize) {
+        let Some(lost) = self.retiring() else {
+            return;
+        };
+        let id = self.regions[lost].id;
+        let Some(r) = self
+            .retirement
+            .as_mut()
+            .filter(|r| r.at == i && r.pending.is_some())
+        else {
+            return;
+        };
+        let kept = self.regions[i].store.durable_retirements();
+        if kept.0.get(&id).is_some_and(|l| *l >= r.last_seq) {
+            r.pending = None;
+            self.counts.retirements += 1;
+        } else {
+            self.retirement = None;
+            self.at(self.now + 500, Ev::Retire);
+        }
+    }
+
+    /// After convergence, what became of each claim of the lost region, read from the first
+    /// survivor's records: beyond the retirement's last number, an orphan; nowhere, lost. A
+    /// completion or release the lost region acknowledged but never shipped is lost with it
+    /// too: the survivors see the claim still in flight.
+    fn classify_lost_claims(&mut self) {
+        let (Some(lost), Some(r)) = (self.retiring(), self.retirement.as_ref()) else {
+            return;
+        };
+        // The number the survivors agreed on: the operator's, or larger (a survivor holding
+        // more of the lost log raises it).
+        let id = self.regions[lost].id;
+        let agreed: Vec<Option<u64>> = self
+            .survivors()
+            .iter()
+            .filter(|i| **i != lost)
+            .map(|&i| self.regions[i].store.retirements().0.get(&id).copied())
+            .collect();
+        if agreed
+            .iter()
+            .any(|a| *a != agreed[0] || a.is_none_or(|a| a < r.last_seq))
+        {
+            self.oracle.violations.push(Violation {
+                check: "L1",
+                key: None,
+                detail: format!(
+                    "survivors retired r{lost} at {agreed:?}; the operator at {}",
+                    r.last_seq
+                ),
+            });
+        }
+        let last_seq = agreed[0].unwrap_or(r.last_seq);
+        let at = self
+            .survivors()
+            .into_iter()
+            .find(|i| *i != lost)
+            .expect("survivors");
+        let mut fates = Vec::new();
+        for (k, gs) in &self.oracle.grants {
+            for g in gs.iter().filter(|g| g.region == lost) {
+                let now = self.regions[at].clock(self.now);
+                let store = &self.regions[at].store;
+                let view = store.read(now, &key_of(*k)).and_then(|p| store.wait(p));
+                let held = view.ok().flatten().and_then(|v| {
+                    v.record
+                        .claim(&g.stamp)
+                        .and_then(|c| c.facts.as_ref().map(|f| (f.origin_seq, c.status())))
+                });
+                let fate = match held {
+                    None => Fate::Lost,
+                    Some((s, _)) if s > last_seq => Fate::Orphan,
+                    Some(_) => Fate::Held,
+                };
+                let status = held.map(|(_, st)| st);
+                let lost_finish = (g.completed.is_some() && status != Some(ClaimStatus::Completed))
+                    || (g.released && status != Some(ClaimStatus::Released));
+                fates.push((*k, g.stamp, fate, g.side_effect, lost_finish));
+            }
+        }
+        for (k, stamp, fate, side_effect, lost_finish) in fates {
+            match fate {
+                Fate::Lost if side_effect => self.counts.lost_with_region += 1,
+                Fate::Orphan => self.counts.orphans += 1,
+                _ => {}
+            }
+            if fate != Fate::Lost && lost_finish {
+                self.counts.finishes_lost_with_region += 1;
+                self.oracle.forget_finish(k, &stamp);
+            }
+            self.oracle.set_fate(k, &stamp, fate);
+        }
     }
 
     fn finish(mut self, seed: u64, converged: bool) -> Report {
         if converged {
+            self.classify_lost_claims();
             self.check_regions();
             self.oracle.check_actionable();
         } else {
@@ -1331,13 +1668,15 @@ impl World {
         }
         self.oracle.check_client_log();
         let mut counts = std::mem::take(&mut self.counts);
-        for (i, r) in self.regions.iter().enumerate() {
+        let first = self.survivors()[0];
+        for i in self.survivors() {
+            let r = &self.regions[i];
             let now = r.clock(self.now);
             let Ok(items) = r.store.all_items(now) else {
                 continue;
             };
             counts.items += items.len() as u64;
-            if i == 0 {
+            if i == first {
                 for (_, it) in &items {
                     match it.kind {
                         ItemKind::Duplicate => counts.duplicates += 1,
@@ -1377,19 +1716,22 @@ impl World {
                 });
             }
         }
-        let first = self.regions[0].store.marks();
-        for (i, r) in self.regions.iter().enumerate() {
-            let marks = r.store.marks();
-            let gaps = r.store.holdings(1).iter().any(|h| !h.gaps.is_empty());
-            if marks != first || gaps {
-                self.stalls.push(Violation {
-                    check: "L1",
-                    key: None,
-                    detail: format!(
-                        "region {i} holds {marks:?} (gaps: {gaps}), region 0 {first:?}"
-                    ),
-                });
-            }
+        if self.retiring().is_some() && self.retirement.as_ref().is_none_or(|r| r.pending.is_some())
+        {
+            self.stalls.push(Violation {
+                check: "L1",
+                key: None,
+                detail: "the lost region's retirement was never acknowledged".into(),
+            });
+        }
+        let first = self.survivors()[0];
+        let first_holds = self.regions[first].store.holdings(HOLDING_GAPS);
+        for (i, holds) in self.apart() {
+            self.stalls.push(Violation {
+                check: "L1",
+                key: None,
+                detail: format!("region {i} holds {holds:?}, region {first} {first_holds:?}"),
+            });
         }
     }
 
@@ -1400,8 +1742,13 @@ impl World {
         let keys: BTreeSet<u64> = self.oracle.grants.keys().copied().collect();
         for k in keys {
             let key = key_of(k);
+            if self.oracle.grants[&k].iter().all(|g| g.fate == Fate::Lost) {
+                continue; // every claim of the key was lost with its region: nobody knows it
+            }
             let mut views = Vec::new();
-            for (i, r) in self.regions.iter().enumerate() {
+            let survivors = self.survivors();
+            for &i in &survivors {
+                let r = &self.regions[i];
                 let now = r.clock(self.now);
                 match r.store.read(now, &key).and_then(|p| r.store.wait(p)) {
                     Ok(Some(v)) => views.push(v),
@@ -1415,7 +1762,7 @@ impl World {
                     }
                 }
             }
-            if views.len() < self.regions.len() {
+            if views.len() < survivors.len() {
                 continue;
             }
             if views.iter().any(|v| v.record != views[0].record) {
@@ -1426,9 +1773,12 @@ impl World {
                 });
             }
             // S5: every acknowledged claim, completion and release survived every crash, in
-            // every region.
-            for (i, v) in views.iter().enumerate() {
-                for g in &self.oracle.grants[&k] {
+            // every region (but those lost with a region lost for good).
+            for (&i, v) in survivors.iter().zip(&views) {
+                for g in self.oracle.grants[&k]
+                    .iter()
+                    .filter(|g| g.fate != Fate::Lost)
+                {
                     let held = v.record.claim(&g.stamp);
                     let lost = match (&g.completed, held) {
                         (_, None) => Some("the acknowledged claim"),
@@ -1456,11 +1806,11 @@ impl World {
             // S8: every execution with a side effect is the winner or covered by an item.
             let effects: Vec<Stamp> = self.oracle.grants[&k]
                 .iter()
-                .filter(|g| g.side_effect)
+                .filter(|g| g.side_effect && g.fate != Fate::Lost)
                 .map(|g| g.stamp)
                 .collect();
             let winner_effect = winner.as_ref().is_some_and(|w| w.side_effect);
-            for (i, v) in views.iter().enumerate() {
+            for (&i, v) in survivors.iter().zip(&views) {
                 let mut got: Vec<_> = v.items.iter().map(|it| (it.claim, it.kind)).collect();
                 got.sort();
                 if got != want_items {
@@ -1494,7 +1844,7 @@ impl World {
             let Some(want) = winner.completed.clone() else {
                 continue;
             };
-            for i in 0..self.regions.len() {
+            for &i in &survivors {
                 let now = self.clock(i);
                 let store = &self.regions[i].store;
                 let probe = ClaimRequest {

@@ -63,8 +63,15 @@ fn a_block_of_swarm_seeds_passes_and_exercises_the_faults() {
     // Process pauses (171 when written) and clock steps (57).
     assert!(t.pauses >= 80, "{t:?}");
     assert!(t.clock_steps >= 25, "{t:?}");
-    // Items that became actionable during the runs (18.3k), which S11 then checks.
-    assert!(t.actionable_seen >= 9_000, "{t:?}");
+    // Items that became actionable during the runs (16.4k), which S11 then checks.
+    assert!(t.actionable_seen >= 8_000, "{t:?}");
+    // Regions lost for good (27 when written) or only cut off and taken for lost (25), each
+    // retired by the operator (52); the claims cut-off regions made after their retirement
+    // became orphans (890).
+    assert!(t.regions_lost >= 12, "{t:?}");
+    assert!(t.zombies >= 10, "{t:?}");
+    assert!(t.retirements >= 25, "{t:?}");
+    assert!(t.orphans >= 300, "{t:?}");
 }
 
 #[test]

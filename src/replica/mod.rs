@@ -1067,14 +1067,17 @@ impl Replica {
         );
         let p = self.peers.get_mut(&peer).expect("peer");
         p.next_digest_ms = now_ms + self.cfg.digest_min_ms + jitter;
-        self.transmits
-            .push_back((peer, Message::Digest(Digest { origins })));
         // Retirements travel with every round (there are few, and a region that was down
-        // must hear of them): durable ones only, like every other fact.
+        // must hear of them), durable ones only like every other fact, and *before* the
+        // digest: the link delivers in order, so a peer that uses this digest for stability
+        // already holds every retirement it was sent after (otherwise it could show an item
+        // actionable under a winner the retirement makes an orphan).
         for (region, last_seq) in store.durable_retirements().0 {
             self.transmits
                 .push_back((peer, Message::Retired(wire::Retired { region, last_seq })));
         }
+        self.transmits
+            .push_back((peer, Message::Digest(Digest { origins })));
     }
 
     /// A peer's digest: ask it for what it holds and we lack, one range per origin at a time.

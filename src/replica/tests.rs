@@ -1266,3 +1266,32 @@ fn retiring_a_lost_region_spreads_releases_stability_and_stops_the_region_if_it_
         }
     ));
 }
+
+#[test]
+fn retirements_go_out_before_each_digest() {
+    let mut net = Net::new(&["a", "b"], |_| {});
+    net.connect_all();
+    let r = net.region("a");
+    r.store
+        .wait(r.store.retire_from_peer(rid("z"), 0).unwrap())
+        .unwrap();
+    let mut kinds = Vec::new();
+    for _ in 0..100 {
+        net.now += 100;
+        let now = net.now;
+        let r = net.region("a");
+        r.replica.handle_timeout(&r.store, now);
+        while let Some((to, msg)) = r.replica.poll_transmit() {
+            assert_eq!(to, rid("b"));
+            kinds.push(msg.kind());
+        }
+        if kinds.contains(&"digest") {
+            break;
+        }
+    }
+    let at = kinds
+        .iter()
+        .position(|k| *k == "digest")
+        .expect("a digest round");
+    assert!(at > 0 && kinds[at - 1] == "retired", "{kinds:?}");
+}

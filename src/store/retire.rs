@@ -11,7 +11,12 @@
 //! claim some region already counted is never orphaned by a later, smaller one, and every
 //! region ends with the same set. Locally, `last_seq` may not exceed the contiguous prefix of
 //! the region's log held here (numbers nobody holds would hold stability back for ever): retire
-//! at the survivor that holds the most of it. A region that learns it was itself retired grants
+//! at the survivor that holds the most of it. Claims other survivors hold above that number
+//! become orphans even if they replayed them: the number is the operator's to choose well
+//! (the simulator's operator takes the largest mark of any survivor, and then no claim a
+//! survivor held when the region was lost is orphaned). Regions never raise a retirement
+//! they hear of: a region wrongly taken for lost keeps writing its log, and raising would
+//! follow that log and orphan nothing. A region that learns it was itself retired grants
 //! no new claim again ([`Unavailable::Retired`]); it rejoins only as a new region with an empty
 //! data directory.
 
