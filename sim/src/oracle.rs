@@ -75,7 +75,7 @@ pub struct Oracle {
     /// Replays clients got: (key, region, outcome).
     pub replays: Vec<(u64, usize, Outcome)>,
     /// The last replay each region gave for each key: (claim, outcome).
-    pub last_replay: BTreeMap<(u64, usize), (Stamp, Outcome)>,
+    pub last_replay: BTreeMap<(u64, usize), (Stamp, Outcome, bool)>,
     /// Mismatch answers clients got: (key, region, fingerprint sent).
     pub mismatches: Vec<(u64, usize, Fingerprint)>,
     /// Items a region showed as actionable, by (key, claim, region): when first shown, and
@@ -83,9 +83,11 @@ pub struct Oracle {
     pub actionable: BTreeMap<(u64, Stamp, usize), (u64, Option<Stamp>)>,
     /// Violations found so far.
     pub violations: Vec<Violation>,
-    /// S10 findings, with the claim replayed first: they stand unless that claim turns out an
-    /// orphan (a region cut off and retired replays its own claims until it hears of it).
-    s10: Vec<(u64, Stamp, Violation)>,
+    /// S10 findings, with the claim replayed first and whether the finding may be excused:
+    /// it stands unless that claim turns out an orphan and the region that replayed it had
+    /// not heard of the retirement then (a region cut off and retired replays its own claims
+    /// until it hears of it).
+    s10: Vec<(u64, Stamp, bool, Violation)>,
 }
 
 /// The oracle's own order of stamps: clock value, then region name.
@@ -196,8 +198,17 @@ impl Oracle {
     /// A client got a replay of `claim` from `region`. Checks S10: a region's replayed claim
     /// of a key changes only to a smaller claim (one arrived from elsewhere) or away from a
     /// claim that was taken over, and a claim's replayed outcome never changes.
-    pub fn replayed(&mut self, key: u64, region: usize, claim: Stamp, outcome: Outcome) {
-        if let Some((before, was)) = self.last_replay.get(&(key, region)) {
+    /// `excusable`: whether the region had not heard of a retirement of the replayed claim's
+    /// region when it replayed it.
+    pub fn replayed(
+        &mut self,
+        key: u64,
+        region: usize,
+        claim: Stamp,
+        outcome: Outcome,
+        excusable: bool,
+    ) {
+        if let Some((before, was, before_excusable)) = self.last_replay.get(&(key, region)) {
             let detail = if *before == claim && *was != outcome {
                 Some(format!(
                     "region {region} replayed {claim:?} with another outcome: {was:?}, then \
@@ -218,11 +229,12 @@ impl Oracle {
                     key: Some(key),
                     detail,
                 };
-                self.s10.push((key, *before, v));
+                self.s10.push((key, *before, *before_excusable, v));
             }
         }
         self.replays.push((key, region, outcome.clone()));
-        self.last_replay.insert((key, region), (claim, outcome));
+        self.last_replay
+            .insert((key, region), (claim, outcome, excusable));
     }
 
     /// Region `region` showed `item` of `key` as actionable at `at_ms`.
@@ -358,12 +370,12 @@ impl Oracle {
     /// (S6).
     pub fn check_client_log(&mut self) {
         let mut found = Vec::new();
-        for (key, before, v) in std::mem::take(&mut self.s10) {
+        for (key, before, excusable, v) in std::mem::take(&mut self.s10) {
             let orphan = self.grants.get(&key).is_some_and(|gs| {
                 gs.iter()
                     .any(|g| g.stamp == before && g.fate == Fate::Orphan)
             });
-            if !orphan {
+            if !(orphan && excusable) {
                 found.push(v);
             }
         }
@@ -431,21 +443,21 @@ mod tests {
         let mut o = Oracle::default();
         o.granted(1, grant(a), &[]);
         o.granted(1, grant(b), &[]);
-        o.replayed(1, 0, b, Outcome::new(201, "b"));
-        o.replayed(1, 0, a, Outcome::new(201, "a"));
+        o.replayed(1, 0, b, Outcome::new(201, "b"), true);
+        o.replayed(1, 0, a, Outcome::new(201, "a"), true);
         assert!(o.s10.is_empty(), "a smaller claim arrived: {:?}", o.s10);
-        o.replayed(1, 0, b, Outcome::new(201, "b"));
+        o.replayed(1, 0, b, Outcome::new(201, "b"), true);
         assert_eq!(o.s10.len(), 1, "back to a larger claim");
-        o.replayed(1, 0, b, Outcome::new(201, "other bytes"));
+        o.replayed(1, 0, b, Outcome::new(201, "other bytes"), true);
         assert_eq!(o.s10.len(), 2, "a stored outcome changed");
         // c took d over: moving from d to the larger c is fine.
         let d = stamp(5, "r1");
         o.granted(2, grant(d), &[]);
         o.granted(2, grant(c), &[d]);
-        o.replayed(2, 1, d, Outcome::new(201, "d"));
-        o.replayed(2, 1, c, Outcome::new(201, "c"));
+        o.replayed(2, 1, d, Outcome::new(201, "d"), true);
+        o.replayed(2, 1, c, Outcome::new(201, "c"), true);
         assert_eq!(o.s10.len(), 2, "{:?}", o.s10);
-        assert!(o.s10.iter().all(|(_, _, v)| v.check == "S10"));
+        assert!(o.s10.iter().all(|(_, _, _, v)| v.check == "S10"));
         // A claim replayed first that turns out an orphan excuses the change.
         o.set_fate(1, &b, Fate::Orphan);
         o.check_client_log();

@@ -230,6 +230,9 @@ pub struct World {
     zombie: Option<usize>,
     /// Its retirement, once written.
     retirement: Option<Retirement>,
+    /// Claims of the region lost for good that a survivor held durably when it was lost: none
+    /// may be lost with it.
+    held_at_loss: BTreeSet<Stamp>,
 }
 
 /// A region pair, lower index first.
@@ -342,6 +345,7 @@ impl World {
             lost: None,
             zombie: None,
             retirement: None,
+            held_at_loss: BTreeSet::new(),
         }
     }
 
@@ -1177,7 +1181,14 @@ impl World {
             Decision::Replay { outcome, claim, .. } => {
                 self.counts.replays += 1;
                 self.note(format!("c{c} r{region} replay k{} {claim:?}", w.key));
-                self.oracle.replayed(w.key, region, claim, outcome);
+                // Replaying a claim of a region it knows retired is never excused if that claim
+                // turns out an orphan; one it had not heard of yet may be.
+                let knew = self.regions[region]
+                    .store
+                    .retirements()
+                    .0
+                    .contains_key(&claim.region);
+                self.oracle.replayed(w.key, region, claim, outcome, !knew);
                 self.finish_work(c);
             }
             Decision::Mismatch { .. } => {
@@ -1422,6 +1433,7 @@ impl World {
         self.lost = Some(i);
         self.counts.regions_lost += 1;
         self.note(format!("r{i} lost for good"));
+        self.note_held_at_loss(i);
         for j in 0..self.opts.regions {
             if j != i {
                 self.lose_process(i, j);
@@ -1475,6 +1487,44 @@ impl World {
         self.at(self.now + len, Ev::PartitionEnd(links));
         let wait = between(&mut self.rngs.faults, 50, 2_000);
         self.at(self.now + wait, Ev::Retire);
+    }
+
+    /// Records which claims of region `i`, about to be lost, some survivor holds durably (by
+    /// their number in `i`'s log, read from `i`'s own store).
+    fn note_held_at_loss(&mut self, i: usize) {
+        let id = self.regions[i].id;
+        let holdings: Vec<idem::store::Holding> = (0..self.regions.len())
+            .filter(|j| *j != i)
+            .filter_map(|j| {
+                let h = self.regions[j].store.holdings(1024);
+                h.into_iter().find(|h| h.origin == id)
+            })
+            .collect();
+        let held = |seq: u64| {
+            holdings.iter().any(|h| {
+                seq <= h.mark
+                    || (seq <= h.head && !h.gaps.iter().any(|(a, b)| (*a..=*b).contains(&seq)))
+            })
+        };
+        let now = self.clock(i);
+        let store = &self.regions[i].store;
+        for (k, gs) in &self.oracle.grants {
+            for g in gs.iter().filter(|g| g.region == i) {
+                let seq = store
+                    .read(now, &key_of(*k))
+                    .ok()
+                    .and_then(|p| p.into_value_unchecked())
+                    .and_then(|v| {
+                        v.record
+                            .claim(&g.stamp)
+                            .and_then(|c| c.facts.as_ref())
+                            .map(|f| f.origin_seq)
+                    });
+                if seq.is_some_and(held) {
+                    self.held_at_loss.insert(g.stamp);
+                }
+            }
+        }
     }
 
     /// Client `c`'s request was at the lost region `i`: a claim goes to the next region with
@@ -1594,8 +1644,8 @@ impl World {
         let (Some(lost), Some(r)) = (self.retiring(), self.retirement.as_ref()) else {
             return;
         };
-        // The number the survivors agreed on: the operator's, or larger (a survivor holding
-        // more of the lost log raises it).
+        // The number the survivors agreed on: the operator's (checked to be the same
+        // everywhere).
         let id = self.regions[lost].id;
         let agreed: Vec<Option<u64>> = self
             .survivors()
@@ -1645,6 +1695,20 @@ impl World {
             }
         }
         for (k, stamp, fate, side_effect, lost_finish) in fates {
+            if fate == Fate::Lost && (self.zombie.is_some() || self.held_at_loss.contains(&stamp)) {
+                self.oracle.violations.push(Violation {
+                    check: "S5",
+                    key: Some(k),
+                    detail: format!(
+                        "no survivor holds {stamp:?}, which {}",
+                        if self.zombie.is_some() {
+                            "a region only cut off made"
+                        } else {
+                            "a survivor held durably when its region was lost"
+                        }
+                    ),
+                });
+            }
             match fate {
                 Fate::Lost if side_effect => self.counts.lost_with_region += 1,
                 Fate::Orphan => self.counts.orphans += 1,

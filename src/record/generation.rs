@@ -75,22 +75,47 @@ impl Generation {
 
 impl Record {
     /// The generations of this record, oldest first, with their winners.
+    ///
+    /// Orphans of retired regions shape nothing: generations are partitioned from the other
+    /// claims alone, then each orphan joins the generation that covers its stamp, else the
+    /// next generation if the orphan's TTL reaches that generation's anchor, else a generation
+    /// of orphans only (no winner: its items are never actionable). An orphan arriving late (from a region that was
+    /// cut off and retired) therefore never moves another claim to another generation, so it
+    /// cannot change a key that was already stable.
     pub fn generations(&self, retired: &Retirements) -> Vec<Generation> {
-        // A placeholder anchors with the smallest TTL among the claims that took it over.
+        let orphan = |stamp: &Stamp, c: &ClaimState| {
+            c.facts
+                .as_ref()
+                .is_some_and(|f| retired.is_orphan(&stamp.region, f.origin_seq))
+        };
+        // A placeholder anchors with the smallest TTL among the claims that took it over
+        // (orphans' takeovers never count).
         let mut taker_ttl: BTreeMap<Stamp, u64> = BTreeMap::new();
-        for (_, c) in self.claims() {
-            if let Some(f) = &c.facts {
+        for (stamp, c) in self.claims() {
+            if let Some(f) = c.facts.as_ref().filter(|_| !orphan(stamp, c)) {
                 for v in &f.takes_over {
                     let t = taker_ttl.entry(*v).or_insert(f.ttl_ms);
                     *t = (*t).min(f.ttl_ms);
                 }
             }
         }
-        // Partition stamps greedily by anchor + TTL.
+        let new_generation = |anchor: Stamp, ttl: u64| Generation {
+            anchor,
+            expires_at_ms: anchor.physical_ms().saturating_add(ttl),
+            stamps: Vec::new(),
+            taken_over: BTreeMap::new(),
+            orphans: BTreeSet::new(),
+            winner: None,
+        };
+        // Partition the other stamps greedily by anchor + TTL.
         let mut gens: Vec<Generation> = Vec::new();
-        let mut gen_of: BTreeMap<Stamp, usize> = BTreeMap::new();
+        let mut orphans: Vec<(Stamp, u64)> = Vec::new();
         for (stamp, c) in self.claims() {
             let ttl = match &c.facts {
+                Some(f) if orphan(stamp, c) => {
+                    orphans.push((*stamp, f.ttl_ms));
+                    continue;
+                }
                 Some(f) => f.ttl_ms,
                 None => match taker_ttl.get(stamp) {
                     Some(t) => *t,
@@ -101,22 +126,47 @@ impl Record {
                 .last()
                 .is_none_or(|g| !g.covers_ms(stamp.physical_ms()));
             if opens {
-                gens.push(Generation {
-                    anchor: *stamp,
-                    expires_at_ms: stamp.physical_ms().saturating_add(ttl),
-                    stamps: Vec::new(),
-                    taken_over: BTreeMap::new(),
-                    orphans: BTreeSet::new(),
-                    winner: None,
-                });
+                gens.push(new_generation(*stamp, ttl));
             }
-            let g = gens.len() - 1;
-            gens[g].stamps.push(*stamp);
-            gen_of.insert(*stamp, g);
-            if let Some(f) = &c.facts {
-                if retired.is_orphan(&stamp.region, f.origin_seq) {
-                    gens[g].orphans.insert(*stamp);
+            gens.last_mut().expect("pushed").stamps.push(*stamp);
+        }
+        // Orphans join the generation covering them, else generations of orphans only.
+        let mut orphan_gens: Vec<Generation> = Vec::new();
+        for (stamp, ttl) in orphans {
+            let ms = stamp.physical_ms();
+            // The generation covering it; else the next one, if the orphan's own TTL reaches
+            // its anchor (the generation it would have opened had it counted).
+            let covering = gens
+                .iter()
+                .rposition(|g| g.anchor <= stamp)
+                .filter(|i| gens[*i].covers_ms(ms));
+            let next = || {
+                gens.iter().position(|g| {
+                    g.anchor > stamp && g.anchor.physical_ms() < ms.saturating_add(ttl)
+                })
+            };
+            let home = covering.or_else(next).map(|i| &mut gens[i]);
+            let g = match home {
+                Some(g) => g,
+                None => {
+                    if orphan_gens.last().is_none_or(|g| !g.covers_ms(ms)) {
+                        orphan_gens.push(new_generation(stamp, ttl));
+                    }
+                    orphan_gens.last_mut().expect("pushed")
                 }
+            };
+            g.stamps.push(stamp);
+            g.orphans.insert(stamp);
+        }
+        if !orphan_gens.is_empty() {
+            gens.extend(orphan_gens);
+            gens.sort_by_key(|g| g.anchor);
+        }
+        let mut gen_of: BTreeMap<Stamp, usize> = BTreeMap::new();
+        for (i, g) in gens.iter_mut().enumerate() {
+            g.stamps.sort_unstable();
+            for s in &g.stamps {
+                gen_of.insert(*s, i);
             }
         }
         // Takeovers in force.

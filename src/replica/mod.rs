@@ -881,6 +881,15 @@ impl Replica {
             Message::LookupReply(r) => self.on_lookup_reply(store, now_ms, peer, r),
             Message::SnapshotRequest(r) => self.serve_snapshot(store, now_ms, peer, r),
             Message::SnapshotChunk(c) => self.on_snapshot_chunk(store, now_ms, peer, c),
+            // A retirement of a region outside the cluster would hold stability back for ever.
+            Message::Retired(r)
+                if r.region != self.region && !self.peers.contains_key(&r.region) =>
+            {
+                self.violation(
+                    peer,
+                    format!("retirement of {}, not in the cluster", r.region),
+                );
+            }
             Message::Retired(r) => match store.retire_from_peer(r.region, r.last_seq) {
                 Ok(p) if *p.peek() => self.events.push_back(Event::Retired {
                     peer,

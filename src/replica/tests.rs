@@ -1295,3 +1295,27 @@ fn retirements_go_out_before_each_digest() {
         .expect("a digest round");
     assert!(at > 0 && kinds[at - 1] == "retired", "{kinds:?}");
 }
+
+#[test]
+fn a_retirement_of_a_region_outside_the_cluster_is_refused() {
+    let mut net = Net::new(&["a", "b"], |_| {});
+    net.connect_all();
+    let now = net.now;
+    let r = net.region("b");
+    r.replica.receive(
+        &r.store,
+        now,
+        rid("a"),
+        Message::Retired(wire::Retired {
+            region: rid("nobody"),
+            last_seq: crate::store::SEQ_MAX,
+        }),
+    );
+    net.pump();
+    let b = net.region("b");
+    assert!(b.store.retirements().0.is_empty());
+    assert!(b
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::ProtocolViolation { what, .. } if what.contains("nobody"))));
+}

@@ -87,6 +87,19 @@ pub enum LogEntry {
         /// Its last sequence number that counts.
         last_seq: u64,
     },
+    /// Written before a segment is deleted (see the store's `gc` module): what the deleted
+    /// segments held that recovery still needs.
+    Floor {
+        /// Per origin (this region's own included), every number up to here is held in effect
+        /// and no longer served.
+        marks: Vec<(RegionId, u64)>,
+        /// The clock's reservation when it was written (Unix ms).
+        reservation_ms: u64,
+        /// The largest hlc value issued or seen when it was written.
+        max_hlc: u64,
+        /// Every retirement, joined.
+        retired: Vec<(RegionId, u64)>,
+    },
 }
 
 /// Why an entry could not be encoded.

@@ -177,15 +177,23 @@ pub enum StoreError {
     /// A region cannot retire itself: retire it at a surviving region.
     #[error("a region cannot retire itself; retire it at a surviving region")]
     RetireSelf,
-    /// A retirement asked to count numbers of a region's log this region does not hold.
-    #[error("cannot retire {region} at seq {last_seq}: this region holds its log up to {held}; retire it at the region that holds the most")]
-    RetireBeyondHeld {
+    /// A retirement must name exactly the contiguous prefix of the region's log held here.
+    #[error("cannot retire {region} at seq {last_seq}: this region holds its log up to {held}, the number to retire it at; retire it at the region that holds the most")]
+    RetireNotAtMark {
         /// The region.
         region: RegionId,
         /// The number asked.
         last_seq: u64,
         /// The contiguous prefix of its log held here.
         held: u64,
+    },
+    /// The region was retired already, at another number: a retirement is written once.
+    #[error("{region} is retired already, at seq {last_seq}")]
+    RetireAgain {
+        /// The region.
+        region: RegionId,
+        /// The number it was retired at.
+        last_seq: u64,
     },
 }
 

@@ -36,6 +36,7 @@ pub mod decide;
 mod encode;
 pub mod entry;
 pub mod error;
+mod gc;
 mod hint;
 pub mod index;
 mod lifecycle;
@@ -62,6 +63,7 @@ use crate::record::{
 use entry::LogEntry;
 pub use entry::Mutation;
 pub use error::{StoreError, Unavailable};
+pub use gc::{Collected, KeptBecause};
 use index::{IndexEntry, IndexMap};
 use log::{AppendClass, Loc, Log, LogConfig, LogError, Lsn, Space};
 pub use policy::{
@@ -313,6 +315,11 @@ pub struct Store<S: Storage> {
     /// A peer reported this region retired: no new claims, for good.
     retired_here: AtomicBool,
     fenced: AtomicBool,
+    /// One garbage collection at a time; when it first saw each segment sealed (Unix ms).
+    gc: Mutex<BTreeMap<storage::SegmentId, u64>>,
+    /// Held for reading by readers that follow a chain without holding its key's index entry;
+    /// taken for writing only while a segment is deleted.
+    gc_gate: std::sync::RwLock<()>,
     stats: StoreStats,
     recovered_from: (usize, usize),
 }
@@ -385,6 +392,8 @@ impl<S: Storage> Store<S> {
             any_retired: AtomicBool::new(false),
             retired_here: AtomicBool::new(false),
             fenced: AtomicBool::new(false),
+            gc: Mutex::new(BTreeMap::new()),
+            gc_gate: std::sync::RwLock::new(()),
             stats: StoreStats::default(),
             recovered_from: (recovered.hinted_segments, recovered.scanned_segments),
         };
@@ -424,7 +433,14 @@ impl<S: Storage> Store<S> {
     /// the next restart skip decoding the segment). The daemon calls this after the log rolls;
     /// recovery does it for segments it had to decode. Returns how many were written.
     pub fn write_hints(&self) -> Result<usize, StoreError> {
+        let _gate = self.gc_read();
         recovery::write_missing_hints(&self.log)
+    }
+
+    /// Holds off segment deletion (see `gc`) while a reader follows chains or scans segments
+    /// without holding the keys' index entries.
+    fn gc_read(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.gc_gate.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Bytes of disk promised to granted claims' completions and not yet returned.

@@ -41,6 +41,11 @@ struct State<'a> {
 }
 
 impl State<'_> {
+    fn retire(&mut self, region: RegionId, last_seq: u64) {
+        let r = self.out.retired.entry(region).or_insert(last_seq);
+        *r = (*r).max(last_seq);
+    }
+
     fn apply(&mut self, effect: &Effect) {
         match effect {
             Effect::Record {
@@ -81,9 +86,30 @@ impl State<'_> {
                     }
                 }
             }
-            Effect::Retire { region, last_seq } => {
-                let r = self.out.retired.entry(*region).or_insert(*last_seq);
-                *r = (*r).max(*last_seq);
+            Effect::Retire { region, last_seq } => self.retire(*region, *last_seq),
+            Effect::Floor {
+                marks,
+                reservation_ms,
+                max_hlc,
+                retired,
+            } => {
+                for (origin, mark) in marks {
+                    let out = &mut self.out;
+                    if *origin == self.region {
+                        // Numbers up to the mark were issued: never again.
+                        out.next_seq = out.next_seq.max(mark.saturating_add(1));
+                        let f = out.replication.adopted.entry(*origin).or_insert(0);
+                        *f = (*f).max(*mark);
+                    } else {
+                        out.replication.adopt(*origin, *mark, None);
+                    }
+                }
+                let r = &mut self.out.reservation_ms;
+                *r = Some(r.unwrap_or(0).max(*reservation_ms));
+                self.out.max_hlc = self.out.max_hlc.max(*max_hlc);
+                for (region, last_seq) in retired {
+                    self.retire(*region, *last_seq);
+                }
             }
         }
     }

@@ -601,6 +601,8 @@ impl<S: Storage> Store<S> {
     ) -> Result<Vec<Mutation>, StoreError> {
         let from_seq = from_seq.max(1);
         let until = from_seq.saturating_add(max as u64);
+        // No segment is deleted while this scans (see `gc`).
+        let _gate = self.gc_read();
         let start = {
             let repl = lock(&self.replication);
             // Numbers adopted from a snapshot are held in effect only.
@@ -614,19 +616,7 @@ impl<S: Storage> Store<S> {
             let Some(buckets) = repl.buckets.get(&origin) else {
                 return Ok(Vec::new());
             };
-            // A bucket is past retention when it, and the bucket after it (written later, so
-            // no older than any of its entries), were last written before the horizon. Local
-            // buckets record only their first entry's time, hence the look at the next one.
-            let horizon = now_ms.saturating_sub(self.log_retention_ms);
-            let times: Vec<(u64, u64)> = buckets.iter().map(|(b, (_, ms))| (*b, *ms)).collect();
-            let first_retained = times
-                .iter()
-                .enumerate()
-                .find(|(i, (_, ms))| {
-                    *ms >= horizon || times.get(i + 1).is_none_or(|(_, next)| *next >= horizon)
-                })
-                .map(|(_, (b, _))| (b * repl.bucket_seqs).max(1));
-            if let Some(first_retained) = first_retained {
+            if let Some(first_retained) = self.first_retained(&repl, origin, now_ms) {
                 if from_seq < first_retained {
                     return Err(StoreError::LogTruncated {
                         origin,
@@ -672,6 +662,29 @@ impl<S: Storage> Store<S> {
         Ok(out.into_values().collect())
     }
 
+    /// The first number of `origin`'s log still within the retention at `now_ms`, if any
+    /// bucket of it is (`None`: every number held is past it). A bucket is past retention
+    /// when it, and the bucket after it (written later, so no older than any of its entries),
+    /// were last written before the horizon. Local buckets record only their first entry's
+    /// time, hence the look at the next one.
+    pub(super) fn first_retained(
+        &self,
+        repl: &Replication,
+        origin: RegionId,
+        now_ms: u64,
+    ) -> Option<u64> {
+        let buckets = repl.buckets.get(&origin)?;
+        let horizon = now_ms.saturating_sub(self.log_retention_ms);
+        let times: Vec<(u64, u64)> = buckets.iter().map(|(b, (_, ms))| (*b, *ms)).collect();
+        times
+            .iter()
+            .enumerate()
+            .find(|(i, (_, ms))| {
+                *ms >= horizon || times.get(i + 1).is_none_or(|(_, next)| *next >= horizon)
+            })
+            .map(|(_, (b, _))| (b * repl.bucket_seqs).max(1))
+    }
+
     /// One chunk of a key-ordered snapshot stream: up to `max_keys` records with digests after
     /// `after`, in digest order. Resumable: pass the returned `next` back in. Like any answer,
     /// it may leave the process only once durable (it may hold entries just appended).
@@ -681,6 +694,8 @@ impl<S: Storage> Store<S> {
         max_keys: usize,
     ) -> Result<Pending<SnapshotChunk>, StoreError> {
         let max_keys = max_keys.max(1);
+        // Chains are read outside their index entries' locks: no segment may go meanwhile.
+        let _gate = self.gc_read();
         let shards = self.index.shards().len();
         let mut shard = after.map_or(0, |d| index::shard_of(&self.index, &d));
         let mut records = Vec::new();

@@ -9,9 +9,11 @@
 //!
 //! Two retirements of one region join by the larger `last_seq`: it orphans fewer claims, so a
 //! claim some region already counted is never orphaned by a later, smaller one, and every
-//! region ends with the same set. Locally, `last_seq` may not exceed the contiguous prefix of
-//! the region's log held here (numbers nobody holds would hold stability back for ever): retire
-//! at the survivor that holds the most of it. Claims other survivors hold above that number
+//! region ends with the same set (two operators retiring one region at two regions is the one
+//! way to get there: retire at one region only). Locally, `last_seq` must be the contiguous
+//! prefix of the region's log held here (numbers nobody holds would hold stability back for
+//! ever; fewer would orphan claims this region holds), and a retirement is written once:
+//! retire at the survivor that holds the most of it. Claims other survivors hold above that number
 //! become orphans even if they replayed them: the number is the operator's to choose well
 //! (the simulator's operator takes the largest mark of any survivor, and then no claim a
 //! survivor held when the region was lost is orphaned). Regions never raise a retirement
@@ -35,13 +37,14 @@ use crate::record::Retirements;
 /// No region retired: what readers see until the first retirement.
 static NONE: Retirements = Retirements(BTreeMap::new());
 
-/// The store's retirements: the joined facts, and the log position each was last raised at.
+/// The store's retirements: the joined facts, and each entry that raised one.
 #[derive(Debug, Default)]
 pub(super) struct RetiredState {
     /// Every retirement appended here (durable or not), for decisions.
     pub(super) all: Arc<Retirements>,
-    /// Per region, the lsn of the entry that set its current `last_seq`.
-    lsn: BTreeMap<RegionId, Lsn>,
+    /// Per region, (lsn, last_seq) of each entry that raised it, in log order: the durable
+    /// value is the last one at or below the durable lsn.
+    raised: BTreeMap<RegionId, Vec<(Lsn, u64)>>,
 }
 
 impl RetiredState {
@@ -51,8 +54,23 @@ impl RetiredState {
             return false;
         }
         Arc::make_mut(&mut self.all).0.insert(region, last_seq);
-        self.lsn.insert(region, lsn);
+        self.raised.entry(region).or_default().push((lsn, last_seq));
         true
+    }
+
+    /// The retirements durable at `durable_lsn`.
+    fn durable(&self, durable_lsn: Lsn) -> Retirements {
+        Retirements(
+            self.raised
+                .iter()
+                .filter_map(|(region, v)| {
+                    v.iter()
+                        .rev()
+                        .find(|(lsn, _)| *lsn <= durable_lsn)
+                        .map(|(_, last)| (*region, *last))
+                })
+                .collect(),
+        )
     }
 }
 
@@ -91,16 +109,7 @@ impl<S: Storage> Store<S> {
 
     /// The retirements that are durable here: what the replica tells its peers.
     pub fn durable_retirements(&self) -> Retirements {
-        let durable = self.log.durable_lsn();
-        let r = lock(&self.retired);
-        Retirements(
-            r.all
-                .0
-                .iter()
-                .filter(|(region, _)| r.lsn.get(*region).is_some_and(|l| *l <= durable))
-                .map(|(region, last)| (*region, *last))
-                .collect(),
-        )
+        lock(&self.retired).durable(self.log.durable_lsn())
     }
 
     /// Whether a peer told this region that it was itself retired: it grants no new claim.
@@ -109,18 +118,34 @@ impl<S: Storage> Store<S> {
     }
 
     /// Retires `region`, lost for good: its log counts up to `last_seq`, its later claims are
-    /// orphans and stability stops waiting for it. For the operator, at a surviving region.
-    /// Refused for this region itself and for a `last_seq` beyond the contiguous prefix of
-    /// `region`'s log held here ([`StoreError::RetireBeyondHeld`]: retire at the region that
-    /// holds the most). Returns whether it changed anything; like every answer, it counts once
-    /// the log is durable up to the returned lsn.
+    /// orphans and stability stops waiting for it. For the operator, once, at the surviving
+    /// region that holds the most of the lost region's log. `last_seq` must be exactly the
+    /// contiguous prefix of that log held here ([`StoreError::RetireNotAtMark`] says it): a
+    /// smaller number would orphan claims this region holds, which may already have won
+    /// here, and a larger one names numbers nobody may hold. A region retired already is
+    /// refused ([`StoreError::RetireAgain`]) unless at the same number (then nothing
+    /// changes): raising a retirement would turn orphans whose items were shown actionable
+    /// back into claims. Returns whether it changed anything; like every answer, it counts
+    /// once the log is durable up to the returned lsn.
     pub fn retire(&self, region: RegionId, last_seq: u64) -> Result<Pending<bool>, StoreError> {
         if region == self.region {
             return Err(StoreError::RetireSelf);
         }
+        if let Some(existing) = self.retired_view().0.get(&region).copied() {
+            if existing == last_seq {
+                return Ok(Pending {
+                    lsn: 0,
+                    value: false,
+                });
+            }
+            return Err(StoreError::RetireAgain {
+                region,
+                last_seq: existing,
+            });
+        }
         let held = self.marks().get(&region).copied().unwrap_or(0);
-        if last_seq > held {
-            return Err(StoreError::RetireBeyondHeld {
+        if last_seq != held {
+            return Err(StoreError::RetireNotAtMark {
                 region,
                 last_seq,
                 held,

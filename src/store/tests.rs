@@ -1437,15 +1437,17 @@ fn a_retirement_is_checked_joined_by_its_largest_number_and_survives_restart() {
             s.retire(region("a"), 1),
             Err(StoreError::RetireSelf)
         ));
-        assert!(matches!(
-            s.retire(l, 4),
-            Err(StoreError::RetireBeyondHeld { held: 3, .. })
-        ));
-        let p = s.retire(l, 2).unwrap();
+        for wrong in [2, 4] {
+            assert!(matches!(
+                s.retire(l, wrong),
+                Err(StoreError::RetireNotAtMark { held: 3, .. })
+            ));
+        }
+        let p = s.retire(l, 3).unwrap();
         assert!(p.value, "a new retirement");
         assert_eq!(
             s.retirements().0.get(&l),
-            Some(&2),
+            Some(&3),
             "decisions see it at once"
         );
         assert!(
@@ -1453,17 +1455,28 @@ fn a_retirement_is_checked_joined_by_its_largest_number_and_survives_restart() {
             "peers hear of it only once durable"
         );
         s.wait(p).unwrap();
-        assert_eq!(s.durable_retirements().0.get(&l), Some(&2));
+        assert_eq!(s.durable_retirements().0.get(&l), Some(&3));
         assert!(
-            !s.wait(s.retire(l, 1).unwrap()).unwrap(),
-            "smaller: no change"
+            !s.wait(s.retire(l, 3).unwrap()).unwrap(),
+            "again: no change"
         );
-        assert!(s.wait(s.retire(l, 3).unwrap()).unwrap(), "larger: raised");
+        merge(&s, T0, peer_claim("l", 4, "k4", T0, "x"));
+        assert!(matches!(
+            s.retire(l, 4),
+            Err(StoreError::RetireAgain { last_seq: 3, .. })
+        ));
+        // A peer's larger retirement joins in (another operator at another region); the
+        // durable view keeps the smaller one until the larger is durable.
+        let p = s.retire_from_peer(l, 4).unwrap();
+        assert!(p.value);
+        assert_eq!(s.durable_retirements().0.get(&l), Some(&3));
+        s.wait(p).unwrap();
+        assert_eq!(s.durable_retirements().0.get(&l), Some(&4));
         assert!(!s.is_retired_here());
     }
     let s = open(&disk, T0 + 1_000);
-    assert_eq!(s.retirements().0.get(&l), Some(&3), "recovered");
-    assert_eq!(s.durable_retirements().0.get(&l), Some(&3));
+    assert_eq!(s.retirements().0.get(&l), Some(&4), "recovered");
+    assert_eq!(s.durable_retirements().0.get(&l), Some(&4));
 }
 
 #[test]
@@ -1585,4 +1598,242 @@ fn retiring_a_lost_region_lets_stability_advance() {
     );
     s.note_peer_digest(b, &[holding("a", own), holding("b", 1), holding("l", 2)]);
     assert!(s.advance_stability(&peers).unwrap() >= l2_at);
+}
+
+fn gc_config() -> StoreConfig {
+    let mut cfg = config("a");
+    cfg.log.segment_bytes = 8 << 10;
+    cfg.log.max_payload_bytes = 4 << 10;
+    cfg.log.reserve_bytes = 1 << 10;
+    cfg.namespaces[0].outcome_bytes_max = 1 << 10;
+    cfg.namespaces[0].ttl_ms = 2_000;
+    cfg.namespaces[0].lease_ms = 1_000;
+    cfg.namespaces[0].lease_max_ms = 2_000;
+    cfg.log_retention_ms = 1_000;
+    cfg.log_bucket_seqs = 4;
+    cfg
+}
+
+/// Collects until the oldest segment must stay; returns what was deleted and why it stopped.
+fn collect_all(s: &Store<MemStorage>, now: u64) -> (Vec<Collected>, KeptBecause) {
+    let mut done = Vec::new();
+    loop {
+        match s.collect_garbage(now).unwrap() {
+            Collected::Kept(why) => return (done, why),
+            d => done.push(d),
+        }
+    }
+}
+
+#[test]
+fn garbage_collection_drops_dead_keys_copies_live_ones_and_survives_restart() {
+    let disk = MemStorage::new();
+    let cfg = gc_config();
+    let own = region("a");
+    let (dup_mine, dup_theirs);
+    {
+        let s = Store::open(disk.clone(), cfg.clone(), T0).unwrap();
+        // A duplicate execution across regions: an open item keeps its record alive (copied
+        // forward when its segment goes).
+        dup_mine = execute(&s, T0, &req("dup", "x", 1));
+        complete(&s, T0, "dup", dup_mine, "mine");
+        let theirs = peer_claim("b", 1, "dup", T0 + 1, "x");
+        dup_theirs = theirs.delta.stamp();
+        merge(&s, T0 + 1, theirs);
+        merge(&s, T0 + 1, peer_finish("b", 2, "dup", dup_theirs, "theirs"));
+        // b's log goes on (its last bucket is always served).
+        for seq in 3..=12 {
+            merge(
+                &s,
+                T0 + 2,
+                peer_claim("b", seq, &format!("b{seq}"), T0 + 2, "x"),
+            );
+        }
+        for i in 0..60 {
+            let k = format!("old{i}");
+            let c = execute(&s, T0 + i, &req(&k, "x", i as u128));
+            complete(&s, T0 + i, &k, c, "done");
+        }
+        // Recent keys, not expired when collection runs.
+        let later = T0 + 19_000;
+        for i in 0..60 {
+            let k = format!("new{i}");
+            let c = execute(&s, later + i, &req(&k, "x", 1_000 + i as u128));
+            complete(&s, later + i, &k, c, "done");
+        }
+        let now = T0 + 20_000;
+        assert!(
+            s.advance_stability(&[]).is_some(),
+            "alone: everything stable"
+        );
+        let segments_before = disk.list().unwrap().len();
+        // Sealed segments wait one retention from when the collector first sees them.
+        assert!(matches!(
+            s.collect_garbage(now).unwrap(),
+            Collected::Kept(KeptBecause::WithinRetention { .. })
+        ));
+        let now = now + cfg.log_retention_ms;
+        let (done, why) = collect_all(&s, now);
+        assert!(!done.is_empty(), "{done:?}, then {why:?}");
+        let copied: usize = done
+            .iter()
+            .map(|d| match d {
+                Collected::Deleted { copied, .. } => *copied,
+                _ => 0,
+            })
+            .sum();
+        assert!(copied >= 1, "dup copied forward: {done:?}");
+        assert!(
+            matches!(why, KeptBecause::WithinRetention { .. }),
+            "stopped at a segment sealed since: {why:?}"
+        );
+        let dropped: usize = done
+            .iter()
+            .map(|d| match d {
+                Collected::Deleted { dropped, .. } => *dropped,
+                _ => 0,
+            })
+            .sum();
+        assert!(dropped >= 20, "expired keys dropped: {done:?}");
+        assert!(disk.list().unwrap().len() < segments_before);
+        // What was dropped is gone; what lives is read back whole.
+        let view = |s: &Store<MemStorage>, k: &str| s.wait(s.read(now, &key(k)).unwrap()).unwrap();
+        assert!(view(&s, "old0").is_none(), "expired and item-free: dropped");
+        let dup = view(&s, "dup").expect("an open item keeps its record");
+        assert_eq!(dup.items.len(), 1);
+        assert_eq!(dup.items[0].claim, dup_theirs);
+        assert!(view(&s, "new0").is_some());
+        // Numbers in deleted segments are no longer served.
+        assert!(matches!(
+            s.log_from(now, own, 1, 10),
+            Err(StoreError::LogTruncated { .. })
+        ));
+        assert!(matches!(
+            s.log_from(now, region("b"), 1, 10),
+            Err(StoreError::LogTruncated { .. })
+        ));
+    }
+    // After a restart: the same keys, the same marks, and numbering goes on (no number is
+    // issued twice).
+    let s = Store::open(disk.clone(), cfg.clone(), T0 + 21_000).unwrap();
+    let now = T0 + 21_000;
+    let read = |k: &str| s.wait(s.read(now, &key(k)).unwrap()).unwrap();
+    assert!(read("old0").is_none());
+    let dup = read("dup").expect("dup survives");
+    assert_eq!(dup.items[0].claim, dup_theirs);
+    assert!(dup.record.claim(&dup_mine).is_some());
+    assert!(read("new59").is_some());
+    let marks = s.marks();
+    assert_eq!(marks[&region("b")], 12, "b's numbers held in effect");
+    let before = marks[&own];
+    let c = execute(&s, now, &req("after", "x", 7));
+    let after = s
+        .wait(s.read(now, &key("after")).unwrap())
+        .unwrap()
+        .unwrap();
+    let seq = after
+        .record
+        .claim(&c)
+        .unwrap()
+        .facts
+        .as_ref()
+        .unwrap()
+        .origin_seq;
+    assert_eq!(
+        seq,
+        before + 1,
+        "numbering continues after the deleted segments"
+    );
+}
+
+#[test]
+fn garbage_collection_keeps_a_segment_holding_numbers_above_the_mark() {
+    let s = Store::open(MemStorage::new(), gc_config(), T0).unwrap();
+    // b's number 5 arrives before 1-4: held out of order.
+    merge(&s, T0, peer_claim("b", 5, "early", T0, "x"));
+    for i in 0..80 {
+        let k = format!("k{i}");
+        let c = execute(&s, T0 + i, &req(&k, "x", i as u128));
+        complete(&s, T0 + i, &k, c, "done");
+    }
+    s.advance_stability(&[]);
+    s.collect_garbage(T0 + 20_000).unwrap();
+    match s.collect_garbage(T0 + 21_000).unwrap() {
+        Collected::Kept(KeptBecause::AboveMark { origin, seq, .. }) => {
+            assert_eq!((origin, seq), (region("b"), 5))
+        }
+        other => panic!("{other:?}"),
+    }
+    for seq in (1..=4).chain(6..=12) {
+        merge(
+            &s,
+            T0 + 1,
+            peer_claim("b", seq, &format!("b{seq}"), T0, "x"),
+        );
+    }
+    assert!(matches!(
+        s.collect_garbage(T0 + 21_000).unwrap(),
+        Collected::Deleted { .. }
+    ));
+}
+
+fn claim_with_ttl(origin: &str, seq: u64, k: &str, ms: u64, fp: &str, ttl: u64) -> Mutation {
+    let mut m = peer_claim(origin, seq, k, ms, fp);
+    if let Delta::Claim { facts, .. } = &mut m.delta {
+        facts.ttl_ms = ttl;
+        facts.lease_ms = 1_000;
+    }
+    m
+}
+
+#[test]
+fn a_late_orphan_never_moves_a_stable_key_to_another_generation() {
+    // Found by review: orphans used to anchor generations, so one arriving late could split
+    // a generation and take an item already shown as actionable away.
+    let s = open(&MemStorage::new(), T0);
+    let (b, c, l) = (region("b"), region("c"), region("l"));
+    let peers = [b, c, l];
+    let ttl = 100_000;
+    let now = T0 + 300_000;
+    // W: b's claim at +30 s, completed; Y: c's claim at +110 s, in W's generation, completed.
+    let w = claim_with_ttl("b", 1, "k", T0 + 30_000, "w", ttl);
+    let ws = w.delta.stamp();
+    merge(&s, now, w);
+    merge(&s, now, peer_finish("b", 2, "k", ws, "w done"));
+    let y = claim_with_ttl("c", 1, "k", T0 + 110_000, "y", ttl);
+    let ys = y.delta.stamp();
+    merge(&s, now, y);
+    merge(&s, now, peer_finish("c", 2, "k", ys, "y done"));
+    // l was cut off before anything of it reached anyone: the operator retires it at 0.
+    s.wait(s.retire(l, 0).unwrap()).unwrap();
+    let stable_items = |s: &Store<MemStorage>| {
+        let own = s.marks()[&region("a")];
+        for p in [b, c] {
+            s.note_peer_digest(p, &[holding("a", own), holding("b", 2), holding("c", 2)]);
+        }
+        s.advance_stability(&peers).expect("stable");
+        let v = s.wait(s.read(now, &key("k")).unwrap()).unwrap().unwrap();
+        v.items
+            .iter()
+            .map(|i| (i.claim, i.kind, i.winner, i.actionable))
+            .collect::<Vec<_>>()
+    };
+    let before = stable_items(&s);
+    assert_eq!(
+        before,
+        vec![(ys, crate::record::ItemKind::KeyReuse, Some(ws), true)]
+    );
+    // l's claim stamped at +0 s arrives when l rejoins: an orphan, in no generation of its own
+    // that could move y out of w's.
+    let o = claim_with_ttl("l", 1, "k", T0, "o", ttl);
+    let os = o.delta.stamp();
+    merge(&s, now, o);
+    let after = stable_items(&s);
+    assert!(after.contains(&before[0]), "{after:?}");
+    assert!(
+        after
+            .iter()
+            .any(|(s, k, _, _)| *s == os && *k == crate::record::ItemKind::Orphan),
+        "{after:?}"
+    );
 }
