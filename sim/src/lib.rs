@@ -138,6 +138,8 @@ pub struct Counts {
     /// Regions an operator took for lost and retired while they were only cut off: they
     /// rejoin, and their claims after the retirement are orphans.
     pub zombies: u64,
+    /// Log segments deleted by garbage collection.
+    pub segments_deleted: u64,
 }
 
 impl Counts {
@@ -182,6 +184,7 @@ impl Counts {
         self.lost_with_region += o.lost_with_region;
         self.finishes_lost_with_region += o.finishes_lost_with_region;
         self.zombies += o.zombies;
+        self.segments_deleted += o.segments_deleted;
     }
 }
 

@@ -136,7 +136,7 @@ fn main() -> ExitCode {
             sim_ms as f64 / 1000.0 / wall
         );
         println!(
-            "exercised: duplicates {}, key reuses {}, verify items {}, takeovers {}, late completions {}, crashes {}, torn writes {}, partitions {}, clock fences {}, snapshot catch-ups {}, failover lookups {}, lookups on miss {}, regions lost {} (of which only cut off {}; retired {}, orphans {}, side effects lost with them {}, completions or releases lost with them {})",
+            "exercised: duplicates {}, key reuses {}, verify items {}, takeovers {}, late completions {}, crashes {}, torn writes {}, partitions {}, clock fences {}, snapshot catch-ups {}, failover lookups {}, lookups on miss {}, regions lost {} (of which only cut off {}; retired {}, orphans {}, side effects lost with them {}, completions or releases lost with them {}), segments deleted {}",
             totals.duplicates,
             totals.key_reuses,
             totals.verify_items,
@@ -154,7 +154,8 @@ fn main() -> ExitCode {
             totals.retirements,
             totals.orphans,
             totals.lost_with_region,
-            totals.finishes_lost_with_region
+            totals.finishes_lost_with_region,
+            totals.segments_deleted
         );
         println!("seeds: {n}, failed: {failed}, violations: {violations}");
     }

@@ -15,7 +15,8 @@ use idem::record::{
 use idem::replica::{Event, Replica, ReplicaConfig};
 use idem::store::storage::MemStorage;
 use idem::store::{
-    ClaimRequest, Completion, Decision, Pending, Store, StoreConfig, StoreError, Unavailable,
+    ClaimRequest, Collected, Completion, Decision, Pending, Store, StoreConfig, StoreError,
+    Unavailable,
 };
 use idem::wire::frame::{self, FrameDecoder};
 use idem::wire::ClusterId;
@@ -33,6 +34,8 @@ const NAMESPACE: &str = "payments";
 const TICK_MS: u64 = 5;
 /// Gaps per origin compared when checking that regions converged.
 const HOLDING_GAPS: usize = 16;
+/// How often each region runs garbage collection, ms.
+const GC_EVERY_MS: u64 = 250;
 /// The replica's timers run this long after each flush.
 const REPLICA_OFFSET_MS: u64 = 2;
 /// Clients move to a fresh key space this often, ms.
@@ -256,6 +259,14 @@ fn store_config(id: RegionId, faults: &Faults) -> StoreConfig {
     }
     // Fine-grained retention, so that a short retention truncates within a run.
     cfg.log_bucket_seqs = 16;
+    // Small segments, so the log rolls and garbage collection deletes segments within a run
+    // (when the retention is short).
+    cfg.log.segment_bytes = 32 << 10;
+    cfg.log.max_payload_bytes = 16 << 10;
+    cfg.log.reserve_bytes = 4 << 10;
+    for ns in &mut cfg.namespaces {
+        ns.outcome_bytes_max = 1 << 10;
+    }
     cfg
 }
 
@@ -545,6 +556,9 @@ impl World {
                 self.regions[i].store.flush().expect("in-memory flush");
                 self.answer(i);
                 self.check_retirement(i);
+                if (self.now - T0) % GC_EVERY_MS < TICK_MS {
+                    self.collect_garbage(i);
+                }
                 self.at(self.now + TICK_MS, Ev::Flush(i));
             }
             Ev::Tick(i) => {
@@ -1423,6 +1437,29 @@ impl World {
                         .any(|h| !h.gaps.is_empty() && Some(h.origin) != lost)
             })
             .collect()
+    }
+
+    /// Region `i` collects garbage: deletes its oldest log segment if it can go.
+    fn collect_garbage(&mut self, i: usize) {
+        let now = self.clock(i);
+        match self.regions[i].store.collect_garbage(now) {
+            Ok(Collected::Deleted {
+                segment,
+                dropped,
+                copied,
+            }) => {
+                self.counts.segments_deleted += 1;
+                self.note(format!(
+                    "r{i} deleted segment {segment}: {dropped} keys dropped, {copied} copied"
+                ));
+            }
+            Ok(Collected::Kept(_)) => {}
+            Err(e) => self.oracle.violations.push(Violation {
+                check: "E3",
+                key: None,
+                detail: format!("region {i} failed to collect garbage: {e}"),
+            }),
+        }
     }
 
     /// Region `i` is lost for good, with its disk: its connections die (what it had sent is

@@ -72,6 +72,14 @@ pub enum KeptBecause {
         /// When it may go (Unix ms).
         until_ms: u64,
     },
+    /// A live record in it is too large for one log entry, so it cannot be copied forward
+    /// (only possible when namespaces allow records near the entry size limit).
+    RecordTooLarge {
+        /// The segment.
+        segment: SegmentId,
+        /// The record's key.
+        key: KeyDigest,
+    },
     /// A number in it lies above its origin's contiguous mark here.
     AboveMark {
         /// The segment.
@@ -118,6 +126,8 @@ impl<S: Storage> Store<S> {
                 until_ms,
             }));
         }
+        // The segment after it (sealed or active: the durable end lies beyond it).
+        let next_segment = self.log.segments().get(1).map_or(segment + 1, |s| s.id);
         let contents = self.contents_of(segment)?;
         if let Some(keep) = self.above_mark(segment, &contents.numbered) {
             return Ok(Collected::Kept(keep));
@@ -156,6 +166,13 @@ impl<S: Storage> Store<S> {
                 }
                 Err(err) => {
                     e.hot = hot(record);
+                    if let StoreError::Encode(entry::EncodeError::TooLarge(_)) = err {
+                        // What was copied so far stays copied; the segment stays too.
+                        return Ok(Collected::Kept(KeptBecause::RecordTooLarge {
+                            segment,
+                            key: *digest,
+                        }));
+                    }
                     return Err(err);
                 }
             }
@@ -173,8 +190,18 @@ impl<S: Storage> Store<S> {
                     repl.adopt(*origin, *seq, None);
                 }
             }
+            // A bucket whose first entry was there may have later ones past it: scans of it
+            // start where the next segment does.
+            let next = Loc {
+                segment: next_segment,
+                offset: 0,
+            };
             for buckets in repl.buckets.values_mut() {
-                buckets.retain(|_, (loc, _)| loc.segment > segment);
+                for (loc, _) in buckets.values_mut() {
+                    if loc.segment <= segment {
+                        *loc = next;
+                    }
+                }
             }
         }
         let _no_readers = self.gc_gate.write().unwrap_or_else(|p| p.into_inner());

@@ -1712,6 +1712,21 @@ fn garbage_collection_drops_dead_keys_copies_live_ones_and_survives_restart() {
             s.log_from(now, region("b"), 1, 10),
             Err(StoreError::LogTruncated { .. })
         ));
+        // Every number above the floor is still served, even from a bucket that began in a
+        // deleted segment (the simulator found them unserved once).
+        let mut first_retained = 1;
+        let served = loop {
+            match s.log_from(now, own, first_retained, 10_000) {
+                Ok(v) => break v,
+                Err(StoreError::LogTruncated {
+                    first_retained: f, ..
+                }) if f > first_retained => first_retained = f,
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let head = s.marks()[&own];
+        let seqs: Vec<u64> = served.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, (first_retained..=head).collect::<Vec<_>>());
     }
     // After a restart: the same keys, the same marks, and numbering goes on (no number is
     // issued twice).
@@ -1836,4 +1851,36 @@ fn a_late_orphan_never_moves_a_stable_key_to_another_generation() {
             .any(|(s, k, _, _)| *s == os && *k == crate::record::ItemKind::Orphan),
         "{after:?}"
     );
+}
+
+#[test]
+fn after_a_segment_is_deleted_the_numbers_past_it_are_still_served() {
+    // One bucket of numbers spans many segments: it began in the segment deleted.
+    let mut cfg = gc_config();
+    cfg.log_bucket_seqs = 1024;
+    let s = Store::open(MemStorage::new(), cfg, T0).unwrap();
+    let own = region("a");
+    for i in 0..80 {
+        let k = format!("k{i}");
+        let c = execute(&s, T0 + i, &req(&k, "x", i as u128));
+        complete(&s, T0 + i, &k, c, "done");
+    }
+    s.collect_garbage(T0 + 10_000).unwrap();
+    assert!(matches!(
+        s.collect_garbage(T0 + 12_000).unwrap(),
+        Collected::Deleted { .. }
+    ));
+    let Err(StoreError::LogTruncated { first_retained, .. }) = s.log_from(T0 + 12_000, own, 1, 10)
+    else {
+        panic!("the deleted numbers are no longer served")
+    };
+    let head = s.marks()[&own];
+    assert!(first_retained > 1 && first_retained <= head);
+    let served: Vec<u64> = s
+        .log_from(T0 + 12_000, own, first_retained, 10_000)
+        .unwrap()
+        .iter()
+        .map(|m| m.seq)
+        .collect();
+    assert_eq!(served, (first_retained..=head).collect::<Vec<_>>());
 }
