@@ -83,6 +83,9 @@ pub struct Oracle {
     pub actionable: BTreeMap<(u64, Stamp, usize), (u64, Option<Stamp>)>,
     /// Violations found so far.
     pub violations: Vec<Violation>,
+    /// Outcomes whose acknowledged completion was lost with its region: replays of them before
+    /// the loss were not invented.
+    lost_outcomes: Vec<(u64, Outcome)>,
     /// S10 findings, with the claim replayed first and whether the finding may be excused:
     /// it stands unless that claim turns out an orphan and the region that replayed it had
     /// not heard of the retirement then (a region cut off and retired replays its own claims
@@ -289,10 +292,14 @@ impl Oracle {
     /// A claim's acknowledged completion or release was lost with its region (never shipped
     /// before the region was lost for good): the claim counts as still in flight.
     pub fn forget_finish(&mut self, key: u64, stamp: &Stamp) {
+        let mut lost = None;
         if let Some(g) = self.grant_mut(key, stamp) {
-            g.completed = None;
+            lost = g.completed.take();
             g.completed_at_ms = None;
             g.released = false;
+        }
+        if let Some(o) = lost {
+            self.lost_outcomes.push((key, o));
         }
     }
 
@@ -383,7 +390,8 @@ impl Oracle {
             let known = self
                 .grants
                 .get(key)
-                .is_some_and(|gs| gs.iter().any(|g| g.completed.as_ref() == Some(outcome)));
+                .is_some_and(|gs| gs.iter().any(|g| g.completed.as_ref() == Some(outcome)))
+                || self.lost_outcomes.contains(&(*key, outcome.clone()));
             if !known {
                 found.push(Violation {
                     check: "S2",

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use idem::clock::{RegionId, Stamp};
 use idem::record::{
-    AttemptToken, ClaimStatus, Fingerprint, ItemKind, Outcome, RecordKey, Terminal,
+    AttemptToken, ClaimStatus, Fingerprint, ItemKind, Outcome, RecordKey, Retirements, Terminal,
 };
 use idem::replica::{Event, Replica, ReplicaConfig};
 use idem::store::storage::MemStorage;
@@ -134,7 +134,8 @@ struct Work {
 
 /// An answer the store gave but has not made durable yet: the client gets it once it is.
 enum Awaiting {
-    Claim(Pending<Decision>),
+    /// With the retirements the region had appended when it decided.
+    Claim(Pending<Decision>, Retirements),
     Complete(Pending<Completion>, Outcome),
     Release(Pending<Completion>),
 }
@@ -975,7 +976,10 @@ impl World {
                     fingerprint: w.fingerprint,
                     attempt: w.attempt,
                 };
-                r.store.claim(now, &req).map(Awaiting::Claim)
+                let retired = r.store.retirements();
+                r.store
+                    .claim(now, &req)
+                    .map(|p| Awaiting::Claim(p, retired))
             }
             Step::Complete => {
                 let claim = w.claim.expect("a won claim");
@@ -1072,7 +1076,7 @@ impl World {
             }
             let store = &self.regions[i].store;
             let lsn = match &cl.awaiting {
-                Some((_, Awaiting::Claim(p))) if p.is_durable(store) => p.lsn(),
+                Some((_, Awaiting::Claim(p, _))) if p.is_durable(store) => p.lsn(),
                 Some((_, Awaiting::Complete(p, _) | Awaiting::Release(p)))
                     if p.is_durable(store) =>
                 {
@@ -1089,9 +1093,9 @@ impl World {
             };
             let store = &self.regions[i].store;
             match a {
-                Awaiting::Claim(p) => match p.try_into_value(store) {
-                    Ok(d) => self.on_claim_answer(c, d),
-                    Err(p) => self.clients[c].awaiting = Some((inc, Awaiting::Claim(p))),
+                Awaiting::Claim(p, retired) => match p.try_into_value(store) {
+                    Ok(d) => self.on_claim_answer(c, d, &retired),
+                    Err(p) => self.clients[c].awaiting = Some((inc, Awaiting::Claim(p, retired))),
                 },
                 Awaiting::Complete(p, o) => match p.try_into_value(store) {
                     Ok(done) => self.on_completed(c, o, done.superseded),
@@ -1105,7 +1109,8 @@ impl World {
         }
     }
 
-    fn on_claim_answer(&mut self, c: usize, d: Decision) {
+    /// `retired`: the retirements the region had appended when it decided.
+    fn on_claim_answer(&mut self, c: usize, d: Decision, retired: &Retirements) {
         let mut w = self.clients[c].work.clone().expect("work");
         let region = w.region;
         match d {
@@ -1195,13 +1200,9 @@ impl World {
             Decision::Replay { outcome, claim, .. } => {
                 self.counts.replays += 1;
                 self.note(format!("c{c} r{region} replay k{} {claim:?}", w.key));
-                // Replaying a claim of a region it knows retired is never excused if that claim
-                // turns out an orphan; one it had not heard of yet may be.
-                let knew = self.regions[region]
-                    .store
-                    .retirements()
-                    .0
-                    .contains_key(&claim.region);
+                // Replaying a claim of a region it knew retired when it decided is never
+                // excused if that claim turns out an orphan; one it had not heard of yet may be.
+                let knew = retired.0.contains_key(&claim.region);
                 self.oracle.replayed(w.key, region, claim, outcome, !knew);
                 self.finish_work(c);
             }
@@ -1339,7 +1340,7 @@ impl World {
             } else {
                 None
             };
-            if let Some((_, Awaiting::Claim(_))) = &lost {
+            if let Some((_, Awaiting::Claim(..))) = &lost {
                 self.find_ghost(i, c);
             }
             if lost.is_some() || lookup.is_some() {
@@ -1484,7 +1485,7 @@ impl World {
             if self.clients[c].work.as_ref().is_none_or(|w| w.region != i) {
                 continue;
             }
-            if let Some((_, Awaiting::Claim(_))) = self.clients[c].awaiting.take() {
+            if let Some((_, Awaiting::Claim(..))) = self.clients[c].awaiting.take() {
                 // Its fate (held by a survivor or lost) is read at the end.
                 self.find_ghost(i, c);
             }
