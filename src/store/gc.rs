@@ -72,15 +72,7 @@ pub enum KeptBecause {
         /// When it may go (Unix ms).
         until_ms: u64,
     },
-    /// A live record in it is too large for one log entry, so it cannot be copied forward
-    /// (only possible when namespaces allow records near the entry size limit).
-    RecordTooLarge {
-        /// The segment.
-        segment: SegmentId,
-        /// The record's key.
-        key: KeyDigest,
-    },
-    /// A number in it lies above its origin's contiguous mark here.
+    /// A number in it lies above its origin's contiguous mark here (the origin not retired).
     AboveMark {
         /// The segment.
         segment: SegmentId,
@@ -138,6 +130,9 @@ impl<S: Storage> Store<S> {
                 continue; // dropped before
             };
             let e = o.get_mut();
+            if !self.chain_reaches(e.loc, segment)? {
+                continue; // its entry there is no longer part of its record
+            }
             let record = self.take_record(e, key)?;
             if e.loc.segment <= segment
                 && self.reducible(now_ms, e.lsn, e.expires_at_ms, key, &record)
@@ -147,42 +142,34 @@ impl<S: Storage> Store<S> {
                 dropped += 1;
                 continue;
             }
-            // Its chain may reach the segment: end it with an image in the active one.
-            let appended = entry::encode(&LogEntry::Image {
-                key: key.clone(),
-                record: (*record).clone(),
-                expires_at_ms: e.expires_at_ms,
-            })
-            .map_err(StoreError::from)
-            .and_then(|b| {
-                self.log
-                    .append(&b, AppendClass::Normal)
-                    .map_err(|err| self.log_error(err))
-            });
-            match appended {
-                Ok((_, loc)) => {
+            match self.copy_forward(e.loc, e.expires_at_ms, key, &record) {
+                Ok(loc) => {
                     e.loc = loc;
+                    e.hot = hot(record);
                     copied += 1;
                 }
                 Err(err) => {
+                    // What was copied so far stays copied (images only cap chains); the
+                    // segment stays.
                     e.hot = hot(record);
-                    if let StoreError::Encode(entry::EncodeError::TooLarge(_)) = err {
-                        // What was copied so far stays copied; the segment stays too.
-                        return Ok(Collected::Kept(KeptBecause::RecordTooLarge {
-                            segment,
-                            key: *digest,
-                        }));
-                    }
                     return Err(err);
                 }
             }
-            e.hot = hot(record);
         }
-        self.write_floor(&contents.numbered)?;
+        // Per origin, the numbers held in effect from now on: up to the largest in the segment,
+        // never past the contiguous mark (a retired region's numbers above a gap that can no
+        // longer be filled are forgotten; their facts live on in the copies).
+        let marks = self.marks();
+        let floors: BTreeMap<RegionId, u64> = contents
+            .numbered
+            .iter()
+            .map(|(o, seq)| (*o, (*seq).min(marks.get(o).copied().unwrap_or(0))))
+            .collect();
+        self.write_floor(&floors)?;
         self.log.flush().map_err(|e| self.log_error(e))?;
         {
             let mut repl = lock(&self.replication);
-            for (origin, seq) in &contents.numbered {
+            for (origin, seq) in &floors {
                 if *origin == self.region {
                     let f = repl.adopted.entry(*origin).or_insert(0);
                     *f = (*f).max(*seq);
@@ -265,8 +252,10 @@ impl<S: Storage> Store<S> {
         numbered: &BTreeMap<RegionId, u64>,
     ) -> Option<KeptBecause> {
         let marks = self.marks();
+        let retired = self.retired_view();
         numbered
             .iter()
+            .filter(|(origin, _)| !retired.0.contains_key(*origin))
             .find(|(origin, seq)| marks.get(*origin).copied().unwrap_or(0) < **seq)
             .map(|(origin, seq)| KeptBecause::AboveMark {
                 segment,
@@ -289,6 +278,14 @@ impl<S: Storage> Store<S> {
         if expires_at_ms.saturating_add(2 * drift) >= now_ms || !self.is_stable(lsn) {
             return false;
         }
+        // No claim may still be running: each finished, or its lease ran out on every clock
+        // (a lease can be extended past its generation's expiry).
+        let running = record.claims().any(|(_, c)| {
+            c.terminal.is_none() && c.lease_until_ms.saturating_add(2 * drift) >= now_ms
+        });
+        if running {
+            return false;
+        }
         let retired = self.retired_view();
         // The index's expiry ignores retirements; the generations are what counts.
         let newest = record
@@ -303,6 +300,80 @@ impl<S: Storage> Store<S> {
             .items(key, self.item_context(now_ms, lsn, &retired))
             .iter()
             .all(|i| i.resolved)
+    }
+
+    /// Whether the chain from a key's newest entry at `loc` reaches `segment` (segments below
+    /// it are gone already).
+    fn chain_reaches(&self, mut loc: Loc, segment: SegmentId) -> Result<bool, StoreError> {
+        loop {
+            if loc.segment <= segment {
+                return Ok(true);
+            }
+            match self.entry_at(loc)? {
+                LogEntry::Mutation { prev: Some(p), .. } => loc = p,
+                _ => return Ok(false),
+            }
+        }
+    }
+
+    fn entry_at(&self, loc: Loc) -> Result<LogEntry, StoreError> {
+        let bytes = self.log.read(loc).map_err(|e| self.log_error(e))?;
+        entry::decode(&bytes).map_err(|e| {
+            StoreError::Corrupt(format!(
+                "segment {} offset {}: {e}",
+                loc.segment, loc.offset
+            ))
+        })
+    }
+
+    /// Copies a live record forward into the active segment: one image when it fits in an
+    /// entry, else its chain entry by entry (a record grown past the entry limit, say by many
+    /// generations of large outcomes), relinked. Returns where its newest entry now lies.
+    fn copy_forward(
+        &self,
+        loc: Loc,
+        expires_at_ms: u64,
+        key: &RecordKey,
+        record: &Record,
+    ) -> Result<Loc, StoreError> {
+        let max = self.log.config().max_payload_bytes as usize;
+        let image = entry::encode(&LogEntry::Image {
+            key: key.clone(),
+            record: record.clone(),
+            expires_at_ms,
+        });
+        match image {
+            Ok(bytes) if bytes.len() <= max => self.append_copy(&bytes),
+            Ok(_) | Err(entry::EncodeError::TooLarge(_)) => {
+                // The chain, newest first, then appended oldest first with new back-pointers.
+                let mut chain = Vec::new();
+                let mut at = Some(loc);
+                while let Some(l) = at {
+                    let e = self.entry_at(l)?;
+                    at = match &e {
+                        LogEntry::Mutation { prev, .. } => *prev,
+                        _ => None,
+                    };
+                    chain.push(e);
+                }
+                let mut prev = None;
+                for mut e in chain.into_iter().rev() {
+                    if let LogEntry::Mutation { prev: p, .. } = &mut e {
+                        *p = prev;
+                    }
+                    prev = Some(self.append_copy(&entry::encode(&e)?)?);
+                }
+                prev.ok_or_else(|| StoreError::Corrupt("an empty chain".into()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn append_copy(&self, bytes: &[u8]) -> Result<Loc, StoreError> {
+        self.log
+            .append(bytes, AppendClass::Normal)
+            .map(|(_, loc)| loc)
+            .map_err(|e| self.log_error(e))
     }
 
     /// Appends the `Floor` entry that keeps, for recovery, what the deleted segments said.
