@@ -13,14 +13,14 @@
 //! way to get there: retire at one region only). Locally, `last_seq` must be the contiguous
 //! prefix of the region's log held here (numbers nobody holds would hold stability back for
 //! ever; fewer would orphan claims this region holds), and a retirement is written once:
-//! retire at the survivor that holds the most of it. Claims other survivors hold above that number
-//! become orphans even if they replayed them: the number is the operator's to choose well
-//! (the simulator's operator takes the largest mark of any survivor, and then no claim a
-//! survivor held when the region was lost is orphaned). Regions never raise a retirement
-//! they hear of: a region wrongly taken for lost keeps writing its log, and raising would
-//! follow that log and orphan nothing. A region that learns it was itself retired grants
-//! no new claim again ([`Unavailable::Retired`]); it rejoins only as a new region with an empty
-//! data directory.
+//! retire at the survivor that holds the most of it. Claims other survivors hold above that
+//! number become orphans even if they replayed them: the number is the operator's to choose
+//! well (the simulator's operator takes the largest mark of any survivor; then only claims a
+//! survivor holds above a gap nobody can fill can be orphaned). Regions never raise a
+//! retirement they hear of: a region wrongly taken for lost keeps writing its log, and raising
+//! would follow that log and orphan nothing. A region that learns it was itself retired grants
+//! no new claim again ([`Unavailable::Retired`]); it rejoins only as a new region, with a new
+//! region id and an empty data directory.
 
 use std::collections::BTreeMap;
 use std::ops::Deref;
