@@ -79,7 +79,8 @@ impl Record {
     /// Orphans of retired regions shape nothing: generations are partitioned from the other
     /// claims alone, then each orphan joins the generation that covers its stamp, else the
     /// next generation if the orphan's TTL reaches that generation's anchor, else a generation
-    /// of orphans only (no winner: its items are never actionable). An orphan arriving late (from a region that was
+    /// of orphans only (no winner: its items are never actionable). Placeholders of a retired
+    /// region are placed the same way. An orphan arriving late (from a region that was
     /// cut off and retired) therefore never moves another claim to another generation, so it
     /// cannot change a key that was already stable.
     pub fn generations(&self, retired: &Retirements) -> Vec<Generation> {
@@ -109,15 +110,23 @@ impl Record {
         };
         // Partition the other stamps greedily by anchor + TTL.
         let mut gens: Vec<Generation> = Vec::new();
-        let mut orphans: Vec<(Stamp, u64)> = Vec::new();
+        // Stamps placed afterwards: (stamp, ttl, whether an orphan).
+        let mut placed: Vec<(Stamp, u64, bool)> = Vec::new();
         for (stamp, c) in self.claims() {
             let ttl = match &c.facts {
                 Some(f) if orphan(stamp, c) => {
-                    orphans.push((*stamp, f.ttl_ms));
+                    placed.push((*stamp, f.ttl_ms, true));
                     continue;
                 }
                 Some(f) => f.ttl_ms,
                 None => match taker_ttl.get(stamp) {
+                    // A placeholder of a retired region shapes nothing either: once this region
+                    // holds that log up to the retirement (stability waits for it), a claim
+                    // whose facts are still missing can only be an orphan.
+                    Some(t) if retired.0.contains_key(&stamp.region) => {
+                        placed.push((*stamp, *t, false));
+                        continue;
+                    }
                     Some(t) => *t,
                     None => continue, // later writes of a claim not yet known: invisible for now
                 },
@@ -132,7 +141,7 @@ impl Record {
         }
         // Orphans join the generation covering them, else generations of orphans only.
         let mut orphan_gens: Vec<Generation> = Vec::new();
-        for (stamp, ttl) in orphans {
+        for (stamp, ttl, is_orphan) in placed {
             let ms = stamp.physical_ms();
             // The generation covering it; else the next one, if the orphan's own TTL reaches
             // its anchor (the generation it would have opened had it counted).
@@ -156,7 +165,9 @@ impl Record {
                 }
             };
             g.stamps.push(stamp);
-            g.orphans.insert(stamp);
+            if is_orphan {
+                g.orphans.insert(stamp);
+            }
         }
         if !orphan_gens.is_empty() {
             gens.extend(orphan_gens);

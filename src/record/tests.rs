@@ -247,6 +247,42 @@ fn orphans_of_a_retired_region_never_win() {
 }
 
 #[test]
+fn a_placeholder_of_a_retired_region_shapes_no_generation() {
+    // A region that had not heard of the retirement took over l's claim v (an orphan: numbered
+    // past the retirement). Here the takeover arrived before v's facts: v is a placeholder, and
+    // must not anchor a generation that v's facts, once they arrive, would take away again.
+    let v = stamp(10, 0, 2); // l's claim, an orphan
+    let w = stamp(30, 0, 1); // b's claim, completed
+    let t = stamp(120, 0, 0); // a's takeover of v: outside what v would anchor, inside w's
+    let mut retired = Retirements::none();
+    retired.0.insert(region(2), 0);
+    let mut deltas = vec![
+        claim(w, facts(1, None)),
+        done(w, 200),
+        claim(t, facts(1, Some(v))),
+        done(t, 200),
+    ];
+    let shape = |r: &Record| -> Vec<(Stamp, Option<Stamp>)> {
+        r.generations(&retired)
+            .iter()
+            .filter(|g| g.stamps.iter().any(|s| *s == w || *s == t))
+            .map(|g| (g.anchor, g.winner))
+            .collect()
+    };
+    let before = shape(&build(&deltas));
+    let mut v_facts = facts(1, None);
+    v_facts.origin_seq = 5;
+    deltas.push(claim(v, v_facts));
+    let after = shape(&build(&deltas));
+    assert_eq!(before, after);
+    assert_eq!(
+        before,
+        vec![(w, Some(w))],
+        "t falls in w's generation and loses to it"
+    );
+}
+
+#[test]
 fn an_indeterminate_winner_turns_losers_into_verify_items() {
     let a = stamp(0, 0, 0);
     let b = stamp(5, 0, 1);
