@@ -87,19 +87,32 @@ pub enum LogEntry {
         /// Its last sequence number that counts.
         last_seq: u64,
     },
-    /// Written before a segment is deleted (see the store's `gc` module): what the deleted
-    /// segments held that recovery still needs.
-    Floor {
-        /// Per origin (this region's own included), every number up to here is held in effect
-        /// and no longer served.
-        marks: Vec<(RegionId, u64)>,
-        /// The clock's reservation when it was written (Unix ms).
-        reservation_ms: u64,
-        /// The largest hlc value issued or seen when it was written.
-        max_hlc: u64,
-        /// Every retirement, joined.
-        retired: Vec<(RegionId, u64)>,
-    },
+    /// Written before a segment is deleted (see the store's `gc` module).
+    Floor(Floor),
+}
+
+/// What deleted segments held that recovery still needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Floor {
+    /// Per origin (this region's own included), every number up to here is held in effect and
+    /// no longer served.
+    pub marks: Vec<(RegionId, u64)>,
+    /// The clock's reservation when it was written (Unix ms).
+    pub reservation_ms: u64,
+    /// The largest hlc value issued or seen when it was written.
+    pub max_hlc: u64,
+    /// Every retirement, joined.
+    pub retired: Vec<(RegionId, u64)>,
+}
+
+/// Decodes the entry read at `loc`; damage is [`super::StoreError::Corrupt`], naming where.
+pub(super) fn decode_at(loc: Loc, bytes: &[u8]) -> Result<LogEntry, super::StoreError> {
+    decode(bytes).map_err(|e| {
+        super::StoreError::Corrupt(format!(
+            "segment {} offset {}: {e}",
+            loc.segment, loc.offset
+        ))
+    })
 }
 
 /// Why an entry could not be encoded.

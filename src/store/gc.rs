@@ -33,7 +33,6 @@
 //! is never deleted under them.
 
 use std::collections::BTreeMap;
-use std::ops::ControlFlow;
 
 use dashmap::mapref::entry::Entry;
 
@@ -211,37 +210,22 @@ impl<S: Storage> Store<S> {
             keys: BTreeMap::new(),
             numbered: BTreeMap::new(),
         };
-        self.log.scan_from(
-            Loc { segment, offset: 0 },
-            |loc, payload| -> Result<_, StoreError> {
-                if loc.segment != segment {
-                    return Ok(ControlFlow::Break(()));
-                }
-                let entry = entry::decode(payload).map_err(|e| {
-                    StoreError::Corrupt(format!(
-                        "segment {} offset {}: {e}",
-                        loc.segment, loc.offset
-                    ))
-                })?;
-                match entry {
-                    LogEntry::Mutation { mutation, .. } => {
-                        let n = c.numbered.entry(mutation.origin).or_insert(0);
-                        *n = (*n).max(mutation.seq);
-                        c.keys.insert(mutation.key.digest(), mutation.key);
-                    }
-                    LogEntry::Image { key, .. } => {
-                        c.keys.insert(key.digest(), key);
-                    }
-                    // The floor written before the deletion keeps what these say.
-                    LogEntry::Reserve { .. }
-                    | LogEntry::Marks { .. }
-                    | LogEntry::Retired { .. }
-                    | LogEntry::Floor { .. }
-                    | LogEntry::Local { .. } => {}
-                }
-                Ok(ControlFlow::Continue(()))
-            },
-        )?;
+        super::recovery::for_each_entry(&self.log, segment, |_, _, entry| match entry {
+            LogEntry::Mutation { mutation, .. } => {
+                let n = c.numbered.entry(mutation.origin).or_insert(0);
+                *n = (*n).max(mutation.seq);
+                c.keys.insert(mutation.key.digest(), mutation.key);
+            }
+            LogEntry::Image { key, .. } => {
+                c.keys.insert(key.digest(), key);
+            }
+            // The floor written before the deletion keeps what these say.
+            LogEntry::Reserve { .. }
+            | LogEntry::Marks { .. }
+            | LogEntry::Retired { .. }
+            | LogEntry::Floor(_)
+            | LogEntry::Local { .. } => {}
+        })?;
         Ok(c)
     }
 
@@ -316,16 +300,6 @@ impl<S: Storage> Store<S> {
         }
     }
 
-    fn entry_at(&self, loc: Loc) -> Result<LogEntry, StoreError> {
-        let bytes = self.log.read(loc).map_err(|e| self.log_error(e))?;
-        entry::decode(&bytes).map_err(|e| {
-            StoreError::Corrupt(format!(
-                "segment {} offset {}: {e}",
-                loc.segment, loc.offset
-            ))
-        })
-    }
-
     /// Copies a live record forward into the active segment: one image when it fits in an
     /// entry, else its chain entry by entry (a record grown past the entry limit, say by many
     /// generations of large outcomes), relinked. Returns where its newest entry now lies.
@@ -383,12 +357,12 @@ impl<S: Storage> Store<S> {
             let m = marks.entry(*origin).or_insert(0);
             *m = (*m).max(*seq);
         }
-        let bytes = entry::encode(&LogEntry::Floor {
+        let bytes = entry::encode(&LogEntry::Floor(entry::Floor {
             marks: marks.into_iter().collect(),
             reservation_ms: self.clock.reserved_ms(),
             max_hlc: self.clock.last_hlc(),
             retired: self.retirements().0.into_iter().collect(),
-        })?;
+        }))?;
         self.log
             .append(&bytes, AppendClass::Reserved)
             .map_err(|e| self.log_error(e))?;

@@ -14,7 +14,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::entry::LogEntry;
+use super::entry::{Floor, LogEntry};
 use super::log::Loc;
 use super::storage::SegmentId;
 use crate::clock::RegionId;
@@ -57,17 +57,8 @@ pub(super) enum Effect {
         /// Its last number that counts.
         last_seq: u64,
     },
-    /// What deleted segments held (see `LogEntry::Floor`).
-    Floor {
-        /// Per origin, numbers held in effect and no longer served.
-        marks: Vec<(RegionId, u64)>,
-        /// The clock's reservation.
-        reservation_ms: u64,
-        /// The largest hlc value.
-        max_hlc: u64,
-        /// Every retirement.
-        retired: Vec<(RegionId, u64)>,
-    },
+    /// What deleted segments held.
+    Floor(Floor),
 }
 
 /// The effect of a decoded log entry at `loc`, if it has one.
@@ -115,17 +106,7 @@ pub(super) fn effect_of(loc: Loc, entry: &LogEntry) -> Option<Effect> {
             region: *region,
             last_seq: *last_seq,
         }),
-        LogEntry::Floor {
-            marks,
-            reservation_ms,
-            max_hlc,
-            retired,
-        } => Some(Effect::Floor {
-            marks: marks.clone(),
-            reservation_ms: *reservation_ms,
-            max_hlc: *max_hlc,
-            retired: retired.clone(),
-        }),
+        LogEntry::Floor(f) => Some(Effect::Floor(f.clone())),
     }
 }
 

@@ -616,6 +616,12 @@ impl<S: Storage> Store<S> {
         })
     }
 
+    /// The entry at `loc`, read and decoded.
+    fn entry_at(&self, loc: Loc) -> Result<LogEntry, StoreError> {
+        let bytes = self.log.read(loc).map_err(|e| self.log_error(e))?;
+        entry::decode_at(loc, &bytes)
+    }
+
     /// Reads a key's record back from the log, following back-pointers from `loc`.
     /// Returns the record and the number of entries read.
     fn load(&self, mut loc: Loc, key: &RecordKey) -> Result<(Record, usize), StoreError> {
@@ -623,14 +629,7 @@ impl<S: Storage> Store<S> {
         let mut hops = 0usize;
         loop {
             hops += 1;
-            let bytes = self.log.read(loc).map_err(|e| self.log_error(e))?;
-            let entry = entry::decode(&bytes).map_err(|e| {
-                StoreError::Corrupt(format!(
-                    "segment {} offset {}: {e}",
-                    loc.segment, loc.offset
-                ))
-            })?;
-            match entry {
+            match self.entry_at(loc)? {
                 LogEntry::Mutation { mutation, prev, .. } => {
                     if mutation.key != *key {
                         return Err(StoreError::Corrupt(format!(

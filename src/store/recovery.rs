@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 
-use super::entry;
+use super::entry::{self, Floor, LogEntry};
 use super::hint::{self, Effect};
 use super::index::{IndexEntry, IndexMap};
 use super::log::{Loc, Log, SegmentRole, FRAME_HEADER_BYTES};
@@ -87,12 +87,12 @@ impl State<'_> {
                 }
             }
             Effect::Retire { region, last_seq } => self.retire(*region, *last_seq),
-            Effect::Floor {
+            Effect::Floor(Floor {
                 marks,
                 reservation_ms,
                 max_hlc,
                 retired,
-            } => {
+            }) => {
                 for (origin, mark) in marks {
                     let out = &mut self.out;
                     if *origin == self.region {
@@ -169,24 +169,34 @@ fn scan_segment<S: Storage>(
     let mut effects = Vec::new();
     let start = Loc { segment, offset: 0 };
     let mut end = start;
-    log.scan_from(start, |loc, payload| -> Result<_, StoreError> {
-        if loc.segment != segment {
-            return Ok(ControlFlow::Break(()));
-        }
-        let entry = entry::decode(payload).map_err(|e| {
-            StoreError::Corrupt(format!(
-                "segment {} offset {}: {e}",
-                loc.segment, loc.offset
-            ))
-        })?;
+    for_each_entry(log, segment, |loc, len, entry| {
         effects.extend(hint::effect_of(loc, &entry));
         end = Loc {
             segment,
-            offset: loc.offset + (payload.len() as u64 + FRAME_HEADER_BYTES) as u32,
+            offset: loc.offset + (len as u64 + FRAME_HEADER_BYTES) as u32,
         };
-        Ok(ControlFlow::Continue(()))
     })?;
     Ok((effects, end))
+}
+
+/// Visits the decoded entries of one segment (durable frames only), in order, with each
+/// frame's payload length.
+pub(super) fn for_each_entry<S: Storage>(
+    log: &Log<S>,
+    segment: SegmentId,
+    mut f: impl FnMut(Loc, usize, LogEntry),
+) -> Result<(), StoreError> {
+    log.scan_from(
+        Loc { segment, offset: 0 },
+        |loc, payload| -> Result<_, StoreError> {
+            if loc.segment != segment {
+                return Ok(ControlFlow::Break(()));
+            }
+            f(loc, payload.len(), entry::decode_at(loc, payload)?);
+            Ok(ControlFlow::Continue(()))
+        },
+    )?;
+    Ok(())
 }
 
 /// Writes the hint of every segment that can never grow again and has none yet. Returns how

@@ -643,12 +643,7 @@ impl<S: Storage> Store<S> {
         let mut out = BTreeMap::new();
         self.log
             .scan_from(start, |loc, payload| -> Result<_, StoreError> {
-                let entry = entry::decode(payload).map_err(|e| {
-                    StoreError::Corrupt(format!(
-                        "segment {} offset {}: {e}",
-                        loc.segment, loc.offset
-                    ))
-                })?;
+                let entry = entry::decode_at(loc, payload)?;
                 if let LogEntry::Mutation { mutation, .. } = entry {
                     if mutation.origin == origin && (from_seq..until).contains(&mutation.seq) {
                         out.insert(mutation.seq, mutation);
