@@ -15,6 +15,9 @@
 //! * [`replica`]: replication between regions as a sans-IO state machine (handshake, push,
 //!   pull anti-entropy, heartbeats, clock fencing), driven by the daemon or the simulator.
 //! * [`wire`]: the messages regions exchange, their framing and limits.
+//! * [`daemon`], [`http`]: the region daemon (`idem serve`) and its store API over HTTP+JSON.
+//! * [`client`]: a Rust client for that API, with the retry and failover rules every client
+//!   follows.
 //! * [`mutants`]: known bugs the simulator's tests plant to prove their checks fail (compiled in
 //!   only with the `mutants` feature).
 //!
@@ -68,7 +71,10 @@
 
 #[cfg(test)]
 mod arb;
+pub mod client;
 pub mod clock;
+pub mod daemon;
+pub mod http;
 pub mod mutants;
 pub mod record;
 pub mod replica;

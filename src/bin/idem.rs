@@ -1,5 +1,6 @@
-//! The `idem` command line: `demo` walks through what a region guarantees, `inspect` reports
-//! what a data directory holds. (The daemon, `serve`, arrives with the daemon issue.)
+//! The `idem` command line: `serve` runs a region's daemon, `init` writes a starter config,
+//! `demo` walks through what a region guarantees, `inspect` reports what a data directory
+//! holds.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier};
@@ -22,6 +23,28 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run this region's daemon: the store API over HTTP. Without --config, a development
+    /// store on 127.0.0.1:7070 with data under ./idem-data.
+    Serve {
+        /// The config file (TOML; see docs/operations.md).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Listen here instead (e.g. 127.0.0.1:0 for any free port).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Keep data here instead.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Print a starter config with fresh random tokens.
+    Init {
+        /// The region id.
+        #[arg(long)]
+        region: String,
+        /// Namespaces to create (repeatable).
+        #[arg(long = "namespace", default_value = "default")]
+        namespaces: Vec<String>,
+    },
     /// Walk through a region's guarantees on a real data directory: one execution among
     /// concurrent identical requests, replays, mismatches, recovery after restart, takeover of
     /// an expired lease, and a partition between two regions flagged for compensation.
@@ -41,8 +64,25 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().command {
+fn main() {
+    if let Err(e) = run(Cli::parse().command) {
+        // One line with the chain of causes; no backtrace: errors here are the user's to fix.
+        eprintln!("idem: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Serve {
+            config,
+            listen,
+            data_dir,
+        } => serve(config, listen, data_dir),
+        Command::Init { region, namespaces } => {
+            print!("{}", init_config(&region, &namespaces)?);
+            Ok(())
+        }
         Command::Demo { data_dir } => match data_dir {
             Some(dir) => demo(&dir),
             None => {
@@ -316,4 +356,88 @@ fn inspect(dir: &Path, region: &str) -> Result<()> {
         println!("  log of {origin}: held up to seq {mark}");
     }
     Ok(())
+}
+
+fn serve(
+    config_path: Option<PathBuf>,
+    listen: Option<std::net::SocketAddr>,
+    data_dir: Option<PathBuf>,
+) -> Result<()> {
+    use idem::daemon::config::{self, Config};
+    let mut config = match &config_path {
+        Some(path) => Config::load(path)?,
+        None => Config::development(),
+    };
+    if let Some(l) = listen {
+        config.http.listen = l;
+    }
+    if let Some(d) = data_dir {
+        config.data_dir = d;
+    }
+    init_logging(&config.log);
+    if config_path.is_none() {
+        tracing::warn!(
+            region = config::DEV_REGION,
+            data_dir = %config.data_dir.display(),
+            listen = %config.http.listen,
+            namespace = config::DEV_NAMESPACE,
+            token = config::DEV_TOKEN,
+            operator_token = config::DEV_OPERATOR_TOKEN,
+            "no --config: development store (well-known tokens; for production write a config, see `idem init`)"
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(idem::daemon::serve(config))
+}
+
+fn init_logging(log: &idem::daemon::config::LogSection) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&log.filter))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match log.format {
+        idem::daemon::config::LogFormat::Json => builder.json().init(),
+        idem::daemon::config::LogFormat::Text => builder.init(),
+    }
+}
+
+/// A starter config: the region, a data dir, loopback, fresh random tokens.
+fn init_config(region: &str, namespaces: &[String]) -> Result<String> {
+    use rand::RngCore;
+    RegionId::new(region).with_context(|| format!("--region {region:?}"))?;
+    let token = || {
+        let mut b = [0u8; 24];
+        rand::rng().fill_bytes(&mut b);
+        idem::http::api::hex(&b)
+    };
+    let mut out = format!(
+        "# idem config for region {region}: every field and its default is in docs/operations.md.\n\
+         # Keep this file private (chmod 600): it holds bearer tokens.\n\
+         region = \"{region}\"\n\
+         data_dir = \"idem-data\"\n\n\
+         [http]\n\
+         listen = \"127.0.0.1:7070\"\n\
+         # tls = {{ cert = \"server.pem\", key = \"server.key\" }}\n\n\
+         [operator]\n\
+         tokens = [\"{}\"]\n",
+        token()
+    );
+    for ns in namespaces {
+        out.push_str(&format!(
+            "\n[[namespaces]]\nname = \"{ns}\"\ntokens = [\"{}\"]\n\
+             # policy = {{ ttl_ms = 86400000, lease_ms = 30000, indeterminate_statuses = [{{ from = 500, to = 599 }}] }}\n",
+            token()
+        ));
+    }
+    // What `init` prints must load.
+    idem::daemon::config::Config::parse(Path::new("<init>"), &out)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(out)
 }

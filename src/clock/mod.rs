@@ -33,8 +33,8 @@ use hlc_gen::source::ManualClock;
 use hlc_gen::{HlcGenerator, HlcTimestamp};
 
 pub use stamp::{
-    hlc_floor_of_ms, hlc_physical_ms, RegionId, RegionIdError, Stamp, HLC_EPOCH_UNIX_MS,
-    HLC_LOGICAL_BITS, REGION_ID_LEN_MAX,
+    hlc_floor_of_ms, hlc_physical_ms, RegionId, RegionIdError, Stamp, StampParseError,
+    HLC_EPOCH_UNIX_MS, HLC_LOGICAL_BITS, REGION_ID_LEN_MAX,
 };
 
 /// The system's wall clock in Unix milliseconds. For the I/O shell (daemon, CLI, examples)

@@ -197,9 +197,74 @@ impl fmt::Display for Stamp {
     }
 }
 
+/// Why a stamp's text form (`<unix ms>.<logical>@<region>`, as [`Stamp`]'s `Display` writes it)
+/// was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StampParseError {
+    /// Not of the form `<unix ms>.<logical>@<region>`.
+    #[error("a claim id looks like <unix ms>.<logical>@<region>, e.g. 1795000000123.0@eu1")]
+    Shape,
+    /// The time is before the hlc epoch or too large, or the counter exceeds 22 bits.
+    #[error("claim id out of range")]
+    Range,
+    /// The region part is not a valid region id.
+    #[error(transparent)]
+    Region(#[from] RegionIdError),
+}
+
+impl std::str::FromStr for Stamp {
+    type Err = StampParseError;
+
+    /// Parses the `Display` form back: `Stamp::from_str(&s.to_string()) == Ok(s)`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (time, region) = s.split_once('@').ok_or(StampParseError::Shape)?;
+        let (ms, logical) = time.split_once('.').ok_or(StampParseError::Shape)?;
+        let digits =
+            |t: &str| !t.is_empty() && t.len() <= 20 && t.bytes().all(|b| b.is_ascii_digit());
+        if !digits(ms) || !digits(logical) {
+            return Err(StampParseError::Shape);
+        }
+        let ms: u64 = ms.parse().map_err(|_| StampParseError::Range)?;
+        let logical: u64 = logical.parse().map_err(|_| StampParseError::Range)?;
+        let since_epoch = ms
+            .checked_sub(HLC_EPOCH_UNIX_MS)
+            .ok_or(StampParseError::Range)?;
+        if logical >= 1 << HLC_LOGICAL_BITS || since_epoch >= 1 << (64 - HLC_LOGICAL_BITS) {
+            return Err(StampParseError::Range);
+        }
+        Ok(Stamp::new(
+            (since_epoch << HLC_LOGICAL_BITS) | logical,
+            RegionId::new(region)?,
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stamps_parse_back_from_their_text_form() {
+        let r = RegionId::new("eu-1").unwrap();
+        for hlc in [0, 1, (5 << HLC_LOGICAL_BITS) | 7, u64::MAX] {
+            let s = Stamp::new(hlc, r);
+            assert_eq!(s.to_string().parse::<Stamp>(), Ok(s));
+        }
+        for bad in [
+            "",
+            "1.0",
+            "x.0@eu1",
+            "1795000000000@eu1",
+            "1.0@eu1",
+            "1795000000000.4194304@eu1",
+        ] {
+            assert!(bad.parse::<Stamp>().is_err(), "{bad}");
+        }
+        assert!(matches!(
+            "1795000000000.0@EU".parse::<Stamp>(),
+            Err(StampParseError::Region(_))
+        ));
+    }
 
     #[test]
     fn region_ids_validate() {

@@ -262,6 +262,9 @@ pub struct SegmentInfo {
     pub end: Option<Loc>,
 }
 
+/// A function told the duration of each data sync (see [`Log::set_sync_observer`]).
+pub type SyncObserver = Box<dyn Fn(Duration) + Send + Sync>;
+
 /// Counters for benches and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LogStats {
@@ -557,6 +560,8 @@ pub struct Log<S: Storage> {
     durable_end: AtomicU64,
     poisoned: AtomicBool,
     syncs: AtomicU64,
+    /// Told how long each data sync took (metrics only: it decides nothing).
+    sync_observer: std::sync::OnceLock<SyncObserver>,
     flushes: AtomicU64,
     frames_written: AtomicU64,
     bytes_written: AtomicU64,
@@ -845,6 +850,7 @@ impl<S: Storage> Log<S> {
             ),
             poisoned: AtomicBool::new(false),
             syncs: AtomicU64::new(0),
+            sync_observer: std::sync::OnceLock::new(),
             flushes: AtomicU64::new(0),
             frames_written: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
@@ -1455,9 +1461,23 @@ impl<S: Storage> Log<S> {
 
     fn sync_segment(&self, seg: SegmentId) -> Result<(), LogError> {
         self.syncs.fetch_add(1, Ordering::Relaxed);
-        self.storage
+        let observer = self.sync_observer.get();
+        let started = observer.map(|_| Instant::now());
+        let synced = self
+            .storage
             .sync(seg)
-            .map_err(io_err(|| format!("syncing segment {seg}")))
+            .map_err(io_err(|| format!("syncing segment {seg}")));
+        if let (Some(observe), Some(started)) = (observer, started) {
+            observe(started.elapsed());
+        }
+        synced
+    }
+
+    /// Sets the function told how long each data sync took (a daemon's fsync latency
+    /// histogram). Only the first call takes effect; returns whether this one did. The timing
+    /// is for metrics only and decides nothing.
+    pub fn set_sync_observer(&self, observe: SyncObserver) -> bool {
+        self.sync_observer.set(observe).is_ok()
     }
 
     /// Whether the background should create another spare: none is left, or the preallocated

@@ -504,6 +504,11 @@ impl<S: Storage> Store<S> {
         self.namespaces.get(name)
     }
 
+    /// The namespaces served, in name order.
+    pub fn namespace_names(&self) -> Vec<String> {
+        self.namespaces.keys().cloned().collect()
+    }
+
     /// Fences or unfences the region. A fenced region grants no new claims and no takeovers
     /// (`Unavailable`); completions, releases, replays and reads go on.
     pub fn set_fenced(&self, fenced: bool) {

@@ -1,0 +1,328 @@
+//! The region daemon (`idem serve`): config, wiring, metrics and signals around the store.
+//!
+//! Start-up binds the listener first, then rebuilds the index on a blocking thread while the
+//! API answers 503 (`/readyz` says `recovering`). Once the store is open a dedicated flusher
+//! thread group-commits the log and publishes the durable position; handlers await it. On
+//! SIGTERM or ctrl-c the daemon stops accepting, lets requests in progress finish (bounded),
+//! flushes the log, writes hint files for a fast next start, and exits.
+
+pub mod config;
+pub mod metrics;
+mod tls;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+use crate::clock::wall_clock_ms;
+use crate::http::auth::{Access, Tokens};
+use crate::http::problem::Problem;
+use crate::http::{self, ApiState, DaemonStore, Durable};
+use crate::store::storage::FsStorage;
+use crate::store::Store;
+use config::Config;
+use metrics::Metrics;
+
+/// How long shutdown waits for requests in progress.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the housekeeping task runs (stability, hint files, garbage collection timer).
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
+/// How often hint files for newly sealed segments are written.
+const HINTS_EVERY: Duration = Duration::from_secs(30);
+
+/// Runs the daemon until SIGTERM or ctrl-c. `stdout` gets one line, `idem: listening on
+/// <url>`, once the listener is bound (scripts and tests read the port from it).
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    let tls = config.http.tls.as_ref().map(tls::acceptor).transpose()?;
+    let listener = TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.http.listen))?;
+    let addr = listener.local_addr()?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("idem: listening on {scheme}://{addr}");
+    tracing::info!(%addr, tls = tls.is_some(), region = %config.region, "listening");
+
+    let (durable_tx, durable_rx) = watch::channel(Durable::default());
+    let metrics = Arc::new(Metrics::new());
+    let state = Arc::new(ApiState::new(
+        config.region,
+        durable_rx,
+        tokens(&config),
+        metrics.clone(),
+        config.http.metrics_need_token,
+    ));
+    let permits = Arc::new(Semaphore::new(config.limits.concurrent_requests_max));
+    let app = http::router(
+        state.clone(),
+        config.limits.request_bytes_max,
+        Duration::from_millis(config.limits.request_timeout_ms),
+    )
+    .layer(middleware::from_fn_with_state(permits, in_line));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let server = tokio::spawn(accept_loop(listener, tls, app, stop_rx));
+
+    // Rebuild the index while the API answers 503.
+    let started = Instant::now();
+    let recovery = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || open_store(&config)
+    });
+    let store = tokio::select! {
+        r = recovery => r.context("recovery thread")??,
+        _ = shutdown_signal() => {
+            tracing::info!("signal during recovery: stopping (recovery resumes at the next start)");
+            let _ = stop_tx.send(true);
+            let _ = server.await;
+            return Ok(());
+        }
+    };
+    let store = Arc::new(store);
+    {
+        let metrics = metrics.clone();
+        store.log().set_sync_observer(Box::new(move |d| {
+            metrics.fsync_seconds.observe(d.as_secs_f64());
+        }));
+    }
+    durable_tx.send_replace(Durable {
+        lsn: store.log().durable_lsn(),
+        failed: false,
+    });
+    let stop_flusher = Arc::new(AtomicBool::new(false));
+    let flusher = std::thread::Builder::new()
+        .name("idem-flusher".into())
+        .spawn({
+            let (store, stop) = (store.clone(), stop_flusher.clone());
+            move || flusher(&store, &durable_tx, &stop)
+        })
+        .context("starting the flusher thread")?;
+    state.set_store(store.clone());
+    tracing::info!(
+        keys = store.key_count(),
+        recovery_ms = started.elapsed().as_millis() as u64,
+        "index rebuilt; serving"
+    );
+    let housekeeping = tokio::spawn(housekeeping(
+        store.clone(),
+        Duration::from_millis(config.store.gc_interval_ms),
+    ));
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: draining requests");
+    state.set_draining();
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    housekeeping.abort();
+    stop_flusher.store(true, Ordering::Release);
+    let flushed = tokio::task::spawn_blocking(move || {
+        let _ = flusher.join();
+        store.flush().and_then(|_| store.write_hints())
+    })
+    .await
+    .context("final flush")?;
+    match flushed {
+        Ok(hints) => tracing::info!(hints, "log flushed; stopped"),
+        Err(e) => tracing::error!(error = %e, "final flush failed"),
+    }
+    Ok(())
+}
+
+/// Opens the data directory and rebuilds the index.
+fn open_store(config: &Config) -> anyhow::Result<DaemonStore> {
+    let dir = &config.data_dir;
+    let storage =
+        FsStorage::open(dir).with_context(|| format!("opening data dir {}", dir.display()))?;
+    Store::open(storage, config.store_config(), wall_clock_ms())
+        .with_context(|| format!("recovering {}", dir.display()))
+}
+
+fn tokens(config: &Config) -> Tokens {
+    let mut t = Tokens::default();
+    for token in &config.operator.tokens {
+        t.insert(token, Access::Operator);
+    }
+    for ns in &config.namespaces {
+        for token in &ns.tokens {
+            t.insert(token, Access::Namespace(ns.name.clone()));
+        }
+    }
+    t
+}
+
+/// Requests beyond `limits.concurrent_requests_max` wait here for a turn.
+async fn in_line(State(permits): State<Arc<Semaphore>>, req: Request, next: Next) -> Response {
+    match permits.acquire().await {
+        Ok(_permit) => next.run(req).await,
+        Err(_) => Problem::unavailable("shutting_down", "shutting down", 1_000).into_response(),
+    }
+}
+
+/// The dedicated flusher: group-commits whatever handlers appended and publishes the durable
+/// position. A failed sync is never retried: the log is poisoned and every waiter told.
+fn flusher(store: &DaemonStore, durable: &watch::Sender<Durable>, stop: &AtomicBool) {
+    loop {
+        let stopping = stop.load(Ordering::Acquire);
+        let flushed = if stopping {
+            store.flush()
+        } else {
+            store.flush_appended(Duration::from_millis(50))
+        };
+        match flushed {
+            Ok(lsn) => {
+                durable.send_if_modified(|d| {
+                    let moved = d.lsn < lsn;
+                    d.lsn = d.lsn.max(lsn);
+                    moved
+                });
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "log failed: answering 503 until restarted");
+                durable.send_modify(|d| d.failed = true);
+                return;
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// Periodic work: stability (a single region is its own quorum), hint files, garbage
+/// collection.
+async fn housekeeping(store: Arc<DaemonStore>, gc_every: Duration) {
+    let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_gc = Instant::now();
+    let mut last_hints = Instant::now();
+    loop {
+        tick.tick().await;
+        store.advance_stability(&[]);
+        let gc_due = last_gc.elapsed() >= gc_every;
+        let hints_due = last_hints.elapsed() >= HINTS_EVERY;
+        if !(gc_due || hints_due) {
+            continue;
+        }
+        let s = store.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let gc = gc_due.then(|| s.collect_garbage(wall_clock_ms()));
+            let hints = hints_due.then(|| s.write_hints());
+            (gc, hints)
+        })
+        .await;
+        if gc_due {
+            last_gc = Instant::now();
+        }
+        if hints_due {
+            last_hints = Instant::now();
+        }
+        match done {
+            Ok((gc, hints)) => {
+                if let Some(Err(e)) = gc {
+                    tracing::warn!(error = %e, "garbage collection failed");
+                }
+                if let Some(Err(e)) = hints {
+                    tracing::warn!(error = %e, "writing hint files failed");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "housekeeping task failed"),
+        }
+    }
+}
+
+/// Accepts connections until told to stop, then waits (bounded) for open ones to finish.
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    app: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving the rest.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let served = match tls {
+                None => {
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service);
+                    watcher.watch(conn).await
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let conn = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(TokioIo::new(stream), service);
+                            watcher.watch(conn).await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    }
+                }
+            };
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(DRAIN_TIMEOUT) => {
+            tracing::warn!("requests still running after the drain timeout; stopping anyway");
+        }
+    }
+}
+
+/// Resolves on SIGTERM or ctrl-c (SIGINT).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,402 @@
+//! The JSON bodies of the store API, shared by the daemon and [`crate::client`].
+//! `docs/http-api.md` describes them for clients in other languages; `docs/openapi.json` is
+//! the same in OpenAPI 3.1.
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use crate::record::{Body, Outcome};
+
+/// The header carrying the id of the region a client tried before failing over.
+pub const PRIOR_REGION_HEADER: &str = "idem-prior-region";
+/// The header naming the region that answered (on every store API answer).
+pub const REGION_HEADER: &str = "idem-region";
+/// Media type of every error answer (RFC 9457).
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// `POST /v1/ns/{namespace}/claim`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimBody {
+    /// Who the key belongs to (an account, a customer): keys of different principals never meet.
+    pub principal: String,
+    /// The idempotency key.
+    pub key: String,
+    /// 64 hex digits: the caller's 32-byte digest of the request (method, route, query,
+    /// canonical body).
+    pub fingerprint: String,
+    /// 1 to 32 hex digits chosen by the caller per attempt, re-sent only when no answer came
+    /// back.
+    pub attempt: String,
+}
+
+/// `POST /v1/ns/{namespace}/complete`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteBody {
+    /// The key's principal.
+    pub principal: String,
+    /// The idempotency key.
+    pub key: String,
+    /// The claim id an Execute answer gave.
+    pub claim: String,
+    /// The response to store.
+    pub outcome: OutcomeJson,
+}
+
+/// `POST /v1/ns/{namespace}/release` (and the key part of other bodies).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseBody {
+    /// The key's principal.
+    pub principal: String,
+    /// The idempotency key.
+    pub key: String,
+    /// The claim id an Execute answer gave.
+    pub claim: String,
+}
+
+/// `POST /v1/ns/{namespace}/extend`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtendBody {
+    /// The key's principal.
+    pub principal: String,
+    /// The idempotency key.
+    pub key: String,
+    /// The claim id an Execute answer gave.
+    pub claim: String,
+    /// The lease wanted from now, ms (at most the namespace's `lease_max_ms`).
+    pub lease_ms: u64,
+}
+
+/// `POST /v1/ns/{namespace}/read`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadBody {
+    /// The key's principal.
+    pub principal: String,
+    /// The idempotency key.
+    pub key: String,
+}
+
+/// `POST /v1/ns/{namespace}/resolve` (operator).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveBody {
+    /// The key's principal.
+    pub principal: String,
+    /// The idempotency key.
+    pub key: String,
+    /// The item id (32 hex digits) a read listed.
+    pub item: String,
+    /// Who handled it.
+    pub by: String,
+    /// What was done.
+    pub note: String,
+    /// The compensation hook's result, if one ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook_result: Option<String>,
+    /// The payment provider's reference for the refund, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_ref: Option<String>,
+}
+
+/// A stored response. Send the body as `body` (UTF-8 text) or `body_base64`, not both;
+/// answers carry `body_base64` always and `body` too when the bytes are UTF-8.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutcomeJson {
+    /// The HTTP status (or an application's equivalent, 100 to 999).
+    pub status: u16,
+    /// Response headers as `[name, value]` pairs; the namespace keeps only its allow-list.
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    /// The body as UTF-8 text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// The body in standard base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_base64: Option<String>,
+    /// Set instead of a body when the namespace keeps only digests: the body's length and
+    /// BLAKE3 (hex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_digest: Option<BodyDigest>,
+    /// True when named JSON fields were replaced by `"[redacted]"` before storing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub redacted: bool,
+}
+
+/// What is kept of a body under a digest-only policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BodyDigest {
+    /// Length in bytes.
+    pub len: u64,
+    /// BLAKE3, 64 hex digits.
+    pub blake3: String,
+}
+
+impl OutcomeJson {
+    /// The JSON form of a stored outcome.
+    pub fn from_outcome(o: &Outcome) -> Self {
+        let mut j = OutcomeJson {
+            status: o.status,
+            headers: o.headers.clone(),
+            ..Default::default()
+        };
+        match &o.body {
+            Body::Full(b) | Body::Redacted(b) => {
+                j.body_base64 = Some(base64::engine::general_purpose::STANDARD.encode(b));
+                j.body = std::str::from_utf8(b).ok().map(str::to_owned);
+                j.redacted = matches!(o.body, Body::Redacted(_));
+            }
+            Body::Digest { len, blake3 } => {
+                j.body_digest = Some(BodyDigest {
+                    len: *len,
+                    blake3: hex(blake3),
+                });
+            }
+        }
+        j
+    }
+
+    /// The outcome a caller sent, checked.
+    pub fn to_outcome(&self) -> Result<Outcome, String> {
+        if !(100..=999).contains(&self.status) {
+            return Err(format!("status {} is not 100 to 999", self.status));
+        }
+        if self.body_digest.is_some() || self.redacted {
+            return Err("body_digest and redacted are set by the store, not by callers".into());
+        }
+        let body = match (&self.body, &self.body_base64) {
+            (Some(_), Some(_)) => return Err("send body or body_base64, not both".into()),
+            (Some(t), None) => t.clone().into_bytes(),
+            (None, Some(b)) => base64::engine::general_purpose::STANDARD
+                .decode(b)
+                .map_err(|e| format!("body_base64: {e}"))?,
+            (None, None) => Vec::new(),
+        };
+        Ok(Outcome {
+            status: self.status,
+            headers: self.headers.clone(),
+            body: Body::Full(body),
+        })
+    }
+
+    /// The body bytes, when the store kept them (full or redacted).
+    pub fn body_bytes(&self) -> Option<Vec<u8>> {
+        match (&self.body_base64, &self.body) {
+            (Some(b), _) => base64::engine::general_purpose::STANDARD.decode(b).ok(),
+            (None, Some(t)) => Some(t.clone().into_bytes()),
+            (None, None) => None,
+        }
+    }
+}
+
+/// A claim's answer when it is Execute or Replay (HTTP 200). In flight (409), mismatch (422)
+/// and unavailable (503) come as problem details with a `decision` member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "decision", rename_all = "snake_case")]
+pub enum ClaimAnswer {
+    /// You own the key: run the operation, then complete, release or extend the claim.
+    Execute {
+        /// The claim id to complete, release or extend.
+        claim: String,
+        /// When the lease ends unless extended, Unix ms.
+        lease_until_ms: u64,
+        /// When the key expires, Unix ms.
+        expires_at_ms: u64,
+        /// Claims whose leases ran out and which this one replaces.
+        took_over: Vec<String>,
+        /// True when this is the claim the same attempt token got before (an answer was lost).
+        resumed: bool,
+    },
+    /// Already done: the stored response.
+    Replay {
+        /// The claim whose outcome this is.
+        claim: String,
+        /// The stored response.
+        outcome: OutcomeJson,
+        /// True when the outcome was stored as indeterminate (a side effect may have happened).
+        indeterminate: bool,
+        /// When the key expires, Unix ms.
+        expires_at_ms: u64,
+    },
+}
+
+/// The answer to complete and release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FinishAnswer {
+    /// How the claim ended: `completed`, `indeterminate` or `released` (a status the namespace
+    /// does not store releases the claim, so a corrected retry runs).
+    pub terminal: String,
+    /// True when the claim no longer wins its key (taken over, or an earlier claim arrived
+    /// from another region): the execution will be flagged for compensation.
+    pub superseded: bool,
+}
+
+/// The answer to extend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExtendAnswer {
+    /// The lease's end now, Unix ms.
+    pub lease_until_ms: u64,
+}
+
+/// The answer to read: the key's claims and compensation items.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadAnswer {
+    /// Every claim this region holds for the key, oldest first.
+    pub claims: Vec<ClaimView>,
+    /// The current generation's winner, if it has one.
+    pub winner: Option<String>,
+    /// Compensation items derived from the record.
+    pub items: Vec<ItemView>,
+}
+
+/// One claim of a key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimView {
+    /// Its id (stamp).
+    pub claim: String,
+    /// The region that made it.
+    pub region: String,
+    /// `in_flight`, `completed`, `indeterminate`, `released` or `placeholder`.
+    pub status: String,
+    /// Its request fingerprint (hex), unless a placeholder.
+    pub fingerprint: Option<String>,
+    /// Its lease end, Unix ms.
+    pub lease_until_ms: u64,
+    /// Its outcome, if it has one.
+    pub outcome: Option<OutcomeJson>,
+}
+
+/// A compensation item.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemView {
+    /// Item id, 32 hex digits.
+    pub id: String,
+    /// `duplicate`, `key_reuse`, `verify`, `orphan` or `reversed`.
+    pub kind: String,
+    /// The claim the item is about.
+    pub claim: String,
+    /// Whether it may be acted on now (its winner completed and the key is stable here).
+    pub actionable: bool,
+    /// Whether it was resolved.
+    pub resolved: bool,
+}
+
+/// The answer to resolve.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResolveAnswer {
+    /// The resolution's stamp.
+    pub at: String,
+}
+
+/// `GET /v1/status` (operator).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusAnswer {
+    /// This region.
+    pub region: String,
+    /// Whether the store answers claims now (see `/readyz`).
+    pub ready: bool,
+    /// Why not, if not.
+    pub reason: Option<String>,
+    /// Keys held in the index.
+    pub keys: u64,
+    /// Bytes of log segments on disk.
+    pub log_bytes: u64,
+    /// Log segments on disk.
+    pub log_segments: u64,
+    /// The namespaces served.
+    pub namespaces: Vec<String>,
+}
+
+/// Lower-case hex of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// Bytes from hex of exactly `N` bytes, or `None`.
+pub fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    if s.len() != 2 * N || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
+        let text = std::str::from_utf8(chunk).ok()?;
+        out[i] = u8::from_str_radix(text, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// An attempt token from 1 to 32 hex digits.
+pub fn parse_attempt(s: &str) -> Option<u128> {
+    if s.is_empty() || s.len() > 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u128::from_str_radix(s, 16).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_round_trip_through_json() {
+        let o = Outcome {
+            status: 201,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: Body::Full(br#"{"id":"ch_1"}"#.to_vec()),
+        };
+        let j = OutcomeJson::from_outcome(&o);
+        assert_eq!(j.body.as_deref(), Some(r#"{"id":"ch_1"}"#));
+        let mut sent = j.clone();
+        sent.body = None;
+        assert_eq!(sent.to_outcome().unwrap(), o);
+        let binary = Outcome::new(200, vec![0xff, 0, 1]);
+        let j = OutcomeJson::from_outcome(&binary);
+        assert_eq!(j.body, None);
+        assert_eq!(j.body_bytes(), Some(vec![0xff, 0, 1]));
+    }
+
+    #[test]
+    fn bad_outcomes_are_refused() {
+        let both = OutcomeJson {
+            status: 200,
+            body: Some("a".into()),
+            body_base64: Some("YQ==".into()),
+            ..Default::default()
+        };
+        assert!(both.to_outcome().is_err());
+        let status = OutcomeJson {
+            status: 42,
+            ..Default::default()
+        };
+        assert!(status.to_outcome().is_err());
+        let b64 = OutcomeJson {
+            status: 200,
+            body_base64: Some("!!".into()),
+            ..Default::default()
+        };
+        assert!(b64.to_outcome().is_err());
+    }
+
+    #[test]
+    fn hex_and_attempts_parse_strictly() {
+        assert_eq!(unhex::<2>("0aff"), Some([0x0a, 0xff]));
+        assert_eq!(unhex::<2>("0af"), None);
+        assert_eq!(unhex::<2>("0afg"), None);
+        assert_eq!(unhex::<1>("+f"), None);
+        assert_eq!(hex(&[0x0a, 0xff]), "0aff");
+        assert_eq!(parse_attempt("ff"), Some(255));
+        assert_eq!(parse_attempt(""), None);
+        assert_eq!(parse_attempt(&"f".repeat(33)), None);
+        assert_eq!(parse_attempt("+1"), None);
+    }
+}

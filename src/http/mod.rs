@@ -1,0 +1,648 @@
+//! The store API over HTTP+JSON (axum): what API servers in any language call. Routes, auth,
+//! problem details and the wait for durability; `docs/http-api.md` is the reference.
+//!
+//! Every answer that depends on a write is sent only once the log is durable up to it: the
+//! handler appends, then awaits the flusher thread's durable position (a `watch` channel), so
+//! concurrent requests share one fdatasync and no tokio worker ever blocks in a sync.
+
+pub mod api;
+pub mod auth;
+pub mod problem;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tokio::sync::watch;
+
+use crate::clock::{wall_clock_ms, RegionId, Stamp};
+use crate::daemon::metrics::Metrics;
+use crate::record::{
+    AttemptToken, ClaimStatus, Fingerprint, ItemId, ItemKind, RecordKey, Terminal,
+};
+use crate::store::log::Lsn;
+use crate::store::storage::FsStorage;
+use crate::store::{
+    ClaimRequest, Completion, Decision, LookupUnanswered, Pending, Store, Unavailable,
+};
+
+use api::*;
+use auth::Tokens;
+use problem::{ApiError, Problem};
+
+/// The store a daemon serves.
+pub type DaemonStore = Store<FsStorage>;
+
+/// The OpenAPI 3.1 description the daemon serves at `GET /openapi.json`.
+pub const OPENAPI_JSON: &str = include_str!("../../docs/openapi.json");
+
+/// How far the log is durable, published by the flusher thread.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Durable {
+    /// Everything up to here is on disk.
+    pub lsn: Lsn,
+    /// The log failed: nothing will become durable again.
+    pub failed: bool,
+}
+
+/// What the handlers share.
+pub struct ApiState {
+    region: RegionId,
+    store: OnceLock<Arc<DaemonStore>>,
+    durable: watch::Receiver<Durable>,
+    tokens: Tokens,
+    metrics: Arc<Metrics>,
+    metrics_need_token: bool,
+    draining: AtomicBool,
+}
+
+impl ApiState {
+    /// State for `region`, with no store yet (it answers 503 until [`ApiState::set_store`]).
+    pub fn new(
+        region: RegionId,
+        durable: watch::Receiver<Durable>,
+        tokens: Tokens,
+        metrics: Arc<Metrics>,
+        metrics_need_token: bool,
+    ) -> Self {
+        Self {
+            region,
+            store: OnceLock::new(),
+            durable,
+            tokens,
+            metrics,
+            metrics_need_token,
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// The store, once recovered: from now on the API answers.
+    pub fn set_store(&self, store: Arc<DaemonStore>) {
+        let _ = self.store.set(store);
+    }
+
+    /// Marks the daemon as shutting down: `/readyz` turns false so load balancers move away.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Whether the store answers claims now, and if not, why (`recovering`, `fenced`,
+    /// `restart_fence`, `log_failed`, `shutting_down`).
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        if self.draining.load(Ordering::Acquire) {
+            return Err("shutting_down");
+        }
+        let Some(store) = self.store.get() else {
+            return Err("recovering");
+        };
+        if store.log().is_poisoned() || self.durable.borrow().failed {
+            return Err("log_failed");
+        }
+        if store.is_fenced() {
+            return Err("fenced");
+        }
+        if wall_clock_ms() <= store.clock().restart_fence_ms() {
+            return Err("restart_fence");
+        }
+        Ok(())
+    }
+
+    fn store(&self) -> Result<&Arc<DaemonStore>, ApiError> {
+        self.store.get().ok_or_else(|| {
+            Problem::unavailable("recovering", "the index is being rebuilt", 1_000).into()
+        })
+    }
+
+    /// Waits until `pending` is durable; the answer may then be given out.
+    async fn durable<T>(&self, pending: Pending<T>) -> Result<T, ApiError> {
+        let lsn = pending.lsn();
+        let mut rx = self.durable.clone();
+        let reached = rx
+            .wait_for(|d| d.failed || d.lsn >= lsn)
+            .await
+            .map(|d| !d.failed && d.lsn >= lsn)
+            .unwrap_or(false);
+        if reached {
+            Ok(pending.into_value_unchecked())
+        } else {
+            Err(ApiError::from(Problem::from_unavailable(
+                Unavailable::LogFailed,
+                5_000,
+            )))
+        }
+    }
+}
+
+/// The router: the store API, health, metrics and the OpenAPI file.
+pub fn router(state: Arc<ApiState>, request_bytes_max: usize, request_timeout: Duration) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .route("/v1/status", get(status))
+        .route("/v1/ns/{namespace}/claim", post(claim))
+        .route("/v1/ns/{namespace}/complete", post(complete))
+        .route("/v1/ns/{namespace}/release", post(release))
+        .route("/v1/ns/{namespace}/extend", post(extend))
+        .route("/v1/ns/{namespace}/read", post(read))
+        .route("/v1/ns/{namespace}/resolve", post(resolve))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            answer_headers,
+        ))
+        .layer(middleware::from_fn_with_state(request_timeout, time_limit))
+        .layer(DefaultBodyLimit::max(request_bytes_max))
+        .with_state(state)
+}
+
+async fn answer_headers(State(s): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+    let mut r = next.run(req).await;
+    if let Ok(v) = HeaderValue::from_str(s.region.as_str()) {
+        r.headers_mut()
+            .insert(HeaderName::from_static(REGION_HEADER), v);
+    }
+    r
+}
+
+async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => Problem::unavailable(
+            "timeout",
+            "the request took longer than limits.request_timeout_ms; a claim may have been granted: retry with the same attempt token",
+            1_000,
+        )
+        .into_response(),
+    }
+}
+
+async fn not_found() -> Problem {
+    Problem::new(
+        StatusCode::NOT_FOUND,
+        "not-found",
+        "Not found",
+        "no such route; see /openapi.json",
+    )
+}
+
+async fn healthz() -> Response {
+    Json(serde_json::json!({ "alive": true })).into_response()
+}
+
+async fn readyz(State(s): State<Arc<ApiState>>) -> Response {
+    match s.readiness() {
+        Ok(()) => Json(serde_json::json!({ "ready": true })).into_response(),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "ready": false, "reason": reason })),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
+    if s.metrics_need_token {
+        if let Err(p) = s.tokens.operator(&headers) {
+            return p.into_response();
+        }
+    }
+    if let Some(store) = s.store.get() {
+        s.metrics.keys.set(store.key_count() as i64);
+        let bytes: u64 = store.log().segments().iter().map(|g| g.size).sum();
+        s.metrics.log_bytes.set(bytes as i64);
+    }
+    s.metrics.ready.set(i64::from(s.readiness().is_ok()));
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON).into_response()
+}
+
+async fn status(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    s.tokens.operator(&headers)?;
+    let ready = s.readiness();
+    let (keys, log_bytes, log_segments, namespaces) = match s.store.get() {
+        Some(store) => {
+            let segments = store.log().segments();
+            (
+                store.key_count() as u64,
+                segments.iter().map(|g| g.size).sum(),
+                segments.len() as u64,
+                store.namespace_names(),
+            )
+        }
+        None => (0, 0, 0, Vec::new()),
+    };
+    Ok(Json(StatusAnswer {
+        region: s.region.to_string(),
+        ready: ready.is_ok(),
+        reason: ready.err().map(str::to_owned),
+        keys,
+        log_bytes,
+        log_segments,
+        namespaces,
+    })
+    .into_response())
+}
+
+/// The body, or a 400/413 problem naming what is wrong with it.
+fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    b.map(|Json(t)| t).map_err(|e| -> ApiError {
+        let status = e.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            Problem::new(
+                status,
+                "request-too-large",
+                "Request too large",
+                "the body exceeds limits.request_bytes_max",
+            )
+        } else {
+            Problem::new(
+                if status.is_client_error() {
+                    status
+                } else {
+                    StatusCode::BAD_REQUEST
+                },
+                "invalid-request",
+                "Invalid request",
+                e.body_text(),
+            )
+        }
+        .into()
+    })
+}
+
+impl ApiState {
+    /// The store, the key and the claim a complete, release or extend is about.
+    fn claim_target(
+        &self,
+        ns: &str,
+        principal: &str,
+        key: &str,
+        claim: &str,
+    ) -> Result<(&Arc<DaemonStore>, RecordKey, Stamp), ApiError> {
+        let claim: Stamp = claim
+            .parse()
+            .map_err(|e| Problem::bad_field("claim", format!("{e}")))?;
+        Ok((self.store()?, RecordKey::new(ns, principal, key), claim))
+    }
+}
+
+fn terminal_name(t: ClaimStatus) -> &'static str {
+    match t {
+        ClaimStatus::Completed => "completed",
+        ClaimStatus::Indeterminate => "indeterminate",
+        ClaimStatus::Released => "released",
+        ClaimStatus::InFlight => "in_flight",
+        ClaimStatus::Placeholder => "placeholder",
+    }
+}
+
+fn rfc3339_ms(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+async fn claim(
+    State(s): State<Arc<ApiState>>,
+    Path(ns): Path<String>,
+    headers: HeaderMap,
+    b: Result<Json<ClaimBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    s.tokens.namespace(&headers, &ns)?;
+    let b = body(b)?;
+    let fingerprint = unhex::<32>(&b.fingerprint)
+        .ok_or_else(|| Problem::bad_field("fingerprint", "64 hex digits"))?;
+    let attempt = parse_attempt(&b.attempt)
+        .ok_or_else(|| Problem::bad_field("attempt", "1 to 32 hex digits"))?;
+    let prior = match headers.get(PRIOR_REGION_HEADER) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| RegionId::new(v).ok())
+                .ok_or_else(|| {
+                    Problem::bad_field(
+                        PRIOR_REGION_HEADER,
+                        "not a region id (a-z0-9-_, 1 to 15 bytes)",
+                    )
+                })?,
+        ),
+    };
+    let store = s.store()?;
+    let policy = store
+        .namespace(&ns)
+        .ok_or_else(|| Problem::from(crate::store::StoreError::UnknownNamespace(ns.clone())))?;
+    if let Some(prior) = prior.filter(|p| *p != s.region) {
+        // The region tried before is asked about the key before granting (design §4). This
+        // daemon has no connection to other regions yet (the transport comes with the
+        // multi-region issue), so the lookup goes unanswered and the namespace decides.
+        match policy.config().lookup_unanswered {
+            LookupUnanswered::Grant => {
+                s.metrics
+                    .failover_lookups
+                    .get_or_create(&metrics_labels::lookup("granted_unanswered"))
+                    .inc();
+                tracing::debug!(%prior, "failover claim: prior region not reachable; granting");
+            }
+            LookupUnanswered::Unavailable => {
+                s.metrics
+                    .failover_lookups
+                    .get_or_create(&metrics_labels::lookup("refused_unanswered"))
+                    .inc();
+                s.metrics.claim("unavailable");
+                return Err(ApiError::from(Problem::unavailable(
+                    "lookup_unanswered",
+                    format!("region {prior} could not be asked about the key, and this namespace refuses to grant without an answer"),
+                    1_000,
+                )));
+            }
+        }
+    }
+    let req = ClaimRequest {
+        key: RecordKey::new(&ns, &b.principal, &b.key),
+        fingerprint: Fingerprint(fingerprint),
+        attempt: AttemptToken(attempt),
+    };
+    let pending = store.claim(wall_clock_ms(), &req)?;
+    let decision = s.durable(pending).await?;
+    Ok(match decision {
+        Decision::Execute {
+            claim,
+            lease_until_ms,
+            took_over,
+            resumed,
+            expires_at_ms,
+        } => {
+            s.metrics.claim("execute");
+            s.metrics.takeovers.inc_by(took_over.len() as u64);
+            if resumed {
+                s.metrics.resumes.inc();
+            }
+            Json(ClaimAnswer::Execute {
+                claim: claim.to_string(),
+                lease_until_ms,
+                expires_at_ms,
+                took_over: took_over.iter().map(Stamp::to_string).collect(),
+                resumed,
+            })
+            .into_response()
+        }
+        Decision::Replay {
+            claim,
+            outcome,
+            indeterminate,
+            expires_at_ms,
+        } => {
+            s.metrics.claim("replay");
+            Json(ClaimAnswer::Replay {
+                claim: claim.to_string(),
+                outcome: OutcomeJson::from_outcome(&outcome),
+                indeterminate,
+                expires_at_ms,
+            })
+            .into_response()
+        }
+        Decision::InFlight {
+            claim,
+            region,
+            lease_expires_at_ms,
+        } => {
+            s.metrics.claim("in_flight");
+            let wait_ms = lease_expires_at_ms
+                .saturating_sub(wall_clock_ms())
+                .clamp(1, 1_000);
+            Problem {
+                decision: Some("in_flight".into()),
+                state: Some("in_flight".into()),
+                origin_region: Some(region.to_string()),
+                lease_expires_at: Some(rfc3339_ms(lease_expires_at_ms)),
+                lease_expires_at_ms: Some(lease_expires_at_ms),
+                retry_after_seconds: Some(wait_ms.div_ceil(1000)),
+                claim: Some(claim.to_string()),
+                ..Problem::new(
+                    StatusCode::CONFLICT,
+                    "in-flight",
+                    "Request in flight",
+                    "another request with this key is running; retry later",
+                )
+            }
+            .into_response()
+        }
+        Decision::Mismatch { claim } => {
+            s.metrics.claim("mismatch");
+            Problem {
+                decision: Some("mismatch".into()),
+                claim: Some(claim.to_string()),
+                ..Problem::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "mismatch",
+                    "Key reused with another request",
+                    "this idempotency key was used with a different request fingerprint",
+                )
+            }
+            .into_response()
+        }
+        Decision::Unavailable {
+            reason,
+            retry_after_ms,
+        } => {
+            s.metrics.claim("unavailable");
+            Problem::from_unavailable(reason, retry_after_ms).into_response()
+        }
+    })
+}
+
+/// Labels built in one place.
+mod metrics_labels {
+    use crate::daemon::metrics::{LookupLabels, TerminalLabels};
+
+    pub fn lookup(result: &'static str) -> LookupLabels {
+        LookupLabels { result }
+    }
+
+    pub fn terminal(terminal: &'static str) -> TerminalLabels {
+        TerminalLabels { terminal }
+    }
+}
+
+async fn complete(
+    State(s): State<Arc<ApiState>>,
+    Path(ns): Path<String>,
+    headers: HeaderMap,
+    b: Result<Json<CompleteBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    s.tokens.namespace(&headers, &ns)?;
+    let b = body(b)?;
+    let outcome = b
+        .outcome
+        .to_outcome()
+        .map_err(|e| Problem::bad_field("outcome", e))?;
+    let (store, key, claim) = s.claim_target(&ns, &b.principal, &b.key, &b.claim)?;
+    let now = wall_clock_ms();
+    let done = s
+        .durable(store.complete(now, &key, claim, outcome)?)
+        .await?;
+    if claim.region == s.region && done.terminal != ClaimStatus::Released {
+        let took = now.saturating_sub(claim.physical_ms());
+        s.metrics
+            .time_to_outcome_seconds
+            .observe(took as f64 / 1000.0);
+    }
+    Ok(finished(&s, done))
+}
+
+/// Counts a completion or release and answers it.
+fn finished(s: &ApiState, done: Completion) -> Response {
+    s.metrics
+        .finished
+        .get_or_create(&metrics_labels::terminal(terminal_name(done.terminal)))
+        .inc();
+    if done.superseded {
+        s.metrics.superseded.inc();
+    }
+    Json(FinishAnswer {
+        terminal: terminal_name(done.terminal).into(),
+        superseded: done.superseded,
+    })
+    .into_response()
+}
+
+async fn release(
+    State(s): State<Arc<ApiState>>,
+    Path(ns): Path<String>,
+    headers: HeaderMap,
+    b: Result<Json<ReleaseBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    s.tokens.namespace(&headers, &ns)?;
+    let b = body(b)?;
+    let (store, key, claim) = s.claim_target(&ns, &b.principal, &b.key, &b.claim)?;
+    let done = s
+        .durable(store.release(wall_clock_ms(), &key, claim)?)
+        .await?;
+    Ok(finished(&s, done))
+}
+
+async fn extend(
+    State(s): State<Arc<ApiState>>,
+    Path(ns): Path<String>,
+    headers: HeaderMap,
+    b: Result<Json<ExtendBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    s.tokens.namespace(&headers, &ns)?;
+    let b = body(b)?;
+    let (store, key, claim) = s.claim_target(&ns, &b.principal, &b.key, &b.claim)?;
+    let lease_until_ms = s
+        .durable(store.extend(wall_clock_ms(), &key, claim, b.lease_ms)?)
+        .await?;
+    s.metrics.lease_extensions.inc();
+    Ok(Json(ExtendAnswer { lease_until_ms }).into_response())
+}
+
+async fn read(
+    State(s): State<Arc<ApiState>>,
+    Path(ns): Path<String>,
+    headers: HeaderMap,
+    b: Result<Json<ReadBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    s.tokens.reader(&headers, &ns)?;
+    let b = body(b)?;
+    let store = s.store()?;
+    let key = RecordKey::new(&ns, &b.principal, &b.key);
+    let view = s
+        .durable(store.read(wall_clock_ms(), &key)?)
+        .await?
+        .ok_or(crate::store::StoreError::UnknownKey)?;
+    let retired = store.retirements();
+    let winner = view
+        .record
+        .generations(&retired)
+        .last()
+        .and_then(|g| g.winner)
+        .map(|w| w.to_string());
+    let claims = view
+        .record
+        .claims()
+        .map(|(stamp, c)| ClaimView {
+            claim: stamp.to_string(),
+            region: stamp.region.to_string(),
+            status: terminal_name(c.status()).into(),
+            fingerprint: c.facts.as_ref().map(|f| hex(&f.fingerprint.0)),
+            lease_until_ms: c.lease_until_ms,
+            outcome: match &c.terminal {
+                Some(Terminal::Completed(o)) | Some(Terminal::Indeterminate(o)) => {
+                    Some(OutcomeJson::from_outcome(o))
+                }
+                _ => None,
+            },
+        })
+        .collect();
+    let items = view
+        .items
+        .iter()
+        .map(|i| ItemView {
+            id: hex(&i.id.0),
+            kind: match i.kind {
+                ItemKind::Duplicate => "duplicate",
+                ItemKind::KeyReuse => "key_reuse",
+                ItemKind::Verify => "verify",
+                ItemKind::Orphan => "orphan",
+                ItemKind::Reversed => "reversed",
+            }
+            .into(),
+            claim: i.claim.to_string(),
+            actionable: i.actionable,
+            resolved: i.resolved,
+        })
+        .collect();
+    Ok(Json(ReadAnswer {
+        claims,
+        winner,
+        items,
+    })
+    .into_response())
+}
+
+async fn resolve(
+    State(s): State<Arc<ApiState>>,
+    Path(ns): Path<String>,
+    headers: HeaderMap,
+    b: Result<Json<ResolveBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    s.tokens.operator(&headers)?;
+    let b = body(b)?;
+    let item = unhex::<16>(&b.item).ok_or_else(|| Problem::bad_field("item", "32 hex digits"))?;
+    let store = s.store()?;
+    let key = RecordKey::new(&ns, &b.principal, &b.key);
+    let resolution = s
+        .durable(store.resolve(
+            wall_clock_ms(),
+            &key,
+            ItemId(item),
+            &b.by,
+            &b.note,
+            b.hook_result,
+            b.provider_ref,
+        )?)
+        .await?;
+    Ok(Json(ResolveAnswer {
+        at: resolution.at.to_string(),
+    })
+    .into_response())
+}

@@ -1,0 +1,202 @@
+//! The Rust client's retry, backoff and failover rules, against real daemons (and stopped ones).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use idem::client::{ClaimOutcome, Client, ClientConfig, ClientError, Endpoint};
+use idem::http::api::OutcomeJson;
+use idem::Fingerprint;
+
+fn client(endpoints: &[(&str, &str)]) -> ClientConfig {
+    let mut c = ClientConfig::new(
+        endpoints
+            .iter()
+            .map(|(region, url)| Endpoint::new(region, url).unwrap())
+            .collect(),
+        "payments",
+        PAYMENTS_TOKEN,
+    );
+    c.jitter_seed = Some(1);
+    c
+}
+
+fn failover_policy() -> String {
+    config("us1", "").replace(
+        "outcome_bytes_max = 4096 }",
+        "outcome_bytes_max = 4096, lookup_unanswered = \"unavailable\" }",
+    )
+}
+
+#[tokio::test]
+async fn a_stopped_region_is_failed_over_and_named_as_the_prior_region() {
+    let dir = tempdir();
+    let us1 = Daemon::start(dir.path(), &config("us1", "")).await;
+    let c = Client::new(client(&[("eu1", &dead_url()), ("us1", &us1.url)])).unwrap();
+    let got = c
+        .claim("acct_1", "k1", Fingerprint::of(b"a"))
+        .await
+        .unwrap();
+    let ClaimOutcome::Execute { region, .. } = got else {
+        panic!("{got:?}")
+    };
+    assert_eq!(region.as_str(), "us1");
+    // us1 saw the prior-region header: it could not ask eu1 and granted (the default policy).
+    let m = us1.metrics().await;
+    assert!(
+        m.contains("idem_failover_lookups_total{result=\"granted_unanswered\"} 1"),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn a_503_is_failed_over_after_its_retry_after() {
+    let dir = tempdir();
+    // us1 refuses claims whose prior region it cannot ask (503, Retry-After: 1).
+    let us1 = Daemon::start(&dir.path().join("us1"), &failover_policy()).await;
+    let ap1 = Daemon::start(&dir.path().join("ap1"), &config("ap1", "")).await;
+    let c = Client::new(client(&[
+        ("eu1", &dead_url()),
+        ("us1", &us1.url),
+        ("ap1", &ap1.url),
+    ]))
+    .unwrap();
+    let started = Instant::now();
+    let got = c
+        .claim("acct_1", "k2", Fingerprint::of(b"a"))
+        .await
+        .unwrap();
+    let ClaimOutcome::Execute { region, .. } = got else {
+        panic!("{got:?}")
+    };
+    assert_eq!(region.as_str(), "ap1");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "Retry-After ignored"
+    );
+    let m = us1.metrics().await;
+    assert!(
+        m.contains("idem_failover_lookups_total{result=\"refused_unanswered\"} 1"),
+        "{m}"
+    );
+    // ap1 was told the region tried just before it.
+    let m = ap1.metrics().await;
+    assert!(
+        m.contains("idem_failover_lookups_total{result=\"granted_unanswered\"} 1"),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn in_flight_and_mismatch_answers_are_final_and_never_failed_over() {
+    let dir = tempdir();
+    let eu1 = Daemon::start(&dir.path().join("eu1"), &config("eu1", "")).await;
+    let us1 = Daemon::start(&dir.path().join("us1"), &config("us1", "")).await;
+    let c = Client::new(client(&[("eu1", &eu1.url), ("us1", &us1.url)])).unwrap();
+    let fp = Fingerprint::of(b"a");
+    assert!(matches!(
+        c.claim("acct_1", "k3", fp).await.unwrap(),
+        ClaimOutcome::Execute { .. }
+    ));
+    let again = c.claim("acct_1", "k3", fp).await.unwrap();
+    assert!(matches!(again, ClaimOutcome::InFlight { .. }), "{again:?}");
+    let other = c
+        .claim("acct_1", "k3", Fingerprint::of(b"b"))
+        .await
+        .unwrap();
+    assert!(matches!(other, ClaimOutcome::Mismatch { .. }), "{other:?}");
+    assert!(!us1.metrics().await.contains("idem_claims_total{"));
+    // A refusal (4xx) is final too.
+    let err = c.claim("acct_1", &"k".repeat(300), fp).await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Refused(p) if p.status == 400),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_lost_answer_is_retried_with_the_same_attempt_token() {
+    let dir = tempdir();
+    let eu1 = Daemon::start(dir.path(), &config("eu1", "")).await;
+    let proxy = answer_losing_proxy(&eu1.url).await;
+    let c = Client::new(client(&[("eu1", &proxy)])).unwrap();
+    let got = c
+        .claim("acct_1", "k4", Fingerprint::of(b"a"))
+        .await
+        .unwrap();
+    // The first answer was lost after the claim was granted; the retry carried the same token
+    // and got the same claim back, instead of "in flight" for a whole lease.
+    let ClaimOutcome::Execute { resumed, .. } = got else {
+        panic!("{got:?}")
+    };
+    assert!(resumed);
+    assert!(eu1.metrics().await.contains("idem_resumes_total 1"));
+}
+
+#[tokio::test]
+async fn every_region_down_gives_up_within_the_caps() {
+    let mut cfg = client(&[("eu1", &dead_url()), ("us1", &dead_url())]);
+    cfg.max_attempts = 4;
+    let c = Client::new(cfg).unwrap();
+    let err = c
+        .claim("acct_1", "k5", Fingerprint::of(b"a"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::GaveUp { attempts: 4, .. }),
+        "{err:?}"
+    );
+
+    let mut cfg = client(&[("eu1", &dead_url())]);
+    cfg.max_attempts = 1000;
+    cfg.base_backoff = Duration::from_millis(40);
+    cfg.max_total = Duration::from_millis(300);
+    let c = Client::new(cfg).unwrap();
+    let started = Instant::now();
+    let err = c
+        .claim("acct_1", "k5", Fingerprint::of(b"a"))
+        .await
+        .unwrap_err();
+    let ClientError::GaveUp { elapsed, .. } = err else {
+        panic!("{err:?}")
+    };
+    assert!(elapsed < Duration::from_millis(300), "{elapsed:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn completions_go_to_the_claims_own_region() {
+    let dir = tempdir();
+    let eu1 = Daemon::start(&dir.path().join("eu1"), &config("eu1", "")).await;
+    let us1 = Daemon::start(&dir.path().join("us1"), &config("us1", "")).await;
+    let home = Client::new(client(&[("eu1", &eu1.url), ("us1", &us1.url)])).unwrap();
+    let fp = Fingerprint::of(b"a");
+    let ClaimOutcome::Execute { claim, .. } = home.claim("acct_1", "k6", fp).await.unwrap() else {
+        panic!()
+    };
+    // A client whose home is us1 still completes eu1's claim at eu1.
+    let other = Client::new(client(&[("us1", &us1.url), ("eu1", &eu1.url)])).unwrap();
+    let outcome = OutcomeJson {
+        status: 201,
+        body: Some("{\"id\":\"ch_1\"}".into()),
+        ..Default::default()
+    };
+    let done = other
+        .complete("acct_1", "k6", &claim, outcome)
+        .await
+        .unwrap();
+    assert_eq!(done.terminal, "completed");
+    let replay = home.claim("acct_1", "k6", fp).await.unwrap();
+    let ClaimOutcome::Replay { outcome, .. } = replay else {
+        panic!("{replay:?}")
+    };
+    assert_eq!(outcome.body.as_deref(), Some("{\"id\":\"ch_1\"}"));
+    // A claim of a region the client has no endpoint for is a config error, not a retry.
+    let lone = Client::new(client(&[("us1", &us1.url)])).unwrap();
+    let err = lone.release("acct_1", "k6", &claim).await.unwrap_err();
+    assert!(matches!(err, ClientError::Config(_)), "{err:?}");
+    // Reads work through the client too.
+    let view = home.read("acct_1", "k6").await.unwrap();
+    assert_eq!(view.winner.as_deref(), Some(claim.as_str()));
+}

@@ -1,0 +1,571 @@
+//! The daemon's store API, against real `idem serve` processes.
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::*;
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hundred_concurrent_identical_claims_get_exactly_one_execute() {
+    let dir = tempdir();
+    let d = Daemon::start(dir.path(), &config("eu1", "")).await;
+    let url = format!("{}/v1/ns/payments/claim", d.url);
+    let tasks: Vec<_> = (0..100)
+        .map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                post(
+                    &url,
+                    PAYMENTS_TOKEN,
+                    &json!({"principal": "acct_1", "key": "charge-1", "fingerprint": fp(1), "attempt": format!("{:x}", i + 1)}),
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut executes = 0;
+    let mut in_flight = 0;
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        match status {
+            200 => {
+                assert_eq!(body["decision"], "execute", "{body}");
+                executes += 1;
+            }
+            409 => {
+                assert_eq!(body["decision"], "in_flight", "{body}");
+                assert_eq!(body["origin_region"], "eu1");
+                in_flight += 1;
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!((executes, in_flight), (1, 99));
+    assert!(d
+        .metrics()
+        .await
+        .contains("idem_claims_total{decision=\"in_flight\"} 99"));
+}
+
+#[tokio::test]
+async fn complete_then_claim_replays_the_stored_bytes() {
+    let dir = tempdir();
+    let d = Daemon::start(dir.path(), &config("eu1", "")).await;
+    let (status, exec) = d.claim("charge-2", &fp(2), "a1").await;
+    assert_eq!(status, 200, "{exec}");
+    let body = vec![0u8, 159, 146, 150, b'{', b'}'];
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&body);
+    let (status, done) = d
+        .post(
+            "/v1/ns/payments/complete",
+            PAYMENTS_TOKEN,
+            &json!({"principal": "acct_1", "key": "charge-2", "claim": exec["claim"],
+                    "outcome": {"status": 201, "headers": [["Content-Type", "application/octet-stream"], ["Set-Cookie", "secret"]], "body_base64": b64}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(done, json!({"terminal": "completed", "superseded": false}));
+    let (status, replay) = d.claim("charge-2", &fp(2), "a2").await;
+    assert_eq!(status, 200, "{replay}");
+    assert_eq!(replay["decision"], "replay");
+    assert_eq!(replay["claim"], exec["claim"]);
+    assert_eq!(replay["outcome"]["status"], 201);
+    assert_eq!(replay["outcome"]["body_base64"], b64.as_str());
+    // Only allow-listed headers are kept (lower-cased names are matched case-insensitively).
+    assert_eq!(
+        replay["outcome"]["headers"],
+        json!([["Content-Type", "application/octet-stream"]])
+    );
+    assert!(d
+        .metrics()
+        .await
+        .contains("idem_time_to_outcome_seconds_count 1"));
+}
+
+#[tokio::test]
+async fn a_different_fingerprint_is_a_mismatch() {
+    let dir = tempdir();
+    let d = Daemon::start(dir.path(), &config("eu1", "")).await;
+    assert_eq!(d.claim("charge-3", &fp(3), "1").await.0, 200);
+    let (status, p) = d.claim("charge-3", &fp(4), "2").await;
+    assert_eq!(status, 422, "{p}");
+    assert_eq!(p["decision"], "mismatch");
+    assert_eq!(p["type"], "urn:idem:problem:mismatch");
+}
+
+#[tokio::test]
+async fn a_resent_attempt_token_resumes_its_claim_but_not_after_a_takeover() {
+    let dir = tempdir();
+    let d = Daemon::start(dir.path(), &config("eu1", "")).await;
+    // The reply was lost: the same token gets the same claim back.
+    let (_, first) = d.claim("charge-5", &fp(5), "aaaa").await;
+    let (status, again) = d.claim("charge-5", &fp(5), "aaaa").await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["claim"], first["claim"]);
+    assert_eq!(again["resumed"], true);
+
+    // Past the lease (plus the max drift), another attempt takes the key over.
+    tokio::time::sleep(Duration::from_millis(LEASE_MS + 200)).await;
+    let (status, taker) = d.claim("charge-5", &fp(5), "bbbb").await;
+    assert_eq!(status, 200, "{taker}");
+    assert_eq!(taker["decision"], "execute");
+    assert_eq!(taker["took_over"], json!([first["claim"]]));
+    // The paused caller re-sends its token: its claim is not revived.
+    let (status, late) = d.claim("charge-5", &fp(5), "aaaa").await;
+    assert_eq!(status, 409, "{late}");
+    assert_eq!(late["claim"], taker["claim"]);
+    assert!(d.metrics().await.contains("idem_takeovers_total 1"));
+}
+
+#[tokio::test]
+async fn a_replay_survives_kill_9_and_restart() {
+    let dir = tempdir();
+    let mut d = Daemon::start(dir.path(), &config("eu1", "")).await;
+    let (_, exec) = d.claim("charge-6", &fp(6), "1").await;
+    let (status, _) = d
+        .post(
+            "/v1/ns/payments/complete",
+            PAYMENTS_TOKEN,
+            &json!({"principal": "acct_1", "key": "charge-6", "claim": exec["claim"],
+                    "outcome": {"status": 200, "body": "{\"charged\":10}"}}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    d.kill9();
+    d.restart().await;
+    let (status, replay) = d.claim("charge-6", &fp(6), "2").await;
+    assert_eq!(status, 200, "{replay}");
+    assert_eq!(replay["decision"], "replay");
+    assert_eq!(replay["outcome"]["body"], "{\"charged\":10}");
+}
+
+#[tokio::test]
+async fn wrong_or_foreign_tokens_get_401_and_read_nothing() {
+    let dir = tempdir();
+    let d = Daemon::start(dir.path(), &config("eu1", "")).await;
+    let (_, exec) = d.claim("charge-7", &fp(7), "1").await;
+    let read = json!({"principal": "acct_1", "key": "charge-7"});
+    for token in [ORDERS_TOKEN, "not-a-token-at-all-0000", ""] {
+        let (status, p) = d.post("/v1/ns/payments/read", token, &read).await;
+        assert_eq!(status, 401, "{p}");
+        assert_eq!(p["type"], "urn:idem:problem:unauthorized");
+        assert!(!p.to_string().contains("charge-7"), "{p}");
+        let (status, _) = d
+            .post(
+                "/v1/ns/payments/claim",
+                token,
+                &json!({"principal": "acct_1", "key": "charge-7", "fingerprint": fp(7), "attempt": "9"}),
+            )
+            .await;
+        assert_eq!(status, 401);
+    }
+    // The operator reads any namespace; the payments token reads its own.
+    for token in [OPERATOR_TOKEN, PAYMENTS_TOKEN] {
+        let (status, view) = d.post("/v1/ns/payments/read", token, &read).await;
+        assert_eq!(status, 200, "{view}");
+        assert_eq!(view["claims"][0]["claim"], exec["claim"]);
+    }
+    // Operators do not claim.
+    let (status, _) = d
+        .post(
+            "/v1/ns/payments/claim",
+            OPERATOR_TOKEN,
+            &json!({"principal": "acct_1", "key": "x", "fingerprint": fp(7), "attempt": "9"}),
+        )
+        .await;
+    assert_eq!(status, 401);
+    // A foreign token says nothing of whether a namespace exists.
+    let (status, _) = d.post("/v1/ns/nope/read", PAYMENTS_TOKEN, &read).await;
+    assert_eq!(status, 401);
+    let (status, _) = d.post("/v1/ns/nope/read", OPERATOR_TOKEN, &read).await;
+    assert_eq!(status, 404);
+    let no_auth = http()
+        .get(format!("{}/v1/status", d.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_auth.status(), 401);
+    assert!(no_auth.headers().contains_key("www-authenticate"));
+}
+
+#[tokio::test]
+async fn oversize_keys_outcomes_and_bodies_get_clear_4xx() {
+    let dir = tempdir();
+    let d = Daemon::start(dir.path(), &config("eu1", "")).await;
+    let (status, p) = d.claim(&"k".repeat(256), &fp(8), "1").await;
+    assert_eq!(status, 400, "{p}");
+    assert_eq!(p["type"], "urn:idem:problem:bad-key");
+    assert_eq!(p["field"], "key");
+
+    let (_, exec) = d.claim("charge-8", &fp(8), "1").await;
+    let (status, p) = d
+        .post(
+            "/v1/ns/payments/complete",
+            PAYMENTS_TOKEN,
+            &json!({"principal": "acct_1", "key": "charge-8", "claim": exec["claim"],
+                    "outcome": {"status": 200, "body": "x".repeat(OUTCOME_MAX + 1)}}),
+        )
+        .await;
+    assert_eq!(status, 413, "{p}");
+    assert_eq!(p["type"], "urn:idem:problem:outcome-too-large");
+
+    // Beyond limits.request_bytes_max (the default, 12 MiB) the body is refused unread.
+    let (status, p) = d
+        .post(
+            "/v1/ns/payments/complete",
+            PAYMENTS_TOKEN,
+            &json!({"principal": "acct_1", "key": "charge-8", "claim": exec["claim"],
+                    "outcome": {"status": 200, "body": "x".repeat(13 << 20)}}),
+        )
+        .await;
+    assert_eq!(status, 413, "{p}");
+    assert_eq!(p["type"], "urn:idem:problem:request-too-large");
+
+    for (body, field) in [
+        (
+            json!({"principal": "a", "key": "k", "fingerprint": "xyz", "attempt": "1"}),
+            "fingerprint",
+        ),
+        (
+            json!({"principal": "a", "key": "k", "fingerprint": fp(1), "attempt": "g"}),
+            "attempt",
+        ),
+    ] {
+        let (status, p) = d.post("/v1/ns/payments/claim", PAYMENTS_TOKEN, &body).await;
+        assert_eq!(status, 400, "{p}");
+        assert_eq!(p["field"], field);
+    }
+    let (status, p) = d
+        .post("/v1/ns/payments/claim", PAYMENTS_TOKEN, &json!({"key": 1}))
+        .await;
+    assert_eq!(status, 422, "{p}");
+    assert_eq!(p["type"], "urn:idem:problem:invalid-request");
+}
+
+#[tokio::test]
+async fn complete_release_and_extend_follow_the_claim_lifecycle() {
+    let dir = tempdir();
+    let d = Daemon::start(dir.path(), &config("eu1", "")).await;
+    let (_, exec) = d.claim("charge-9", &fp(9), "1").await;
+    let key = |extra: Value| {
+        let mut v = json!({"principal": "acct_1", "key": "charge-9", "claim": exec["claim"]});
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        v
+    };
+    let (status, ext) = d
+        .post(
+            "/v1/ns/payments/extend",
+            PAYMENTS_TOKEN,
+            &key(json!({"lease_ms": 5000})),
+        )
+        .await;
+    assert_eq!(status, 200, "{ext}");
+    assert!(ext["lease_until_ms"].as_u64().unwrap() > exec["lease_until_ms"].as_u64().unwrap());
+    let (status, p) = d
+        .post(
+            "/v1/ns/payments/extend",
+            PAYMENTS_TOKEN,
+            &key(json!({"lease_ms": 3_600_000})),
+        )
+        .await;
+    assert_eq!(status, 400, "{p}");
+    assert_eq!(p["field"], "lease_ms");
+    let (status, rel) = d
+        .post("/v1/ns/payments/release", PAYMENTS_TOKEN, &key(json!({})))
+        .await;
+    assert_eq!(status, 200, "{rel}");
+    assert_eq!(rel["terminal"], "released");
+    // Released: the key is free again, and the finished claim cannot be completed.
+    let (status, again) = d.claim("charge-9", &fp(9), "2").await;
+    assert_eq!(status, 200);
+    assert_ne!(again["claim"], exec["claim"]);
+    let (status, p) = d
+        .post(
+            "/v1/ns/payments/complete",
+            PAYMENTS_TOKEN,
+            &key(json!({"outcome": {"status": 200}})),
+        )
+        .await;
+    assert_eq!(status, 409, "{p}");
+    let (status, p) = d
+        .post(
+            "/v1/ns/payments/release",
+            PAYMENTS_TOKEN,
+            &json!({"principal": "acct_1", "key": "charge-9", "claim": "not-a-claim"}),
+        )
+        .await;
+    assert_eq!(status, 400, "{p}");
+    assert_eq!(p["field"], "claim");
+    let m = d.metrics().await;
+    assert!(m.contains("idem_lease_extensions_total 1"), "{m}");
+    assert!(
+        m.contains("idem_finished_total{terminal=\"released\"} 1"),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn readyz_is_false_while_the_index_is_rebuilt() {
+    let dir = tempdir();
+    // Fill a data directory with enough keys that rebuilding takes a while (no hint files:
+    // the whole log is replayed).
+    {
+        let cfg =
+            idem::daemon::config::Config::parse(&dir.path().join("idem.toml"), &config("eu1", ""))
+                .unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let store = idem::Store::open(
+            idem::store::storage::FsStorage::open(&data).unwrap(),
+            cfg.store_config(),
+            idem::clock::wall_clock_ms(),
+        )
+        .unwrap();
+        for i in 0..300_000u32 {
+            let req = idem::ClaimRequest {
+                key: idem::RecordKey::new("orders", "p", format!("key-{i}")),
+                fingerprint: idem::Fingerprint::of(&i.to_le_bytes()),
+                attempt: idem::AttemptToken(u128::from(i)),
+            };
+            let now = idem::clock::wall_clock_ms();
+            let pending = store.claim(now, &req).unwrap();
+            let idem::Decision::Execute { claim, .. } = pending.peek().clone() else {
+                panic!("{:?}", pending.peek());
+            };
+            let done = store
+                .complete(now, &req.key, claim, idem::Outcome::new(200, "ok"))
+                .unwrap();
+            if i % 1000 == 999 {
+                // Flushing now and then keeps the clock's reservation durable ahead of use.
+                store.wait(done).unwrap();
+            }
+        }
+        store.flush().unwrap();
+    }
+    let d = Daemon::spawn(dir.path(), &config("eu1", ""));
+    let first = http()
+        .get(format!("{}/readyz", d.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 503);
+    let body: Value = first.json().await.unwrap();
+    assert_eq!(body, json!({"ready": false, "reason": "recovering"}));
+    // The store API says so too, with Retry-After.
+    let (status, p) = d.claim("k", &fp(1), "1").await;
+    assert_eq!(status, 503, "{p}");
+    assert_eq!(p["state"], "recovering");
+    d.wait_ready().await;
+    eprintln!(
+        "{}",
+        d.stderr()
+            .lines()
+            .find(|l| l.contains("rebuilt"))
+            .unwrap_or_default()
+    );
+    let (status, view) = d
+        .post(
+            "/v1/ns/orders/read",
+            ORDERS_TOKEN,
+            &json!({"principal": "p", "key": "key-299999"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{view}");
+}
+
+#[tokio::test]
+async fn sigterm_drains_flushes_and_exits_cleanly() {
+    let dir = tempdir();
+    let mut d = Daemon::start(dir.path(), &config("eu1", "")).await;
+    let (_, exec) = d.claim("charge-10", &fp(10), "1").await;
+    assert!(d.terminate(), "{}", d.stderr());
+    assert!(
+        d.stderr().contains("log flushed; stopped"),
+        "{}",
+        d.stderr()
+    );
+    d.restart().await;
+    let (status, p) = d.claim("charge-10", &fp(10), "2").await;
+    assert_eq!(status, 409, "{p}");
+    assert_eq!(p["claim"], exec["claim"]);
+}
+
+#[tokio::test]
+async fn a_bad_config_names_the_file_and_the_field() {
+    let dir = tempdir();
+    let path = dir.path().join("idem.toml");
+    std::fs::write(
+        &path,
+        config("eu1", "").replace("max_drift_ms = 50", "max_drift_ms = \"fast\""),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("idem.toml"), "{err}");
+    assert!(err.contains("store.max_drift_ms"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[tokio::test]
+async fn without_a_config_a_development_store_runs_on_loopback() {
+    let dir = tempdir();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("idem: listening on ")
+        .unwrap()
+        .to_owned();
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    let mut status = 0;
+    for _ in 0..500 {
+        let (s, _) = post(
+            &format!("{url}/v1/ns/default/claim"),
+            idem::daemon::config::DEV_TOKEN,
+            &json!({"principal": "p", "key": "k", "fingerprint": fp(1), "attempt": "1"}),
+        )
+        .await;
+        status = s;
+        if s == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status, 200);
+    assert!(dir.path().join("idem-data").is_dir());
+}
+
+#[tokio::test]
+async fn metrics_openapi_and_status_are_served() {
+    let dir = tempdir();
+    let d = Daemon::start(dir.path(), &config("eu1", "")).await;
+    d.claim("charge-11", &fp(11), "1").await;
+    let m = d.metrics().await;
+    for name in [
+        "idem_claims_total{decision=\"execute\"} 1",
+        "idem_fsync_seconds_bucket",
+        "idem_time_to_outcome_seconds",
+        "idem_keys 1",
+        "idem_log_bytes",
+        "idem_ready 1",
+    ] {
+        assert!(m.contains(name), "{name} missing from {m}");
+    }
+    let spec: Value = http()
+        .get(format!("{}/openapi.json", d.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(spec["openapi"], "3.1.0");
+    // Every path the document lists is a route the daemon serves.
+    let paths = spec["paths"].as_object().unwrap();
+    assert!(paths.len() >= 11);
+    for (path, item) in paths {
+        let url = format!("{}{}", d.url, path.replace("{namespace}", "payments"));
+        for method in item.as_object().unwrap().keys() {
+            let req = match method.as_str() {
+                "get" => http().get(&url),
+                "post" => http().post(&url).json(&json!({})),
+                other => panic!("{other}"),
+            };
+            let r = req.bearer_auth(OPERATOR_TOKEN).send().await.unwrap();
+            let body = r.text().await.unwrap();
+            assert!(
+                !body.contains("urn:idem:problem:not-found"),
+                "{method} {path}: {body}"
+            );
+        }
+    }
+    let (status, s) = http()
+        .get(format!("{}/v1/status", d.url))
+        .bearer_auth(OPERATOR_TOKEN)
+        .send()
+        .await
+        .map(|r| (r.status().as_u16(), r))
+        .unwrap();
+    assert_eq!(status, 200);
+    let s: Value = s.json().await.unwrap();
+    assert_eq!(s["region"], "eu1");
+    assert_eq!(s["keys"], 1);
+    assert_eq!(s["namespaces"], json!(["orders", "payments"]));
+    let missing = http()
+        .get(format!("{}/v2/nothing", d.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    assert_eq!(
+        missing.headers()["content-type"],
+        "application/problem+json"
+    );
+}
+
+#[tokio::test]
+async fn https_serves_the_same_api() {
+    let dir = tempdir();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::create_dir_all(dir.path()).unwrap();
+    std::fs::write(dir.path().join("cert.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
+    let text = config("eu1", "").replace(
+        "[store]",
+        &format!(
+            "[http]\ntls = {{ cert = {:?}, key = {:?} }}\n\n[store]",
+            dir.path().join("cert.pem"),
+            dir.path().join("key.pem")
+        ),
+    );
+    let d = Daemon::spawn(dir.path(), &text);
+    assert!(d.url.starts_with("https://"), "{}", d.url);
+    let url = d.url.replace("127.0.0.1", "localhost");
+    let mut cfg = idem::client::ClientConfig::new(
+        vec![idem::client::Endpoint::new("eu1", &url).unwrap()],
+        "payments",
+        PAYMENTS_TOKEN,
+    );
+    cfg.ca_pem = Some(cert.cert.pem().into_bytes());
+    cfg.max_total = Duration::from_secs(30);
+    cfg.max_attempts = 50;
+    let client = idem::client::Client::new(cfg).unwrap();
+    let got = client
+        .claim("acct_1", "tls-1", idem::Fingerprint::of(b"x"))
+        .await
+        .unwrap();
+    assert!(
+        matches!(got, idem::client::ClaimOutcome::Execute { .. }),
+        "{got:?}"
+    );
+    // Plain HTTP to the HTTPS port gets nothing useful.
+    assert!(http()
+        .get(format!("{}/healthz", d.url.replace("https", "http")))
+        .send()
+        .await
+        .map(|r| r.status() != 200)
+        .unwrap_or(true));
+}
