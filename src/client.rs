@@ -1,23 +1,28 @@
 //! A Rust client for the store API, following the rules every client must follow
 //! (`docs/http-api.md`, "Retries and failover"):
 //!
-//! * **One attempt token per claim call**, re-sent only when no answer came back (a connection
-//!   that failed or timed out, or a 503 whose `state` is `timeout`). After any other answer a
-//!   retry uses a fresh token.
+//! * **One attempt token per claim call** (128 random bits), re-sent only when no answer came
+//!   back: the connection failed or broke, the answer timed out or was cut short, a gateway
+//!   answered 502 or 504, or the daemon answered 503 with `state` `timeout` or
+//!   `shutting_down` (the claim may have been granted). After any other answer a retry uses a
+//!   fresh token.
 //! * **Exponential backoff with full jitter**: before retry `n` the client sleeps a uniform
 //!   random time in `[0, min(max_backoff, base_backoff * 2^n)]`, and at least `Retry-After`
 //!   when the daemon sent one. Attempts and total time are capped.
-//! * **Failover only when a region could not be reached or answered 503**: the claim then goes
-//!   to the next endpoint with the header `Idem-Prior-Region` naming the region tried before,
-//!   so that region can be asked about the key (design §4). Any other answer (in flight,
-//!   mismatch, a 4xx) is final and never sent elsewhere.
+//! * **Failover only when a region could not be reached (no connection) or answered 503**
+//!   (other than `timeout` and `shutting_down`): the claim then goes to the next endpoint with
+//!   the header `Idem-Prior-Region` naming the region tried before, so that region can be asked
+//!   about the key (design §4). When no answer came back over an open connection the same
+//!   region is asked again with the same token, since only it can resume that claim. Any other
+//!   answer (in flight, mismatch, a 4xx) is final and never sent elsewhere.
+//! * **Caps**: attempts, and total time; each attempt's timeout is cut to the time left.
 //! * **Completions, releases and extensions go to the claim's own region** (the region part of
 //!   the claim id); they are retried there, never failed over: only that region may write its
 //!   claim.
 //!
 //! ```no_run
 //! use idem::client::{Client, ClientConfig, ClaimOutcome, Endpoint};
-//! use idem::http::api::OutcomeJson;
+//! use idem::http::api::OutcomeInput;
 //! use idem::record::Fingerprint;
 //!
 //! # async fn run() -> Result<(), idem::client::ClientError> {
@@ -30,7 +35,7 @@
 //! match client.claim("acct_42", "order-7", fp).await? {
 //!     ClaimOutcome::Execute { claim, .. } => {
 //!         // ... charge the card ...
-//!         let response = OutcomeJson { status: 201, body: Some(r#"{"id":"ch_1"}"#.into()), ..Default::default() };
+//!         let response = OutcomeInput::text(201, r#"{"id":"ch_1"}"#);
 //!         client.complete("acct_42", "order-7", &claim, response).await?;
 //!     }
 //!     ClaimOutcome::Replay { outcome, .. } => { /* send the stored response */ let _ = outcome; }
@@ -51,8 +56,9 @@ use serde::Serialize;
 
 use crate::clock::{RegionId, Stamp};
 use crate::http::api::{
-    hex, ClaimAnswer, ClaimBody, CompleteBody, ExtendAnswer, ExtendBody, FinishAnswer, OutcomeJson,
-    ReadAnswer, ReadBody, ReleaseBody, PRIOR_REGION_HEADER,
+    format_attempt, hex, ClaimAnswer, ClaimBody, CompleteBody, ExtendAnswer, ExtendBody,
+    FinishAnswer, OutcomeInput, OutcomeJson, ReadAnswer, ReadBody, ReleaseBody,
+    PRIOR_REGION_HEADER,
 };
 use crate::http::problem::Problem;
 use crate::record::Fingerprint;
@@ -94,13 +100,14 @@ pub struct ClientConfig {
     pub token: String,
     /// Most HTTP attempts per call, failovers included. Default 6.
     pub max_attempts: u32,
-    /// Most time per call, sleeps included. Default 10 s.
+    /// Most time per call, sleeps and attempts included. Default 30 s.
     pub max_total: Duration,
     /// First backoff ceiling. Default 50 ms.
     pub base_backoff: Duration,
     /// Largest backoff ceiling. Default 2 s.
     pub max_backoff: Duration,
-    /// Per-attempt timeout (connect, send, answer). Default 5 s.
+    /// Per-attempt timeout (connect, send, answer). Default 11 s: longer than the daemon's
+    /// default request time limit (10 s), so a slow answer arrives rather than being retried.
     pub attempt_timeout: Duration,
     /// Extra CA certificates (PEM) trusted for `https` endpoints, besides the public roots.
     pub ca_pem: Option<Vec<u8>>,
@@ -116,10 +123,10 @@ impl ClientConfig {
             namespace: namespace.to_owned(),
             token: token.to_owned(),
             max_attempts: 6,
-            max_total: Duration::from_secs(10),
+            max_total: Duration::from_secs(30),
             base_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(2),
-            attempt_timeout: Duration::from_secs(5),
+            attempt_timeout: Duration::from_secs(11),
             ca_pem: None,
             jitter_seed: None,
         }
@@ -201,10 +208,57 @@ pub struct Client {
 enum Attempt<T> {
     /// A final answer.
     Done(T),
-    /// No answer came back (connect failure, timeout, broken connection).
+    /// No connection could be made: the region is unreachable (fail over).
+    Unreachable(String),
+    /// The request may have arrived but no answer came back (retry the same region with the
+    /// same token).
     NoAnswer(String),
-    /// 503: `state`, suggested wait, and the problem.
+    /// 503 (not `timeout` or `shutting_down`): the problem and its `Retry-After` (fail over).
     Unavailable(Box<Problem>, Option<Duration>),
+}
+
+/// Classifies a failed send.
+fn send_failed<T>(e: &reqwest::Error) -> Attempt<T> {
+    if e.is_connect() {
+        Attempt::Unreachable(describe(e))
+    } else {
+        Attempt::NoAnswer(describe(e))
+    }
+}
+
+/// Classifies an answer that is not 200: a final refusal, a 503, or no answer at all.
+async fn not_ok<T>(response: reqwest::Response) -> Attempt<Result<T, ClientError>> {
+    let status = response.status();
+    if status == StatusCode::BAD_GATEWAY || status == StatusCode::GATEWAY_TIMEOUT {
+        // A gateway's own answer: the daemon's never arrived.
+        return Attempt::NoAnswer(format!("gateway answered {status}"));
+    }
+    match problem_of(response).await {
+        Err(no_answer) => Attempt::NoAnswer(no_answer),
+        Ok((p, retry)) if p.status == 503 => match p.state.as_deref() {
+            // Not an answer about the request: it may have taken effect.
+            Some("timeout") | Some("shutting_down") => {
+                Attempt::NoAnswer(format!("503 {}", p.state.as_deref().unwrap_or_default()))
+            }
+            _ => Attempt::Unavailable(p, retry),
+        },
+        Ok((p, _)) => Attempt::Done(Err(ClientError::Refused(p))),
+    }
+}
+
+/// Reads a 200 answer: a body cut short is no answer; a body that does not decode is final.
+async fn ok_body<T: DeserializeOwned, U>(
+    response: reqwest::Response,
+) -> Result<T, Attempt<Result<U, ClientError>>> {
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|e| Attempt::NoAnswer(describe(&e)))?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        Attempt::Done(Err(ClientError::Protocol(format!(
+            "a 200 answer that does not decode: {e}"
+        ))))
+    })
 }
 
 /// Where retries of a call may go.
@@ -270,27 +324,43 @@ impl Client {
     ) -> Result<ClaimOutcome, ClientError> {
         let mut attempt_token = self.fresh_token();
         let path = self.path("claim");
-        self.run(Route::Failover, |endpoint, prior, answered_before| {
-            if answered_before {
-                // An answer came back for the last token: never re-send it.
-                attempt_token = self.fresh_token();
-            }
-            let body = ClaimBody {
-                principal: principal.to_owned(),
-                key: key.to_owned(),
-                fingerprint: hex(&fingerprint.0),
-                attempt: format!("{attempt_token:x}"),
-            };
-            let request = self.post(endpoint, &path, &body, prior);
-            let region = endpoint.region;
-            async move {
-                let response = match request.send().await {
-                    Ok(r) => r,
-                    Err(e) => return Attempt::NoAnswer(describe(&e)),
+        self.run(
+            Route::Failover,
+            |endpoint, prior, answered_before, timeout| {
+                if answered_before {
+                    // An answer came back for the last token: never re-send it.
+                    attempt_token = self.fresh_token();
+                }
+                let body = ClaimBody {
+                    principal: principal.to_owned(),
+                    key: key.to_owned(),
+                    fingerprint: hex(&fingerprint.0),
+                    attempt: format_attempt(attempt_token),
                 };
-                let status = response.status();
-                match status {
-                    StatusCode::OK => match response.json::<ClaimAnswer>().await {
+                let request = self.post(endpoint, &path, &body, prior, timeout);
+                let region = endpoint.region;
+                async move {
+                    let response = match request.send().await {
+                        Ok(r) => r,
+                        Err(e) => return send_failed(&e),
+                    };
+                    if response.status() != StatusCode::OK {
+                        return match not_ok::<ClaimOutcome>(response).await {
+                            Attempt::Done(Err(ClientError::Refused(p))) => {
+                                match (p.status, p.decision.as_deref()) {
+                                    (409, Some("in_flight")) => {
+                                        Attempt::Done(Ok(ClaimOutcome::InFlight { problem: p }))
+                                    }
+                                    (422, Some("mismatch")) => {
+                                        Attempt::Done(Ok(ClaimOutcome::Mismatch { problem: p }))
+                                    }
+                                    _ => Attempt::Done(Err(ClientError::Refused(p))),
+                                }
+                            }
+                            other => other,
+                        };
+                    }
+                    match ok_body::<ClaimAnswer, ClaimOutcome>(response).await {
                         Ok(ClaimAnswer::Execute {
                             claim,
                             lease_until_ms,
@@ -314,24 +384,11 @@ impl Client {
                             outcome,
                             indeterminate,
                         })),
-                        Err(e) => Attempt::NoAnswer(describe(&e)),
-                    },
-                    _ => match problem_of(response).await {
-                        Err(no_answer) => Attempt::NoAnswer(no_answer),
-                        Ok((p, retry)) => match p.status {
-                            503 => Attempt::Unavailable(p, retry),
-                            409 if p.decision.as_deref() == Some("in_flight") => {
-                                Attempt::Done(Ok(ClaimOutcome::InFlight { problem: p }))
-                            }
-                            422 if p.decision.as_deref() == Some("mismatch") => {
-                                Attempt::Done(Ok(ClaimOutcome::Mismatch { problem: p }))
-                            }
-                            _ => Attempt::Done(Err(ClientError::Refused(p))),
-                        },
-                    },
+                        Err(a) => a,
+                    }
                 }
-            }
-        })
+            },
+        )
         .await
     }
 
@@ -341,7 +398,7 @@ impl Client {
         principal: &str,
         key: &str,
         claim: &str,
-        outcome: OutcomeJson,
+        outcome: OutcomeInput,
     ) -> Result<FinishAnswer, ClientError> {
         let body = CompleteBody {
             principal: principal.to_owned(),
@@ -391,8 +448,8 @@ impl Client {
             key: key.to_owned(),
         };
         let path = self.path("read");
-        self.run(Route::Failover, |endpoint, _, _| {
-            let request = self.post(endpoint, &path, &body, None);
+        self.run(Route::Failover, |endpoint, _, _, timeout| {
+            let request = self.post(endpoint, &path, &body, None, timeout);
             async move { json_attempt(request).await }
         })
         .await
@@ -408,8 +465,8 @@ impl Client {
             .parse()
             .map_err(|e| ClientError::Config(format!("claim id {claim:?}: {e}")))?;
         let path = self.path(op);
-        self.run(Route::Pinned(stamp.region), |endpoint, _, _| {
-            let request = self.post(endpoint, &path, body, None);
+        self.run(Route::Pinned(stamp.region), |endpoint, _, _, timeout| {
+            let request = self.post(endpoint, &path, body, None, timeout);
             async move { json_attempt(request).await }
         })
         .await
@@ -425,11 +482,13 @@ impl Client {
         path: &str,
         body: &B,
         prior: Option<RegionId>,
+        timeout: Duration,
     ) -> reqwest::RequestBuilder {
         let mut r = self
             .http
             .post(format!("{}{path}", endpoint.url))
             .bearer_auth(&self.config.token)
+            .timeout(timeout)
             .json(body);
         if let Some(p) = prior {
             r = r.header(PRIOR_REGION_HEADER, p.as_str());
@@ -457,12 +516,12 @@ impl Client {
         Duration::from_nanos(pick)
     }
 
-    /// The retry loop. `attempt(endpoint, prior_region, answered_before)` makes one request;
-    /// `answered_before` tells whether the previous attempt got an answer (so a claim must not
-    /// re-send its token).
+    /// The retry loop. `attempt(endpoint, prior_region, answered_before, timeout)` makes one
+    /// request within `timeout`; `answered_before` tells whether the previous attempt got an
+    /// answer (so a claim must not re-send its token).
     async fn run<T, F, Fut>(&self, route: Route, mut attempt: F) -> Result<T, ClientError>
     where
-        F: FnMut(&Endpoint, Option<RegionId>, bool) -> Fut,
+        F: FnMut(&Endpoint, Option<RegionId>, bool, Duration) -> Fut,
         Fut: std::future::Future<Output = Attempt<Result<T, ClientError>>>,
     {
         let c = &self.config;
@@ -483,49 +542,63 @@ impl Client {
         let mut at = pinned.unwrap_or(0);
         let mut prior: Option<RegionId> = None;
         let mut answered_before = false;
-        let mut last = String::new();
+        let mut last = String::from("no attempt made");
         let mut last_problem = None;
-        for n in 0..c.max_attempts {
-            let endpoint = &c.endpoints[at];
-            let (failover, wait_at_least) = match attempt(endpoint, prior, answered_before).await {
-                Attempt::Done(result) => return result,
-                Attempt::NoAnswer(why) => {
-                    last = format!("{}: no answer: {why}", endpoint.region);
-                    last_problem = None;
-                    answered_before = false;
-                    (true, None)
-                }
-                Attempt::Unavailable(p, retry) => {
-                    last = format!(
-                        "{}: 503 {}",
-                        endpoint.region,
-                        p.state.as_deref().unwrap_or("unavailable")
-                    );
-                    // A server-side timeout is not an answer about the claim.
-                    answered_before = p.state.as_deref() != Some("timeout");
-                    last_problem = Some(p);
-                    (true, retry)
-                }
-            };
-            if n + 1 == c.max_attempts {
+        let mut attempts = 0;
+        while attempts < c.max_attempts {
+            let left = c.max_total.saturating_sub(started.elapsed());
+            if left.is_zero() {
                 break;
             }
-            if failover && pinned.is_none() && c.endpoints.len() > 1 {
+            attempts += 1;
+            let endpoint = &c.endpoints[at];
+            let timeout = c.attempt_timeout.min(left);
+            let (failover, wait_at_least) =
+                match attempt(endpoint, prior, answered_before, timeout).await {
+                    Attempt::Done(result) => return result,
+                    Attempt::Unreachable(why) => {
+                        last = format!("{}: unreachable: {why}", endpoint.region);
+                        last_problem = None;
+                        answered_before = false;
+                        (true, None)
+                    }
+                    Attempt::NoAnswer(why) => {
+                        last = format!("{}: no answer: {why}", endpoint.region);
+                        last_problem = None;
+                        answered_before = false;
+                        (false, None)
+                    }
+                    Attempt::Unavailable(p, retry) => {
+                        last = format!(
+                            "{}: 503 {}",
+                            endpoint.region,
+                            p.state.as_deref().unwrap_or("unavailable")
+                        );
+                        last_problem = Some(p);
+                        answered_before = true;
+                        (true, retry)
+                    }
+                };
+            if attempts == c.max_attempts {
+                break;
+            }
+            let moved = failover && pinned.is_none() && c.endpoints.len() > 1;
+            if moved {
+                // The next region is told which region was tried just before it, also when
+                // the list wraps around to the home region.
                 prior = Some(endpoint.region);
                 at = (at + 1) % c.endpoints.len();
-                if at == 0 {
-                    // Every region tried once more: the home region has no prior.
-                    prior = prior.filter(|p| *p != c.endpoints[0].region);
-                }
             }
-            let sleep = self.backoff(n).max(wait_at_least.unwrap_or_default());
+            // Retry-After is the answering region's; a region failed over to need not wait.
+            let wait = if moved { None } else { wait_at_least };
+            let sleep = self.backoff(attempts - 1).max(wait.unwrap_or_default());
             if started.elapsed() + sleep >= c.max_total {
                 break;
             }
             tokio::time::sleep(sleep).await;
         }
         Err(ClientError::GaveUp {
-            attempts: c.max_attempts,
+            attempts,
             elapsed: started.elapsed(),
             last,
             problem: last_problem,
@@ -575,19 +648,14 @@ async fn json_attempt<T: DeserializeOwned>(
 ) -> Attempt<Result<T, ClientError>> {
     let response = match request.send().await {
         Ok(r) => r,
-        Err(e) => return Attempt::NoAnswer(describe(&e)),
+        Err(e) => return send_failed(&e),
     };
-    if response.status() == StatusCode::OK {
-        return match response.json::<T>().await {
-            Ok(t) => Attempt::Done(Ok(t)),
-            Err(e) if e.is_decode() => Attempt::Done(Err(ClientError::Protocol(describe(&e)))),
-            Err(e) => Attempt::NoAnswer(describe(&e)),
-        };
+    if response.status() != StatusCode::OK {
+        return not_ok(response).await;
     }
-    match problem_of(response).await {
-        Err(no_answer) => Attempt::NoAnswer(no_answer),
-        Ok((p, retry)) if p.status == 503 => Attempt::Unavailable(p, retry),
-        Ok((p, _)) => Attempt::Done(Err(ClientError::Refused(p))),
+    match ok_body(response).await {
+        Ok(t) => Attempt::Done(Ok(t)),
+        Err(a) => a,
     }
 }
 

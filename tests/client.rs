@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use idem::client::{ClaimOutcome, Client, ClientConfig, ClientError, Endpoint};
-use idem::http::api::OutcomeJson;
+use idem::http::api::OutcomeInput;
 use idem::Fingerprint;
 
 fn client(endpoints: &[(&str, &str)]) -> ClientConfig {
@@ -45,13 +45,13 @@ async fn a_stopped_region_is_failed_over_and_named_as_the_prior_region() {
     // us1 saw the prior-region header: it could not ask eu1 and granted (the default policy).
     let m = us1.metrics().await;
     assert!(
-        m.contains("idem_failover_lookups_total{result=\"granted_unanswered\"} 1"),
+        m.contains("idem_failover_lookups_total{prior=\"eu1\",result=\"granted_unanswered\"} 1"),
         "{m}"
     );
 }
 
 #[tokio::test]
-async fn a_503_is_failed_over_after_its_retry_after() {
+async fn a_503_is_failed_over_at_once_and_the_next_region_told() {
     let dir = tempdir();
     // us1 refuses claims whose prior region it cannot ask (503, Retry-After: 1).
     let us1 = Daemon::start(&dir.path().join("us1"), &failover_policy()).await;
@@ -71,21 +71,43 @@ async fn a_503_is_failed_over_after_its_retry_after() {
         panic!("{got:?}")
     };
     assert_eq!(region.as_str(), "ap1");
-    assert!(
-        started.elapsed() >= Duration::from_secs(1),
-        "Retry-After ignored"
-    );
+    // us1's Retry-After is about us1: another region is tried without waiting it out.
+    assert!(started.elapsed() < Duration::from_secs(1));
     let m = us1.metrics().await;
     assert!(
-        m.contains("idem_failover_lookups_total{result=\"refused_unanswered\"} 1"),
+        m.contains("idem_failover_lookups_total{prior=\"eu1\",result=\"refused_unanswered\"} 1"),
         "{m}"
     );
     // ap1 was told the region tried just before it.
     let m = ap1.metrics().await;
     assert!(
-        m.contains("idem_failover_lookups_total{result=\"granted_unanswered\"} 1"),
+        m.contains("idem_failover_lookups_total{prior=\"us1\",result=\"granted_unanswered\"} 1"),
         "{m}"
     );
+}
+
+#[tokio::test]
+async fn a_503_from_the_only_region_is_retried_after_its_retry_after() {
+    let dir = tempdir();
+    // A region rebuilding its index answers 503 `recovering` with Retry-After: 1.
+    fill_orders(dir.path(), &config("eu1", ""), 150_000);
+    let eu1 = Daemon::spawn(dir.path(), &config("eu1", ""));
+    let c = Client::new(client(&[("eu1", &eu1.url)])).unwrap();
+    let started = Instant::now();
+    let got = c
+        .claim("acct_1", "k7", Fingerprint::of(b"a"))
+        .await
+        .unwrap();
+    assert!(matches!(got, ClaimOutcome::Execute { .. }), "{got:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "answered in {:?}: the 503 was not waited out",
+        started.elapsed()
+    );
+    assert!(eu1
+        .metrics()
+        .await
+        .contains("idem_claims_total{decision=\"execute\"} 1"));
 }
 
 #[tokio::test]
@@ -118,9 +140,12 @@ async fn in_flight_and_mismatch_answers_are_final_and_never_failed_over() {
 #[tokio::test]
 async fn a_lost_answer_is_retried_with_the_same_attempt_token() {
     let dir = tempdir();
-    let eu1 = Daemon::start(dir.path(), &config("eu1", "")).await;
+    let eu1 = Daemon::start(&dir.path().join("eu1"), &config("eu1", "")).await;
+    let us1 = Daemon::start(&dir.path().join("us1"), &config("us1", "")).await;
     let proxy = answer_losing_proxy(&eu1.url).await;
-    let c = Client::new(client(&[("eu1", &proxy)])).unwrap();
+    // A second region is listed: a lost answer is still retried at the region that may hold
+    // the claim, never failed over.
+    let c = Client::new(client(&[("eu1", &proxy), ("us1", &us1.url)])).unwrap();
     let got = c
         .claim("acct_1", "k4", Fingerprint::of(b"a"))
         .await
@@ -132,6 +157,7 @@ async fn a_lost_answer_is_retried_with_the_same_attempt_token() {
     };
     assert!(resumed);
     assert!(eu1.metrics().await.contains("idem_resumes_total 1"));
+    assert!(!us1.metrics().await.contains("idem_claims_total{"));
 }
 
 #[tokio::test]
@@ -158,10 +184,14 @@ async fn every_region_down_gives_up_within_the_caps() {
         .claim("acct_1", "k5", Fingerprint::of(b"a"))
         .await
         .unwrap_err();
-    let ClientError::GaveUp { elapsed, .. } = err else {
+    let ClientError::GaveUp {
+        elapsed, attempts, ..
+    } = err
+    else {
         panic!("{err:?}")
     };
     assert!(elapsed < Duration::from_millis(300), "{elapsed:?}");
+    assert!((2..1000).contains(&attempts), "{attempts}");
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
@@ -177,11 +207,7 @@ async fn completions_go_to_the_claims_own_region() {
     };
     // A client whose home is us1 still completes eu1's claim at eu1.
     let other = Client::new(client(&[("us1", &us1.url), ("eu1", &eu1.url)])).unwrap();
-    let outcome = OutcomeJson {
-        status: 201,
-        body: Some("{\"id\":\"ch_1\"}".into()),
-        ..Default::default()
-    };
+    let outcome = OutcomeInput::text(201, "{\"id\":\"ch_1\"}");
     let done = other
         .complete("acct_1", "k6", &claim, outcome)
         .await

@@ -20,7 +20,7 @@ async fn a_hundred_concurrent_identical_claims_get_exactly_one_execute() {
                 post(
                     &url,
                     PAYMENTS_TOKEN,
-                    &json!({"principal": "acct_1", "key": "charge-1", "fingerprint": fp(1), "attempt": format!("{:x}", i + 1)}),
+                    &json!({"principal": "acct_1", "key": "charge-1", "fingerprint": fp(1), "attempt": tok(&format!("{:x}", i + 1))}),
                 )
                 .await
             })
@@ -157,7 +157,7 @@ async fn wrong_or_foreign_tokens_get_401_and_read_nothing() {
             .post(
                 "/v1/ns/payments/claim",
                 token,
-                &json!({"principal": "acct_1", "key": "charge-7", "fingerprint": fp(7), "attempt": "9"}),
+                &json!({"principal": "acct_1", "key": "charge-7", "fingerprint": fp(7), "attempt": tok("9")}),
             )
             .await;
         assert_eq!(status, 401);
@@ -173,7 +173,7 @@ async fn wrong_or_foreign_tokens_get_401_and_read_nothing() {
         .post(
             "/v1/ns/payments/claim",
             OPERATOR_TOKEN,
-            &json!({"principal": "acct_1", "key": "x", "fingerprint": fp(7), "attempt": "9"}),
+            &json!({"principal": "acct_1", "key": "x", "fingerprint": fp(7), "attempt": tok("9")}),
         )
         .await;
     assert_eq!(status, 401);
@@ -230,7 +230,13 @@ async fn oversize_keys_outcomes_and_bodies_get_clear_4xx() {
             "fingerprint",
         ),
         (
-            json!({"principal": "a", "key": "k", "fingerprint": fp(1), "attempt": "g"}),
+            json!({"principal": "a", "key": "k", "fingerprint": fp(1), "attempt": tok("g")}),
+            "attempt",
+        ),
+        // Short tokens are refused: callers picking small numbers would share them, and a
+        // shared token resumes another caller's claim.
+        (
+            json!({"principal": "a", "key": "k", "fingerprint": fp(1), "attempt": "1"}),
             "attempt",
         ),
     ] {
@@ -243,6 +249,48 @@ async fn oversize_keys_outcomes_and_bodies_get_clear_4xx() {
         .await;
     assert_eq!(status, 422, "{p}");
     assert_eq!(p["type"], "urn:idem:problem:invalid-request");
+    // Calls without an outcome take small bodies only.
+    let (status, p) = d
+        .post(
+            "/v1/ns/payments/claim",
+            PAYMENTS_TOKEN,
+            &json!({"principal": "x".repeat(100_000), "key": "k", "fingerprint": fp(1), "attempt": tok("1")}),
+        )
+        .await;
+    assert_eq!(status, 413, "{p}");
+}
+
+/// Sends raw request bytes on a fresh connection and returns the status line's code.
+async fn raw_status(d: &Daemon, request: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = d.url.strip_prefix("http://").unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).await.unwrap();
+    std::str::from_utf8(&head[9..12]).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn tokens_are_checked_before_any_body_is_read() {
+    let dir = tempdir();
+    let d = Daemon::start(dir.path(), &config("eu1", "")).await;
+    // A 100 MB body is announced but never sent: the answer comes from the headers alone.
+    for token in ["wrong-token-0000000000", ORDERS_TOKEN] {
+        let status = raw_status(
+            &d,
+            &format!("POST /v1/ns/payments/complete HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 100000000\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(status, 401);
+    }
+    // A percent-encoded namespace is not another way in.
+    let status = raw_status(
+        &d,
+        &format!("POST /v1/ns/pay%6dents/read HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {PAYMENTS_TOKEN}\r\nContent-Length: 2\r\n\r\n{{}}"),
+    )
+    .await;
+    assert_eq!(status, 401);
 }
 
 #[tokio::test]
@@ -312,41 +360,8 @@ async fn complete_release_and_extend_follow_the_claim_lifecycle() {
 #[tokio::test]
 async fn readyz_is_false_while_the_index_is_rebuilt() {
     let dir = tempdir();
-    // Fill a data directory with enough keys that rebuilding takes a while (no hint files:
-    // the whole log is replayed).
-    {
-        let cfg =
-            idem::daemon::config::Config::parse(&dir.path().join("idem.toml"), &config("eu1", ""))
-                .unwrap();
-        let data = dir.path().join("data");
-        std::fs::create_dir_all(&data).unwrap();
-        let store = idem::Store::open(
-            idem::store::storage::FsStorage::open(&data).unwrap(),
-            cfg.store_config(),
-            idem::clock::wall_clock_ms(),
-        )
-        .unwrap();
-        for i in 0..300_000u32 {
-            let req = idem::ClaimRequest {
-                key: idem::RecordKey::new("orders", "p", format!("key-{i}")),
-                fingerprint: idem::Fingerprint::of(&i.to_le_bytes()),
-                attempt: idem::AttemptToken(u128::from(i)),
-            };
-            let now = idem::clock::wall_clock_ms();
-            let pending = store.claim(now, &req).unwrap();
-            let idem::Decision::Execute { claim, .. } = pending.peek().clone() else {
-                panic!("{:?}", pending.peek());
-            };
-            let done = store
-                .complete(now, &req.key, claim, idem::Outcome::new(200, "ok"))
-                .unwrap();
-            if i % 1000 == 999 {
-                // Flushing now and then keeps the clock's reservation durable ahead of use.
-                store.wait(done).unwrap();
-            }
-        }
-        store.flush().unwrap();
-    }
+    // Enough keys that rebuilding takes a while (no hint files: the whole log is replayed).
+    fill_orders(dir.path(), &config("eu1", ""), 300_000);
     let d = Daemon::spawn(dir.path(), &config("eu1", ""));
     let first = http()
         .get(format!("{}/readyz", d.url))
@@ -379,10 +394,39 @@ async fn readyz_is_false_while_the_index_is_rebuilt() {
 }
 
 #[tokio::test]
-async fn sigterm_drains_flushes_and_exits_cleanly() {
+async fn sigterm_finishes_requests_in_progress_flushes_and_exits_cleanly() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempdir();
     let mut d = Daemon::start(dir.path(), &config("eu1", "")).await;
     let (_, exec) = d.claim("charge-10", &fp(10), "1").await;
+    // A completion whose body is still on its way when the signal comes.
+    let body = json!({"principal": "acct_1", "key": "charge-10", "claim": exec["claim"],
+                      "outcome": {"status": 200, "body": "done"}})
+    .to_string();
+    let addr = d.url.strip_prefix("http://").unwrap().to_owned();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(
+        format!("POST /v1/ns/payments/complete HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {PAYMENTS_TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len())
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    s.write_all(&body.as_bytes()[..10]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    unsafe {
+        libc::kill(d.child.id() as i32, libc::SIGTERM);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Draining: not ready, but the request in progress is finished.
+    assert!(
+        d.child.try_wait().unwrap().is_none(),
+        "exited with a request in progress"
+    );
+    s.write_all(&body.as_bytes()[10..]).await.unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"terminal\":\"completed\""), "{answer}");
     assert!(d.terminate(), "{}", d.stderr());
     assert!(
         d.stderr().contains("log flushed; stopped"),
@@ -390,9 +434,9 @@ async fn sigterm_drains_flushes_and_exits_cleanly() {
         d.stderr()
     );
     d.restart().await;
-    let (status, p) = d.claim("charge-10", &fp(10), "2").await;
-    assert_eq!(status, 409, "{p}");
-    assert_eq!(p["claim"], exec["claim"]);
+    let (status, replay) = d.claim("charge-10", &fp(10), "2").await;
+    assert_eq!(status, 200, "{replay}");
+    assert_eq!(replay["outcome"]["body"], "done");
 }
 
 #[tokio::test]
@@ -443,7 +487,7 @@ async fn without_a_config_a_development_store_runs_on_loopback() {
         let (s, _) = post(
             &format!("{url}/v1/ns/default/claim"),
             idem::daemon::config::DEV_TOKEN,
-            &json!({"principal": "p", "key": "k", "fingerprint": fp(1), "attempt": "1"}),
+            &json!({"principal": "p", "key": "k", "fingerprint": fp(1), "attempt": tok("1")}),
         )
         .await;
         status = s;
@@ -456,6 +500,16 @@ async fn without_a_config_a_development_store_runs_on_loopback() {
     let _ = child.wait();
     assert_eq!(status, 200);
     assert!(dir.path().join("idem-data").is_dir());
+
+    // Its tokens are public: it refuses to listen beyond loopback.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
+        .args(["serve", "--listen", "0.0.0.0:0"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("loopback"), "{err}");
 }
 
 #[tokio::test]
@@ -495,6 +549,7 @@ async fn metrics_openapi_and_status_are_served() {
                 other => panic!("{other}"),
             };
             let r = req.bearer_auth(OPERATOR_TOKEN).send().await.unwrap();
+            assert_ne!(r.status(), 405, "{method} {path}");
             let body = r.text().await.unwrap();
             assert!(
                 !body.contains("urn:idem:problem:not-found"),

@@ -375,6 +375,12 @@ fn serve(
         config.data_dir = d;
     }
     init_logging(&config.log);
+    if config_path.is_none() && !config.http.listen.ip().is_loopback() {
+        bail!(
+            "without --config the development store listens on loopback only (its tokens are public); {} is not a loopback address: write a config (`idem init`)",
+            config.http.listen
+        );
+    }
     if config_path.is_none() {
         tracing::warn!(
             region = config::DEV_REGION,
@@ -390,7 +396,11 @@ fn serve(
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(idem::daemon::serve(config))
+    let served = runtime.block_on(idem::daemon::serve(config));
+    // A recovery interrupted by a signal is still running on a blocking thread: do not wait
+    // for it (it starts over at the next start).
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    served
 }
 
 fn init_logging(log: &idem::daemon::config::LogSection) {

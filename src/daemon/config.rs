@@ -125,8 +125,12 @@ pub struct Limits {
     /// Largest request body, bytes. Default 12 MiB (an 8 MiB outcome in base64 fits). Larger
     /// bodies get 413.
     pub request_bytes_max: usize,
-    /// Requests served at once; more wait in line. Default 4096.
+    /// Authenticated requests served at once; more wait in line (within their time limit).
+    /// Default 1024. With `request_bytes_max` it bounds the memory request bodies take.
     pub concurrent_requests_max: usize,
+    /// Connections open at once; more wait in the kernel's backlog. Default 2048. Keep it
+    /// below the process's file descriptor limit.
+    pub connections_max: usize,
     /// How long a request may take in all, ms (including its wait for the log to be durable).
     /// Default 10 000. Past it the answer is 503: a claim may still have been granted, which
     /// the caller's retry with the same attempt token resumes.
@@ -137,7 +141,8 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             request_bytes_max: 12 << 20,
-            concurrent_requests_max: 4096,
+            concurrent_requests_max: 1024,
+            connections_max: 2048,
             request_timeout_ms: 10_000,
         }
     }
@@ -327,6 +332,12 @@ impl Config {
         }
         let mut names = BTreeMap::new();
         for (i, ns) in self.namespaces.iter().enumerate() {
+            if ns.name == "." || ns.name == ".." {
+                return Err(err(
+                    format!("namespaces[{i}].name"),
+                    "\".\" and \"..\" cannot appear in a URL path".into(),
+                ));
+            }
             if let Some(first) = names.insert(ns.name.as_str(), i) {
                 return Err(err(
                     format!("namespaces[{i}].name"),
@@ -389,6 +400,12 @@ impl Config {
         if self.limits.concurrent_requests_max == 0 {
             return Err(err(
                 "limits.concurrent_requests_max".into(),
+                "must be positive".into(),
+            ));
+        }
+        if self.limits.connections_max == 0 {
+            return Err(err(
+                "limits.connections_max".into(),
                 "must be positive".into(),
             ));
         }

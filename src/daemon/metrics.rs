@@ -25,6 +25,8 @@ pub struct TerminalLabels {
 /// Labels of a failover lookup.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LookupLabels {
+    /// The prior region named (region ids are few: bounded cardinality).
+    pub prior: String,
     /// What came of it: `granted_unanswered` or `refused_unanswered`.
     pub result: &'static str,
 }

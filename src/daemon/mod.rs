@@ -15,9 +15,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use axum::extract::{Request, State};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -25,15 +22,15 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::clock::wall_clock_ms;
 use crate::http::auth::{Access, Tokens};
-use crate::http::problem::Problem;
-use crate::http::{self, ApiState, DaemonStore, Durable};
+use crate::http::{self, ApiState, DaemonStore, Durable, RouterLimits};
 use crate::store::storage::FsStorage;
 use crate::store::Store;
 use config::Config;
 use metrics::Metrics;
 
-/// How long shutdown waits for requests in progress.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send a request's headers, and how long an idle keep-alive
+/// connection is kept.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the housekeeping task runs (stability, hint files, garbage collection timer).
@@ -56,6 +53,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(%addr, tls = tls.is_some(), region = %config.region, "listening");
 
     let (durable_tx, durable_rx) = watch::channel(Durable::default());
+    let durable_tx = Arc::new(durable_tx);
     let metrics = Arc::new(Metrics::new());
     let state = Arc::new(ApiState::new(
         config.region,
@@ -64,15 +62,31 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         metrics.clone(),
         config.http.metrics_need_token,
     ));
-    let permits = Arc::new(Semaphore::new(config.limits.concurrent_requests_max));
+    let request_timeout = Duration::from_millis(config.limits.request_timeout_ms);
     let app = http::router(
         state.clone(),
-        config.limits.request_bytes_max,
-        Duration::from_millis(config.limits.request_timeout_ms),
-    )
-    .layer(middleware::from_fn_with_state(permits, in_line));
+        RouterLimits {
+            request_bytes_max: config.limits.request_bytes_max,
+            request_timeout,
+            concurrent_requests_max: config.limits.concurrent_requests_max,
+        },
+    );
     let (stop_tx, stop_rx) = watch::channel(false);
-    let server = tokio::spawn(accept_loop(listener, tls, app, stop_rx));
+    let server = tokio::spawn(accept_loop(
+        listener,
+        tls,
+        app,
+        stop_rx,
+        Accepting {
+            connections_max: config.limits.connections_max,
+            // Requests in progress may use their whole time limit before the daemon stops.
+            drain: request_timeout + Duration::from_secs(1),
+        },
+    ));
+    // One signal future for the daemon's whole life: a signal during recovery or during
+    // serving is never lost between two registrations.
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
 
     // Rebuild the index while the API answers 503.
     let started = Instant::now();
@@ -82,8 +96,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     });
     let store = tokio::select! {
         r = recovery => r.context("recovery thread")??,
-        _ = shutdown_signal() => {
-            tracing::info!("signal during recovery: stopping (recovery resumes at the next start)");
+        _ = &mut signal => {
+            tracing::info!("signal during recovery: stopping (recovery starts over at the next start)");
             let _ = stop_tx.send(true);
             let _ = server.await;
             return Ok(());
@@ -104,8 +118,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let flusher = std::thread::Builder::new()
         .name("idem-flusher".into())
         .spawn({
-            let (store, stop) = (store.clone(), stop_flusher.clone());
-            move || flusher(&store, &durable_tx, &stop)
+            let (store, stop, tx) = (store.clone(), stop_flusher.clone(), durable_tx.clone());
+            move || flusher(&store, &tx, &stop)
         })
         .context("starting the flusher thread")?;
     state.set_store(store.clone());
@@ -114,26 +128,49 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         recovery_ms = started.elapsed().as_millis() as u64,
         "index rebuilt; serving"
     );
+    let (stop_housekeeping, housekeeping_stopped) = watch::channel(false);
     let housekeeping = tokio::spawn(housekeeping(
         store.clone(),
         Duration::from_millis(config.store.gc_interval_ms),
+        housekeeping_stopped,
     ));
 
-    shutdown_signal().await;
+    (&mut signal).await;
     tracing::info!("shutting down: draining requests");
     state.set_draining();
     let _ = stop_tx.send(true);
+    // Requests still running keep being flushed by the flusher while they drain.
     let _ = server.await;
-    housekeeping.abort();
+    let _ = stop_housekeeping.send(true);
+    let _ = housekeeping.await;
     stop_flusher.store(true, Ordering::Release);
-    let flushed = tokio::task::spawn_blocking(move || {
-        let _ = flusher.join();
-        store.flush().and_then(|_| store.write_hints())
+    let flushed = tokio::task::spawn_blocking({
+        let store = store.clone();
+        move || {
+            let _ = flusher.join();
+            store.flush()
+        }
     })
     .await
     .context("final flush")?;
     match flushed {
-        Ok(hints) => tracing::info!(hints, "log flushed; stopped"),
+        Ok(lsn) => {
+            // Answers still waiting (past the drain) see their writes durable.
+            durable_tx.send_if_modified(|d| {
+                let moved = d.lsn < lsn;
+                d.lsn = d.lsn.max(lsn);
+                moved
+            });
+            let hints = tokio::task::spawn_blocking(move || store.write_hints())
+                .await
+                .context("writing hint files")?;
+            match hints {
+                Ok(hints) => tracing::info!(hints, "log flushed; stopped"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "log flushed; writing hint files failed; stopped")
+                }
+            }
+        }
         Err(e) => tracing::error!(error = %e, "final flush failed"),
     }
     Ok(())
@@ -159,14 +196,6 @@ fn tokens(config: &Config) -> Tokens {
         }
     }
     t
-}
-
-/// Requests beyond `limits.concurrent_requests_max` wait here for a turn.
-async fn in_line(State(permits): State<Arc<Semaphore>>, req: Request, next: Next) -> Response {
-    match permits.acquire().await {
-        Ok(_permit) => next.run(req).await,
-        Err(_) => Problem::unavailable("shutting_down", "shutting down", 1_000).into_response(),
-    }
 }
 
 /// The dedicated flusher: group-commits whatever handlers appended and publishes the durable
@@ -201,13 +230,20 @@ fn flusher(store: &DaemonStore, durable: &watch::Sender<Durable>, stop: &AtomicB
 
 /// Periodic work: stability (a single region is its own quorum), hint files, garbage
 /// collection.
-async fn housekeeping(store: Arc<DaemonStore>, gc_every: Duration) {
+async fn housekeeping(
+    store: Arc<DaemonStore>,
+    gc_every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_gc = Instant::now();
     let mut last_hints = Instant::now();
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
         store.advance_stability(&[]);
         let gc_due = last_gc.elapsed() >= gc_every;
         let hints_due = last_hints.elapsed() >= HINTS_EVERY;
@@ -241,15 +277,41 @@ async fn housekeeping(store: Arc<DaemonStore>, gc_every: Duration) {
     }
 }
 
+/// How the accept loop bounds connections.
+struct Accepting {
+    /// Connections open at once; more wait in the kernel's backlog.
+    connections_max: usize,
+    /// How long shutdown waits for requests in progress.
+    drain: Duration,
+}
+
+/// An HTTP/1.1 connection builder with header and idle timeouts (a slow or idle client holds
+/// a connection at most this long between requests).
+fn http1() -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    b
+}
+
 /// Accepts connections until told to stop, then waits (bounded) for open ones to finish.
 async fn accept_loop(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     app: axum::Router,
     mut stop: watch::Receiver<bool>,
+    limits: Accepting,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let open = Arc::new(Semaphore::new(limits.connections_max));
     loop {
+        let permit = tokio::select! {
+            p = open.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = stop.changed() => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(c) => c,
@@ -267,17 +329,16 @@ async fn accept_loop(
         let watcher = graceful.watcher();
         let tls = tls.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let served = match tls {
                 None => {
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service);
+                    let conn = http1().serve_connection(TokioIo::new(stream), service);
                     watcher.watch(conn).await
                 }
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
-                            let conn = hyper::server::conn::http1::Builder::new()
-                                .serve_connection(TokioIo::new(stream), service);
+                            let conn = http1().serve_connection(TokioIo::new(stream), service);
                             watcher.watch(conn).await
                         }
                         Ok(Err(e)) => {
@@ -299,7 +360,7 @@ async fn accept_loop(
     drop(listener);
     tokio::select! {
         _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(DRAIN_TIMEOUT) => {
+        _ = tokio::time::sleep(limits.drain) => {
             tracing::warn!("requests still running after the drain timeout; stopping anyway");
         }
     }

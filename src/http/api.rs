@@ -25,8 +25,9 @@ pub struct ClaimBody {
     /// 64 hex digits: the caller's 32-byte digest of the request (method, route, query,
     /// canonical body).
     pub fingerprint: String,
-    /// 1 to 32 hex digits chosen by the caller per attempt, re-sent only when no answer came
-    /// back.
+    /// Exactly 32 hex digits (128 random bits), fresh for every claim call and never shared
+    /// between callers; re-sent only when no answer came back. Whoever presents a claim's token
+    /// resumes that claim.
     pub attempt: String,
 }
 
@@ -41,7 +42,7 @@ pub struct CompleteBody {
     /// The claim id an Execute answer gave.
     pub claim: String,
     /// The response to store.
-    pub outcome: OutcomeJson,
+    pub outcome: OutcomeInput,
 }
 
 /// `POST /v1/ns/{namespace}/release` (and the key part of other bodies).
@@ -102,10 +103,60 @@ pub struct ResolveBody {
     pub provider_ref: Option<String>,
 }
 
-/// A stored response. Send the body as `body` (UTF-8 text) or `body_base64`, not both;
-/// answers carry `body_base64` always and `body` too when the bytes are UTF-8.
+/// A response to store, as a caller sends it: the body as `body` (UTF-8 text) or
+/// `body_base64`, not both. Unknown fields are refused (a misspelt `body` must not store an
+/// empty response).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct OutcomeInput {
+    /// The HTTP status (or an application's equivalent, 100 to 999).
+    pub status: u16,
+    /// Response headers as `[name, value]` pairs; the namespace keeps only its allow-list.
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    /// The body as UTF-8 text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// The body in standard base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_base64: Option<String>,
+}
+
+impl OutcomeInput {
+    /// A response with a text body and no headers.
+    pub fn text(status: u16, body: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: Some(body.into()),
+            ..Self::default()
+        }
+    }
+
+    /// The outcome a caller sent, checked.
+    pub fn to_outcome(&self) -> Result<Outcome, String> {
+        if !(100..=999).contains(&self.status) {
+            return Err(format!("status {} is not 100 to 999", self.status));
+        }
+        let body = match (&self.body, &self.body_base64) {
+            (Some(_), Some(_)) => return Err("send body or body_base64, not both".into()),
+            (Some(t), None) => t.clone().into_bytes(),
+            (None, Some(b)) => base64::engine::general_purpose::STANDARD
+                .decode(b)
+                .map_err(|e| format!("body_base64: {e}"))?,
+            (None, None) => Vec::new(),
+        };
+        Ok(Outcome {
+            status: self.status,
+            headers: self.headers.clone(),
+            body: Body::Full(body),
+        })
+    }
+}
+
+/// A stored response as answers carry it: `body_base64` always when a body is kept, `body` too
+/// when the bytes are UTF-8, `body_digest` under a digest-only policy. Unknown fields are
+/// ignored, so older clients read newer daemons' answers.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct OutcomeJson {
     /// The HTTP status (or an application's equivalent, 100 to 999).
     pub status: u16,
@@ -129,7 +180,6 @@ pub struct OutcomeJson {
 
 /// What is kept of a body under a digest-only policy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct BodyDigest {
     /// Length in bytes.
     pub len: u64,
@@ -159,29 +209,6 @@ impl OutcomeJson {
             }
         }
         j
-    }
-
-    /// The outcome a caller sent, checked.
-    pub fn to_outcome(&self) -> Result<Outcome, String> {
-        if !(100..=999).contains(&self.status) {
-            return Err(format!("status {} is not 100 to 999", self.status));
-        }
-        if self.body_digest.is_some() || self.redacted {
-            return Err("body_digest and redacted are set by the store, not by callers".into());
-        }
-        let body = match (&self.body, &self.body_base64) {
-            (Some(_), Some(_)) => return Err("send body or body_base64, not both".into()),
-            (Some(t), None) => t.clone().into_bytes(),
-            (None, Some(b)) => base64::engine::general_purpose::STANDARD
-                .decode(b)
-                .map_err(|e| format!("body_base64: {e}"))?,
-            (None, None) => Vec::new(),
-        };
-        Ok(Outcome {
-            status: self.status,
-            headers: self.headers.clone(),
-            body: Body::Full(body),
-        })
     }
 
     /// The body bytes, when the store kept them (full or redacted).
@@ -335,12 +362,19 @@ pub fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
     Some(out)
 }
 
-/// An attempt token from 1 to 32 hex digits.
+/// An attempt token: exactly 32 hex digits (128 bits). Shorter tokens are refused: callers
+/// that picked small numbers would share tokens, and a shared token resumes another caller's
+/// claim.
 pub fn parse_attempt(s: &str) -> Option<u128> {
-    if s.is_empty() || s.len() > 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     u128::from_str_radix(s, 16).ok()
+}
+
+/// An attempt token's text form (32 hex digits).
+pub fn format_attempt(token: u128) -> String {
+    format!("{token:032x}")
 }
 
 #[cfg(test)]
@@ -356,9 +390,17 @@ mod tests {
         };
         let j = OutcomeJson::from_outcome(&o);
         assert_eq!(j.body.as_deref(), Some(r#"{"id":"ch_1"}"#));
-        let mut sent = j.clone();
-        sent.body = None;
+        let sent = OutcomeInput {
+            status: j.status,
+            headers: j.headers.clone(),
+            body: None,
+            body_base64: j.body_base64.clone(),
+        };
         assert_eq!(sent.to_outcome().unwrap(), o);
+        // Answers tolerate fields a newer daemon may add; inputs refuse unknown ones.
+        let newer = r#"{"status":200,"body":"a","since":"v2"}"#;
+        assert!(serde_json::from_str::<OutcomeJson>(newer).is_ok());
+        assert!(serde_json::from_str::<OutcomeInput>(newer).is_err());
         let binary = Outcome::new(200, vec![0xff, 0, 1]);
         let j = OutcomeJson::from_outcome(&binary);
         assert_eq!(j.body, None);
@@ -367,19 +409,19 @@ mod tests {
 
     #[test]
     fn bad_outcomes_are_refused() {
-        let both = OutcomeJson {
+        let both = OutcomeInput {
             status: 200,
             body: Some("a".into()),
             body_base64: Some("YQ==".into()),
             ..Default::default()
         };
         assert!(both.to_outcome().is_err());
-        let status = OutcomeJson {
+        let status = OutcomeInput {
             status: 42,
             ..Default::default()
         };
         assert!(status.to_outcome().is_err());
-        let b64 = OutcomeJson {
+        let b64 = OutcomeInput {
             status: 200,
             body_base64: Some("!!".into()),
             ..Default::default()
@@ -394,9 +436,10 @@ mod tests {
         assert_eq!(unhex::<2>("0afg"), None);
         assert_eq!(unhex::<1>("+f"), None);
         assert_eq!(hex(&[0x0a, 0xff]), "0aff");
-        assert_eq!(parse_attempt("ff"), Some(255));
+        assert_eq!(parse_attempt(&format_attempt(255)), Some(255));
+        assert_eq!(parse_attempt("ff"), None, "short tokens would be shared");
         assert_eq!(parse_attempt(""), None);
         assert_eq!(parse_attempt(&"f".repeat(33)), None);
-        assert_eq!(parse_attempt("+1"), None);
+        assert_eq!(parse_attempt(&format!("+{}", "1".repeat(31))), None);
     }
 }

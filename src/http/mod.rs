@@ -20,7 +20,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::clock::{wall_clock_ms, RegionId, Stamp};
 use crate::daemon::metrics::Metrics;
@@ -124,44 +124,115 @@ impl ApiState {
     async fn durable<T>(&self, pending: Pending<T>) -> Result<T, ApiError> {
         let lsn = pending.lsn();
         let mut rx = self.durable.clone();
-        let reached = rx
+        let failed = rx
             .wait_for(|d| d.failed || d.lsn >= lsn)
             .await
-            .map(|d| !d.failed && d.lsn >= lsn)
-            .unwrap_or(false);
-        if reached {
-            Ok(pending.into_value_unchecked())
-        } else {
-            Err(ApiError::from(Problem::from_unavailable(
-                Unavailable::LogFailed,
-                5_000,
-            )))
+            .map(|d| d.failed);
+        match failed {
+            Ok(false) => Ok(pending.into_value_unchecked()),
+            Ok(true) => Err(Problem::from_unavailable(Unavailable::LogFailed, 5_000).into()),
+            // The daemon is exiting before its last flush was published: the write may yet be
+            // durable, so this is not an answer about the key.
+            Err(_) => Err(Problem::unavailable(
+                "shutting_down",
+                "the daemon stopped before this answer was durable; the request may have taken effect: re-send it unchanged (same attempt token)",
+                1_000,
+            )
+            .into()),
         }
     }
 }
 
+/// Largest body of the calls that carry no outcome (claim, release, extend, read), bytes.
+pub const SMALL_BODY_MAX: usize = 64 << 10;
+
+/// What the router bounds.
+#[derive(Debug, Clone, Copy)]
+pub struct RouterLimits {
+    /// Largest body of complete and resolve, bytes.
+    pub request_bytes_max: usize,
+    /// A request's whole time (durability wait and queueing included).
+    pub request_timeout: Duration,
+    /// Requests past authentication served at once; more wait in line (within their time).
+    pub concurrent_requests_max: usize,
+}
+
 /// The router: the store API, health, metrics and the OpenAPI file.
-pub fn router(state: Arc<ApiState>, request_bytes_max: usize, request_timeout: Duration) -> Router {
+///
+/// Layers, outermost first: the `Idem-Region` header on every answer; the request's time
+/// limit; authentication from the path and headers alone, before any body is read; the line
+/// for a turn; per-route body limits.
+pub fn router(state: Arc<ApiState>, limits: RouterLimits) -> Router {
+    let small = DefaultBodyLimit::max(SMALL_BODY_MAX);
+    let permits = Arc::new(Semaphore::new(limits.concurrent_requests_max));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .route("/v1/status", get(status))
-        .route("/v1/ns/{namespace}/claim", post(claim))
+        .route("/v1/ns/{namespace}/claim", post(claim).layer(small))
         .route("/v1/ns/{namespace}/complete", post(complete))
-        .route("/v1/ns/{namespace}/release", post(release))
-        .route("/v1/ns/{namespace}/extend", post(extend))
-        .route("/v1/ns/{namespace}/read", post(read))
+        .route("/v1/ns/{namespace}/release", post(release).layer(small))
+        .route("/v1/ns/{namespace}/extend", post(extend).layer(small))
+        .route("/v1/ns/{namespace}/read", post(read).layer(small))
         .route("/v1/ns/{namespace}/resolve", post(resolve))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limits.request_bytes_max))
+        .layer(middleware::from_fn_with_state(permits, in_line))
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(middleware::from_fn_with_state(
+            limits.request_timeout,
+            time_limit,
+        ))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             answer_headers,
         ))
-        .layer(middleware::from_fn_with_state(request_timeout, time_limit))
-        .layer(DefaultBodyLimit::max(request_bytes_max))
         .with_state(state)
+}
+
+/// Checks the bearer token against the path before the body is read, so unauthenticated
+/// callers cost no buffering. Handlers check again (defence in depth). Namespaces in paths
+/// are never percent-encoded (their names are `a-z0-9-_.`), so the raw path is what counts.
+async fn authorize(State(s): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let checked = if path == "/v1/status" {
+        s.tokens.operator(req.headers())
+    } else if let Some(rest) = path.strip_prefix("/v1/ns/") {
+        match rest.split_once('/') {
+            Some((_, "resolve")) => s.tokens.operator(req.headers()),
+            Some((ns, "read")) => s.tokens.reader(req.headers(), ns),
+            Some((ns, _)) => s.tokens.namespace(req.headers(), ns),
+            None => Ok(()),
+        }
+    } else if path == "/metrics" && s.metrics_need_token {
+        s.tokens.operator(req.headers())
+    } else {
+        Ok(())
+    };
+    match checked {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Requests wait here for a turn (`limits.concurrent_requests_max`).
+async fn in_line(State(permits): State<Arc<Semaphore>>, req: Request, next: Next) -> Response {
+    match permits.acquire().await {
+        Ok(_permit) => next.run(req).await,
+        Err(_) => Problem::unavailable("shutting_down", "shutting down", 1_000).into_response(),
+    }
+}
+
+async fn method_not_allowed() -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "Method not allowed",
+        "see /openapi.json for each route's method",
+    )
 }
 
 async fn answer_headers(State(s): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
@@ -315,8 +386,13 @@ fn terminal_name(t: ClaimStatus) -> &'static str {
     }
 }
 
-fn rfc3339_ms(ms: u64) -> String {
-    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+/// RFC 3339 of a Unix ms time, or `None` when out of range (past year 9999).
+fn rfc3339_ms(ms: u64) -> Option<String> {
+    use std::fmt::Write as _;
+    let t = std::time::UNIX_EPOCH.checked_add(Duration::from_millis(ms))?;
+    let mut out = String::new();
+    write!(out, "{}", humantime::format_rfc3339_millis(t)).ok()?;
+    Some(out)
 }
 
 async fn claim(
@@ -357,14 +433,14 @@ async fn claim(
             LookupUnanswered::Grant => {
                 s.metrics
                     .failover_lookups
-                    .get_or_create(&metrics_labels::lookup("granted_unanswered"))
+                    .get_or_create(&metrics_labels::lookup(prior, "granted_unanswered"))
                     .inc();
                 tracing::debug!(%prior, "failover claim: prior region not reachable; granting");
             }
             LookupUnanswered::Unavailable => {
                 s.metrics
                     .failover_lookups
-                    .get_or_create(&metrics_labels::lookup("refused_unanswered"))
+                    .get_or_create(&metrics_labels::lookup(prior, "refused_unanswered"))
                     .inc();
                 s.metrics.claim("unavailable");
                 return Err(ApiError::from(Problem::unavailable(
@@ -432,7 +508,7 @@ async fn claim(
                 decision: Some("in_flight".into()),
                 state: Some("in_flight".into()),
                 origin_region: Some(region.to_string()),
-                lease_expires_at: Some(rfc3339_ms(lease_expires_at_ms)),
+                lease_expires_at: rfc3339_ms(lease_expires_at_ms),
                 lease_expires_at_ms: Some(lease_expires_at_ms),
                 retry_after_seconds: Some(wait_ms.div_ceil(1000)),
                 claim: Some(claim.to_string()),
@@ -471,10 +547,14 @@ async fn claim(
 
 /// Labels built in one place.
 mod metrics_labels {
+    use crate::clock::RegionId;
     use crate::daemon::metrics::{LookupLabels, TerminalLabels};
 
-    pub fn lookup(result: &'static str) -> LookupLabels {
-        LookupLabels { result }
+    pub fn lookup(prior: RegionId, result: &'static str) -> LookupLabels {
+        LookupLabels {
+            prior: prior.to_string(),
+            result,
+        }
     }
 
     pub fn terminal(terminal: &'static str) -> TerminalLabels {

@@ -140,11 +140,12 @@ impl Daemon {
         post(&format!("{}{path}", self.url), token, body).await
     }
 
+    /// Claims `key` with an attempt token made from `attempt` (see [`tok`]).
     pub async fn claim(&self, key: &str, fingerprint: &str, attempt: &str) -> (u16, Value) {
         self.post(
             "/v1/ns/payments/claim",
             PAYMENTS_TOKEN,
-            &json!({"principal": "acct_1", "key": key, "fingerprint": fingerprint, "attempt": attempt}),
+            &json!({"principal": "acct_1", "key": key, "fingerprint": fingerprint, "attempt": tok(attempt)}),
         )
         .await
     }
@@ -182,6 +183,11 @@ pub async fn post(url: &str, token: &str, body: &Value) -> (u16, Value) {
         status,
         serde_json::from_str(&text).unwrap_or(Value::String(text)),
     )
+}
+
+/// An attempt token (32 hex digits) made from a short hex string.
+pub fn tok(short: &str) -> String {
+    format!("{short:0>32}")
 }
 
 /// A fingerprint of 64 hex digits made from `n`.
@@ -286,4 +292,39 @@ pub async fn answer_losing_proxy(target: &str) -> String {
         }
     });
     format!("http://{addr}")
+}
+
+/// Writes `n` completed keys (`orders`, principal `p`, keys `key-0`...) into `dir/data`
+/// through the library, with the store config `config_text` gives: a data directory whose
+/// index takes a while to rebuild (no hint files are written).
+pub fn fill_orders(dir: &Path, config_text: &str, n: u32) {
+    let cfg = idem::daemon::config::Config::parse(&dir.join("idem.toml"), config_text).unwrap();
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let store = idem::Store::open(
+        idem::store::storage::FsStorage::open(&data).unwrap(),
+        cfg.store_config(),
+        idem::clock::wall_clock_ms(),
+    )
+    .unwrap();
+    for i in 0..n {
+        let req = idem::ClaimRequest {
+            key: idem::RecordKey::new("orders", "p", format!("key-{i}")),
+            fingerprint: idem::Fingerprint::of(&i.to_le_bytes()),
+            attempt: idem::AttemptToken(u128::from(i)),
+        };
+        let now = idem::clock::wall_clock_ms();
+        let pending = store.claim(now, &req).unwrap();
+        let idem::Decision::Execute { claim, .. } = pending.peek().clone() else {
+            panic!("{:?}", pending.peek());
+        };
+        let done = store
+            .complete(now, &req.key, claim, idem::Outcome::new(200, "ok"))
+            .unwrap();
+        if i % 1000 == 999 {
+            // Flushing now and then keeps the clock's reservation durable ahead of use.
+            store.wait(done).unwrap();
+        }
+    }
+    store.flush().unwrap();
 }
