@@ -9,7 +9,8 @@
 //!
 //! `cargo bench --bench vs_redis` installs `redis-server` (apt-get) if it is missing and starts
 //! its own on a free port. Settings: `IDEM_VS_REDIS_SECS` (measured seconds per run, default
-//! 10), `IDEM_VS_REDIS_CONNECTIONS` (default 50).
+//! 10), `IDEM_VS_REDIS_CONNECTIONS` (default 50), `IDEM_VS_REDIS_ONLY=idem` (skip Redis, for
+//! profiling the daemon).
 
 mod common;
 
@@ -168,7 +169,7 @@ impl PairRunner for IdemConn {
         Box::pin(async move {
             let key = format!("{:032x}", rng.next_u128());
             let fp = format!("{:032x}{:032x}", rng.next_u128(), rng.next_u128());
-            let attempt = format!("{:x}", rng.next_u128());
+            let attempt = format!("{:032x}", rng.next_u128());
             let answer = self
                 .post(
                     "/v1/ns/bench/claim",
@@ -315,6 +316,22 @@ impl Drop for Redis {
     }
 }
 
+/// User plus system CPU seconds a process has used (/proc/<pid>/stat).
+fn process_cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses): utime and stime are the 12th
+    // and 13th of them.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / hz.max(1.0)
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -328,7 +345,12 @@ fn main() {
     }
     let secs = env_u64("IDEM_VS_REDIS_SECS", 10);
     let connections = env_u64("IDEM_VS_REDIS_CONNECTIONS", 50) as usize;
-    let redis_bin = redis_server();
+    let only_idem = std::env::var("IDEM_VS_REDIS_ONLY").as_deref() == Ok("idem");
+    let redis_bin = if only_idem {
+        String::new()
+    } else {
+        redis_server()
+    };
     let version = Command::new(&redis_bin)
         .arg("--version")
         .output()
@@ -350,7 +372,12 @@ fn main() {
     let local = tokio::task::LocalSet::new();
 
     let mut runs = Vec::new();
-    for mode in ["everysec", "always"] {
+    let modes: &[&str] = if only_idem {
+        &[]
+    } else {
+        &["everysec", "always"]
+    };
+    for mode in modes {
         let redis = Redis::start(&redis_bin, &dir.path().join(format!("redis-{mode}")), mode);
         let addr = redis.addr;
         let run = local.block_on(
@@ -375,6 +402,8 @@ fn main() {
     );
     daemon.wait_ready();
     let addr = daemon.addr;
+    let cpu_before = process_cpu_secs(daemon.child.id());
+    let gen_before = process_cpu_secs(std::process::id());
     let run = local.block_on(
         &rt,
         measure("idem (fdatasync per ack)", connections, secs, move || {
@@ -382,6 +411,17 @@ fn main() {
         }),
     );
     run.print();
+    let cpu = process_cpu_secs(daemon.child.id()) - cpu_before;
+    let gen = process_cpu_secs(std::process::id()) - gen_before;
+    println!(
+        "load generator CPU: {:.2} cores",
+        gen / (secs as f64 + WARMUP.as_secs_f64())
+    );
+    println!(
+        "idem daemon CPU: {:.2} cores over the run ({:.1} us per pair, warm-up included)",
+        cpu / (secs as f64 + WARMUP.as_secs_f64()),
+        1e6 * cpu / (run.rate() * (secs as f64 + WARMUP.as_secs_f64()))
+    );
     if let Some((_, metrics)) = common::daemon::get(daemon.addr, "/metrics") {
         let value = |name: &str| {
             metrics
@@ -409,6 +449,9 @@ fn main() {
     );
     daemon.stop();
 
+    if runs.len() < 2 {
+        return;
+    }
     let (everysec, always, idem) = (&runs[0], &runs[1], &run);
     let vs_everysec = idem.rate() / everysec.rate();
     let vs_always = idem.rate() / always.rate();

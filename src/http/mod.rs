@@ -159,9 +159,10 @@ pub struct RouterLimits {
 
 /// The router: the store API, health, metrics and the OpenAPI file.
 ///
-/// Layers, outermost first: the `Idem-Region` header on every answer; the request's time
-/// limit; authentication from the path and headers alone, before any body is read; the line
-/// for a turn; per-route body limits.
+/// In front of every route ([`front`], one layer: each layer costs a boxed future per
+/// request): the `Idem-Region` header on every answer; the request's time limit;
+/// authentication from the path and headers alone, before any body is read; the line for a
+/// turn. Then per-route body limits.
 pub fn router(state: Arc<ApiState>, limits: RouterLimits) -> Router {
     let small = DefaultBodyLimit::max(SMALL_BODY_MAX);
     let permits = Arc::new(Semaphore::new(limits.concurrent_requests_max));
@@ -180,23 +181,56 @@ pub fn router(state: Arc<ApiState>, limits: RouterLimits) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limits.request_bytes_max))
-        .layer(middleware::from_fn_with_state(permits, in_line))
-        .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(middleware::from_fn_with_state(
-            limits.request_timeout,
-            time_limit,
-        ))
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            answer_headers,
+            Front {
+                state: state.clone(),
+                permits,
+                timeout: limits.request_timeout,
+            },
+            front,
         ))
         .with_state(state)
+}
+
+/// What [`front`] needs.
+#[derive(Clone)]
+struct Front {
+    state: Arc<ApiState>,
+    permits: Arc<Semaphore>,
+    timeout: Duration,
+}
+
+/// The one layer in front of every route: region header, time limit, authentication, line.
+async fn front(State(f): State<Front>, req: Request, next: Next) -> Response {
+    let served = async {
+        if let Err(e) = authorize(&f.state, &req) {
+            return e.into_response();
+        }
+        match f.permits.acquire().await {
+            Ok(_permit) => next.run(req).await,
+            Err(_) => Problem::unavailable("shutting_down", "shutting down", 1_000).into_response(),
+        }
+    };
+    let mut r = match tokio::time::timeout(f.timeout, served).await {
+        Ok(r) => r,
+        Err(_) => Problem::unavailable(
+            "timeout",
+            "the request took longer than limits.request_timeout_ms; it may have taken effect: re-send it unchanged (same attempt token)",
+            1_000,
+        )
+        .into_response(),
+    };
+    if let Ok(v) = HeaderValue::from_str(f.state.region.as_str()) {
+        r.headers_mut()
+            .insert(HeaderName::from_static(REGION_HEADER), v);
+    }
+    r
 }
 
 /// Checks the bearer token against the path before the body is read, so unauthenticated
 /// callers cost no buffering. Handlers check again (defence in depth). Namespaces in paths
 /// are never percent-encoded (their names are `a-z0-9-_.`), so the raw path is what counts.
-async fn authorize(State(s): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+fn authorize(s: &ApiState, req: &Request) -> Result<(), ApiError> {
     let path = req.uri().path();
     let checked = if path == "/v1/status" {
         s.tokens.operator(req.headers())
@@ -212,18 +246,7 @@ async fn authorize(State(s): State<Arc<ApiState>>, req: Request, next: Next) -> 
     } else {
         Ok(())
     };
-    match checked {
-        Ok(()) => next.run(req).await,
-        Err(e) => e.into_response(),
-    }
-}
-
-/// Requests wait here for a turn (`limits.concurrent_requests_max`).
-async fn in_line(State(permits): State<Arc<Semaphore>>, req: Request, next: Next) -> Response {
-    match permits.acquire().await {
-        Ok(_permit) => next.run(req).await,
-        Err(_) => Problem::unavailable("shutting_down", "shutting down", 1_000).into_response(),
-    }
+    checked
 }
 
 async fn method_not_allowed() -> Problem {
@@ -233,27 +256,6 @@ async fn method_not_allowed() -> Problem {
         "Method not allowed",
         "see /openapi.json for each route's method",
     )
-}
-
-async fn answer_headers(State(s): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
-    let mut r = next.run(req).await;
-    if let Ok(v) = HeaderValue::from_str(s.region.as_str()) {
-        r.headers_mut()
-            .insert(HeaderName::from_static(REGION_HEADER), v);
-    }
-    r
-}
-
-async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> Response {
-    match tokio::time::timeout(limit, next.run(req)).await {
-        Ok(r) => r,
-        Err(_) => Problem::unavailable(
-            "timeout",
-            "the request took longer than limits.request_timeout_ms; a claim may have been granted: retry with the same attempt token",
-            1_000,
-        )
-        .into_response(),
-    }
 }
 
 async fn not_found() -> Problem {
@@ -406,7 +408,7 @@ async fn claim(
     let fingerprint = unhex::<32>(&b.fingerprint)
         .ok_or_else(|| Problem::bad_field("fingerprint", "64 hex digits"))?;
     let attempt = parse_attempt(&b.attempt)
-        .ok_or_else(|| Problem::bad_field("attempt", "1 to 32 hex digits"))?;
+        .ok_or_else(|| Problem::bad_field("attempt", "exactly 32 hex digits (128 random bits)"))?;
     let prior = match headers.get(PRIOR_REGION_HEADER) {
         None => None,
         Some(v) => Some(
