@@ -109,6 +109,10 @@ pub struct ClientConfig {
     /// Per-attempt timeout (connect, send, answer). Default 11 s: longer than the daemon's
     /// default request time limit (10 s), so a slow answer arrives rather than being retried.
     pub attempt_timeout: Duration,
+    /// How long a connection may take to open, default 2 s: a region whose packets are
+    /// dropped (the usual way a dead region looks) is then unreachable, and failed over, well
+    /// before the attempt timeout.
+    pub connect_timeout: Duration,
     /// Extra CA certificates (PEM) trusted for `https` endpoints, besides the public roots.
     pub ca_pem: Option<Vec<u8>>,
     /// Seed for the backoff jitter (tests); default: from the OS.
@@ -127,6 +131,7 @@ impl ClientConfig {
             base_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(2),
             attempt_timeout: Duration::from_secs(11),
+            connect_timeout: Duration::from_secs(2),
             ca_pem: None,
             jitter_seed: None,
         }
@@ -211,8 +216,8 @@ enum Attempt<T> {
     /// No connection could be made: the region is unreachable (fail over).
     Unreachable(String),
     /// The request may have arrived but no answer came back (retry the same region with the
-    /// same token).
-    NoAnswer(String),
+    /// same token), with the daemon's `Retry-After` if it sent one.
+    NoAnswer(String, Option<Duration>),
     /// 503 (not `timeout` or `shutting_down`): the problem and its `Retry-After` (fail over).
     Unavailable(Box<Problem>, Option<Duration>),
 }
@@ -222,7 +227,7 @@ fn send_failed<T>(e: &reqwest::Error) -> Attempt<T> {
     if e.is_connect() {
         Attempt::Unreachable(describe(e))
     } else {
-        Attempt::NoAnswer(describe(e))
+        Attempt::NoAnswer(describe(e), None)
     }
 }
 
@@ -231,15 +236,16 @@ async fn not_ok<T>(response: reqwest::Response) -> Attempt<Result<T, ClientError
     let status = response.status();
     if status == StatusCode::BAD_GATEWAY || status == StatusCode::GATEWAY_TIMEOUT {
         // A gateway's own answer: the daemon's never arrived.
-        return Attempt::NoAnswer(format!("gateway answered {status}"));
+        return Attempt::NoAnswer(format!("gateway answered {status}"), None);
     }
     match problem_of(response).await {
-        Err(no_answer) => Attempt::NoAnswer(no_answer),
+        Err(no_answer) => Attempt::NoAnswer(no_answer, None),
         Ok((p, retry)) if p.status == 503 => match p.state.as_deref() {
             // Not an answer about the request: it may have taken effect.
-            Some("timeout") | Some("shutting_down") => {
-                Attempt::NoAnswer(format!("503 {}", p.state.as_deref().unwrap_or_default()))
-            }
+            Some("timeout") | Some("shutting_down") => Attempt::NoAnswer(
+                format!("503 {}", p.state.as_deref().unwrap_or_default()),
+                retry,
+            ),
             _ => Attempt::Unavailable(p, retry),
         },
         Ok((p, _)) => Attempt::Done(Err(ClientError::Refused(p))),
@@ -253,7 +259,7 @@ async fn ok_body<T: DeserializeOwned, U>(
     let bytes = response
         .bytes()
         .await
-        .map_err(|e| Attempt::NoAnswer(describe(&e)))?;
+        .map_err(|e| Attempt::NoAnswer(describe(&e), None))?;
     serde_json::from_slice(&bytes).map_err(|e| {
         Attempt::Done(Err(ClientError::Protocol(format!(
             "a 200 answer that does not decode: {e}"
@@ -300,7 +306,7 @@ impl Client {
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .timeout(config.attempt_timeout)
-            .connect_timeout(config.attempt_timeout)
+            .connect_timeout(config.connect_timeout.min(config.attempt_timeout))
             .build()
             .map_err(|e| ClientError::Config(format!("http client: {e}")))?;
         let rng = match config.jitter_seed {
@@ -562,11 +568,11 @@ impl Client {
                         answered_before = false;
                         (true, None)
                     }
-                    Attempt::NoAnswer(why) => {
+                    Attempt::NoAnswer(why, retry) => {
                         last = format!("{}: no answer: {why}", endpoint.region);
                         last_problem = None;
                         answered_before = false;
-                        (false, None)
+                        (false, retry)
                     }
                     Attempt::Unavailable(p, retry) => {
                         last = format!(

@@ -51,6 +51,31 @@ async fn a_stopped_region_is_failed_over_and_named_as_the_prior_region() {
 }
 
 #[tokio::test]
+async fn a_region_whose_packets_are_dropped_is_failed_over_after_the_connect_timeout() {
+    let dir = tempdir();
+    let us1 = Daemon::start(dir.path(), &config("us1", "")).await;
+    // 192.0.2.0/24 is reserved for documentation: nothing answers there (packets vanish, or
+    // the network says unreachable at once).
+    let mut cfg = client(&[("eu1", "http://192.0.2.1:7070"), ("us1", &us1.url)]);
+    cfg.connect_timeout = Duration::from_millis(300);
+    let c = Client::new(cfg).unwrap();
+    let started = Instant::now();
+    let got = c
+        .claim("acct_1", "k8", Fingerprint::of(b"a"))
+        .await
+        .unwrap();
+    let ClaimOutcome::Execute { region, .. } = got else {
+        panic!("{got:?}")
+    };
+    assert_eq!(region.as_str(), "us1");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
 async fn a_503_is_failed_over_at_once_and_the_next_region_told() {
     let dir = tempdir();
     // us1 refuses claims whose prior region it cannot ask (503, Retry-After: 1).

@@ -39,6 +39,8 @@ pub const DEV_NAMESPACE: &str = "default";
 pub const DEV_TOKEN: &str = "dev-token-not-secret";
 /// The operator token used when no config file is given.
 pub const DEV_OPERATOR_TOKEN: &str = "dev-operator-not-secret";
+/// Largest value of a count limit (requests or connections at once).
+pub const COUNT_LIMIT_MAX: usize = 1 << 20;
 /// Shortest bearer token accepted in a config file, in bytes.
 pub const TOKEN_LEN_MIN: usize = 16;
 
@@ -397,17 +399,16 @@ impl Config {
                 format!("must be at least {needed} so that the largest outcome a namespace stores fits (in base64)"),
             ));
         }
-        if self.limits.concurrent_requests_max == 0 {
-            return Err(err(
-                "limits.concurrent_requests_max".into(),
-                "must be positive".into(),
-            ));
-        }
-        if self.limits.connections_max == 0 {
-            return Err(err(
-                "limits.connections_max".into(),
-                "must be positive".into(),
-            ));
+        for (field, value) in [
+            (
+                "limits.concurrent_requests_max",
+                self.limits.concurrent_requests_max,
+            ),
+            ("limits.connections_max", self.limits.connections_max),
+        ] {
+            if !(1..=COUNT_LIMIT_MAX).contains(&value) {
+                return Err(err(field.into(), format!("must be 1 to {COUNT_LIMIT_MAX}")));
+            }
         }
         if !(100..=600_000).contains(&self.limits.request_timeout_ms) {
             return Err(err(
@@ -533,6 +534,17 @@ tokens = ["orders-token-0123456789"]
         assert!(e.message.contains("operator.tokens[0]"), "{e}");
         let e = parse(&GOOD.replace("name = \"orders\"", "name = \"payments\"")).unwrap_err();
         assert_eq!(e.field, "namespaces[1].name");
+    }
+
+    #[test]
+    fn count_limits_are_bounded() {
+        let text = format!("{GOOD}\n[limits]\nconnections_max = 9999999999999999999\n");
+        assert_eq!(parse(&text).unwrap_err().field, "limits.connections_max");
+        let text = format!("{GOOD}\n[limits]\nconcurrent_requests_max = 0\n");
+        assert_eq!(
+            parse(&text).unwrap_err().field,
+            "limits.concurrent_requests_max"
+        );
     }
 
     #[test]

@@ -25,15 +25,20 @@ pub struct TerminalLabels {
 /// Labels of a failover lookup.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LookupLabels {
-    /// The prior region named (region ids are few: bounded cardinality).
+    /// The prior region named: the first [`PRIOR_LABELS_MAX`] distinct ids seen, then
+    /// `other` (the header comes from callers: the label set must stay bounded).
     pub prior: String,
     /// What came of it: `granted_unanswered` or `refused_unanswered`.
     pub result: &'static str,
 }
 
+/// How many distinct prior-region ids get their own label.
+pub const PRIOR_LABELS_MAX: usize = 32;
+
 /// Every metric the daemon exports.
 pub struct Metrics {
     registry: Registry,
+    prior_labels: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// Claims by decision (replays, mismatches and in-flight conflicts are decisions).
     pub claims: Family<DecisionLabels, Counter>,
     /// Claims that took over a claim whose lease had run out.
@@ -72,6 +77,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("idem");
         let m = Metrics {
             registry: Registry::default(),
+            prior_labels: Default::default(),
             claims: Family::default(),
             takeovers: Counter::default(),
             resumes: Counter::default(),
@@ -145,6 +151,26 @@ impl Metrics {
             .inc();
     }
 
+    /// Labels for a failover lookup naming `prior`, with a bounded set of `prior` values.
+    pub fn lookup_labels(
+        &self,
+        prior: crate::clock::RegionId,
+        result: &'static str,
+    ) -> LookupLabels {
+        let mut seen = self
+            .prior_labels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let name = prior.to_string();
+        let prior = if seen.contains(&name) || seen.len() < PRIOR_LABELS_MAX {
+            seen.insert(name.clone());
+            name
+        } else {
+            "other".to_owned()
+        };
+        LookupLabels { prior, result }
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -178,5 +204,25 @@ mod tests {
         assert!(text.contains("idem_fsync_seconds_count 1"), "{text}");
         assert!(text.contains("idem_keys 42"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn prior_region_labels_stay_bounded() {
+        let m = Metrics::new();
+        for i in 0..PRIOR_LABELS_MAX + 10 {
+            let region = crate::clock::RegionId::new(&format!("r{i}")).unwrap();
+            let labels = m.lookup_labels(region, "granted_unanswered");
+            m.failover_lookups.get_or_create(&labels).inc();
+        }
+        let text = m.encode();
+        assert!(text.contains("prior=\"r0\""), "{text}");
+        assert!(
+            !text.contains(&format!("prior=\"r{PRIOR_LABELS_MAX}\"")),
+            "{text}"
+        );
+        assert!(
+            text.contains("prior=\"other\",result=\"granted_unanswered\"} 10"),
+            "{text}"
+        );
     }
 }

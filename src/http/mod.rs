@@ -124,13 +124,14 @@ impl ApiState {
     async fn durable<T>(&self, pending: Pending<T>) -> Result<T, ApiError> {
         let lsn = pending.lsn();
         let mut rx = self.durable.clone();
-        let failed = rx
+        // Durable means covered by a successful sync, even if a later one failed.
+        let durable = rx
             .wait_for(|d| d.failed || d.lsn >= lsn)
             .await
-            .map(|d| d.failed);
-        match failed {
-            Ok(false) => Ok(pending.into_value_unchecked()),
-            Ok(true) => Err(Problem::from_unavailable(Unavailable::LogFailed, 5_000).into()),
+            .map(|d| d.lsn >= lsn);
+        match durable {
+            Ok(true) => Ok(pending.into_value_unchecked()),
+            Ok(false) => Err(Problem::from_unavailable(Unavailable::LogFailed, 5_000).into()),
             // The daemon is exiting before its last flush was published: the write may yet be
             // durable, so this is not an answer about the key.
             Err(_) => Err(Problem::unavailable(
@@ -205,6 +206,11 @@ async fn front(State(f): State<Front>, req: Request, next: Next) -> Response {
     let served = async {
         if let Err(e) = authorize(&f.state, &req) {
             return e.into_response();
+        }
+        if !req.uri().path().starts_with("/v1/") {
+            // Health, readiness and metrics never wait behind store calls: an overloaded
+            // daemon must not look dead to its liveness probe.
+            return next.run(req).await;
         }
         match f.permits.acquire().await {
             Ok(_permit) => next.run(req).await,
@@ -344,7 +350,7 @@ fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
                 status,
                 "request-too-large",
                 "Request too large",
-                "the body exceeds limits.request_bytes_max",
+                "the body exceeds this call's limit (64 KiB, or limits.request_bytes_max for complete and resolve)",
             )
         } else {
             Problem::new(
@@ -435,14 +441,14 @@ async fn claim(
             LookupUnanswered::Grant => {
                 s.metrics
                     .failover_lookups
-                    .get_or_create(&metrics_labels::lookup(prior, "granted_unanswered"))
+                    .get_or_create(&s.metrics.lookup_labels(prior, "granted_unanswered"))
                     .inc();
                 tracing::debug!(%prior, "failover claim: prior region not reachable; granting");
             }
             LookupUnanswered::Unavailable => {
                 s.metrics
                     .failover_lookups
-                    .get_or_create(&metrics_labels::lookup(prior, "refused_unanswered"))
+                    .get_or_create(&s.metrics.lookup_labels(prior, "refused_unanswered"))
                     .inc();
                 s.metrics.claim("unavailable");
                 return Err(ApiError::from(Problem::unavailable(
@@ -549,15 +555,7 @@ async fn claim(
 
 /// Labels built in one place.
 mod metrics_labels {
-    use crate::clock::RegionId;
-    use crate::daemon::metrics::{LookupLabels, TerminalLabels};
-
-    pub fn lookup(prior: RegionId, result: &'static str) -> LookupLabels {
-        LookupLabels {
-            prior: prior.to_string(),
-            result,
-        }
-    }
+    use crate::daemon::metrics::TerminalLabels;
 
     pub fn terminal(terminal: &'static str) -> TerminalLabels {
         TerminalLabels { terminal }
