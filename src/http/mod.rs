@@ -160,7 +160,7 @@ pub struct RouterLimits {
 
 /// The router: the store API, health, metrics and the OpenAPI file.
 ///
-/// In front of every route ([`front`], one layer: each layer costs a boxed future per
+/// In front of every route (`front`, one layer: each layer costs a boxed future per
 /// request): the `Idem-Region` header on every answer; the request's time limit;
 /// authentication from the path and headers alone, before any body is read; the line for a
 /// turn. Then per-route body limits.
