@@ -460,7 +460,7 @@ mod tests {
 
     const GOOD: &str = r#"
 region = "eu1"
-data_dir = "/tmp/x"
+data_dir = "data/eu1"
 
 [operator]
 tokens = ["operator-token-0123456789"]

@@ -23,7 +23,7 @@ use axum::{Json, Router};
 use tokio::sync::{watch, Semaphore};
 
 use crate::clock::{wall_clock_ms, RegionId, Stamp};
-use crate::daemon::metrics::Metrics;
+use crate::daemon::metrics::{Metrics, TerminalLabels};
 use crate::record::{
     AttemptToken, ClaimStatus, Fingerprint, ItemId, ItemKind, RecordKey, Terminal,
 };
@@ -553,15 +553,6 @@ async fn claim(
     })
 }
 
-/// Labels built in one place.
-mod metrics_labels {
-    use crate::daemon::metrics::TerminalLabels;
-
-    pub fn terminal(terminal: &'static str) -> TerminalLabels {
-        TerminalLabels { terminal }
-    }
-}
-
 async fn complete(
     State(s): State<Arc<ApiState>>,
     Path(ns): Path<String>,
@@ -592,7 +583,9 @@ async fn complete(
 fn finished(s: &ApiState, done: Completion) -> Response {
     s.metrics
         .finished
-        .get_or_create(&metrics_labels::terminal(terminal_name(done.terminal)))
+        .get_or_create(&TerminalLabels {
+            terminal: terminal_name(done.terminal),
+        })
         .inc();
     if done.superseded {
         s.metrics.superseded.inc();

@@ -328,3 +328,41 @@ pub fn fill_orders(dir: &Path, config_text: &str, n: u32) {
     }
     store.flush().unwrap();
 }
+
+/// An address where connections are never completed, like a region whose packets are
+/// dropped: a listener with a full accept queue (the kernel then drops further SYNs). Keep the
+/// returned guard alive while the address is used.
+pub fn silent_url() -> (String, Vec<std::net::TcpStream>, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket calls on a descriptor we own; the sockaddr is fully initialised.
+    let (fd, addr) = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0);
+        let mut sa: libc::sockaddr_in = std::mem::zeroed();
+        sa.sin_family = libc::AF_INET as libc::sa_family_t;
+        sa.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        assert_eq!(
+            libc::bind(fd, &sa as *const _ as *const libc::sockaddr, len),
+            0
+        );
+        assert_eq!(libc::listen(fd, 0), 0);
+        let mut got: libc::sockaddr_in = std::mem::zeroed();
+        let mut got_len = len;
+        libc::getsockname(fd, &mut got as *mut _ as *mut libc::sockaddr, &mut got_len);
+        let port = u16::from_be(got.sin_port);
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fd),
+            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        )
+    };
+    // Fill the accept queue; connections beyond it hang in SYN-SENT.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            Ok(s) => held.push(s),
+            Err(_) => break,
+        }
+    }
+    (format!("http://{addr}"), held, fd)
+}
