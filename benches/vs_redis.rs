@@ -10,7 +10,15 @@
 //! `cargo bench --bench vs_redis` installs `redis-server` (apt-get) if it is missing and starts
 //! its own on a free port. Settings: `IDEM_VS_REDIS_SECS` (measured seconds per run, default
 //! 10), `IDEM_VS_REDIS_CONNECTIONS` (default 50), `IDEM_VS_REDIS_ONLY=idem` (skip Redis, for
-//! profiling the daemon).
+//! profiling the daemon), `IDEM_VS_REDIS_FLOOR=raw,raw-1,hyper,hyper-1` (also measure HTTP
+//! servers that do no work: hand-parsed HTTP/1.1 or hyper, on a multi-thread runtime or on one
+//! thread with `-1`; the ceiling any HTTP server reaches on this machine with this generator).
+//!
+//! The load generator speaks HTTP/1.1 by hand (one write per request, answers framed by
+//! `Content-Length`) so that its CPU goes to the sockets rather than to a client library, as
+//! the Redis client's does. Before the idem run, a probe times fdatasyncs of 4 KiB appends on
+//! the same file system (the disk alone). The CPU each server and the generator used is
+//! printed beside each run.
 
 mod common;
 
@@ -20,9 +28,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::daemon::{Daemon, TOKEN};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
 
 const WARMUP: Duration = Duration::from_secs(2);
 
@@ -122,8 +127,13 @@ trait PairRunner {
 // idem over HTTP/1.1
 // ---------------------------------------------------------------------------------------------
 
+/// One keep-alive HTTP/1.1 connection driven by hand: the request is written in one call and
+/// the answer read until its `Content-Length` is in, so the generator spends its CPU on the
+/// sockets rather than on a client library (the daemon is what is measured).
 struct IdemConn {
-    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+    req: Vec<u8>,
     outcome_body: String,
 }
 
@@ -131,33 +141,52 @@ impl IdemConn {
     async fn connect(addr: SocketAddr) -> Box<dyn PairRunner> {
         let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
         stream.set_nodelay(true).expect("nodelay");
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .expect("handshake");
-        tokio::task::spawn_local(async move {
-            let _ = conn.await;
-        });
         // 100 bytes of JSON-safe text.
         let outcome_body = "x".repeat(common::OUTCOME_BYTES);
         Box::new(IdemConn {
-            sender,
+            stream,
+            buf: Vec::with_capacity(4096),
+            req: Vec::with_capacity(4096),
             outcome_body,
         })
     }
 
-    async fn post(&mut self, path: &str, body: String) -> Bytes {
-        let req = hyper::Request::post(path)
-            .header("host", "idem")
-            .header("authorization", format!("Bearer {TOKEN}"))
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .expect("request");
-        self.sender.ready().await.expect("connection ready");
-        let resp = self.sender.send_request(req).await.expect("answer");
-        let status = resp.status();
-        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
-        bytes
+    /// POSTs `body` to `path`; returns the answer's body (asserting 200).
+    async fn post(&mut self, path: &str, body: &str) -> &[u8] {
+        use std::io::Write as _;
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        self.req.clear();
+        write!(
+            self.req,
+            "POST {path} HTTP/1.1\r\nhost: idem\r\nauthorization: Bearer {TOKEN}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("format");
+        self.stream.write_all(&self.req).await.expect("send");
+        self.buf.clear();
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 16];
+            let mut resp = httparse::Response::new(&mut headers);
+            if let httparse::Status::Complete(head) = resp.parse(&self.buf).expect("answer head") {
+                let len: usize = resp
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
+                    .expect("content-length");
+                let status = resp.code;
+                if self.buf.len() >= head + len {
+                    let answer = &self.buf[head..head + len];
+                    assert_eq!(status, Some(200), "{}", String::from_utf8_lossy(answer));
+                    return answer;
+                }
+            }
+            if self.buf.capacity() - self.buf.len() < 1024 {
+                self.buf.reserve(4096);
+            }
+            let n = self.stream.read_buf(&mut self.buf).await.expect("answer");
+            assert!(n > 0, "daemon closed the connection");
+        }
     }
 }
 
@@ -173,21 +202,22 @@ impl PairRunner for IdemConn {
             let answer = self
                 .post(
                     "/v1/ns/bench/claim",
-                    format!(r#"{{"principal":"p","key":"{key}","fingerprint":"{fp}","attempt":"{attempt}"}}"#),
+                    &format!(r#"{{"principal":"p","key":"{key}","fingerprint":"{fp}","attempt":"{attempt}"}}"#),
                 )
                 .await;
-            let text = std::str::from_utf8(&answer).expect("utf-8");
+            let text = std::str::from_utf8(answer).expect("utf-8");
             assert!(text.contains(r#""decision":"execute""#), "{text}");
             let claim = text
                 .split(r#""claim":""#)
                 .nth(1)
                 .and_then(|r| r.split('"').next())
-                .expect("claim id");
+                .expect("claim id")
+                .to_owned();
             let body = format!(
                 r#"{{"principal":"p","key":"{key}","claim":"{claim}","outcome":{{"status":200,"body":"{}"}}}}"#,
                 self.outcome_body
             );
-            self.post("/v1/ns/bench/complete", body).await;
+            self.post("/v1/ns/bench/complete", &body).await;
         })
     }
 }
@@ -243,6 +273,164 @@ impl PairRunner for RedisConn {
             assert_eq!(set.as_deref(), Some("OK"));
         })
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Floor: an HTTP server that does no work
+// ---------------------------------------------------------------------------------------------
+
+/// The answers the floor server gives: a claim's shape, then an empty object.
+const FLOOR_CLAIM: &str = r#"{"decision":"execute","claim":"00000000000000000000000000000001.0@bench","attempt":"0123456789abcdef0123456789abcdef"}"#;
+
+/// Serves claim and complete answers without a store, with hand-parsed HTTP/1.1 (`raw`) or
+/// hyper (`hyper`), on a multi-thread runtime: how fast any HTTP server on tokio can answer
+/// this workload on this machine, with no store and no disk.
+fn floor_serve(kind: &str) {
+    let rt = if kind.ends_with("-1") {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    }
+    .enable_all()
+    .build()
+    .expect("runtime");
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        println!("{}", listener.local_addr().expect("addr"));
+        loop {
+            let (stream, _) = listener.accept().await.expect("accept");
+            stream.set_nodelay(true).expect("nodelay");
+            if kind.starts_with("hyper") {
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        |req: hyper::Request<hyper::body::Incoming>| async move {
+                            use http_body_util::BodyExt as _;
+                            let claim = req.uri().path().ends_with("/claim");
+                            let _ = req.into_body().collect().await;
+                            let body = if claim { FLOOR_CLAIM } else { "{}" };
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Full::new(hyper::body::Bytes::from_static(
+                                    body.as_bytes(),
+                                )),
+                            ))
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            } else {
+                tokio::spawn(floor_raw_connection(stream));
+            }
+        }
+    });
+}
+
+async fn floor_raw_connection(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = Vec::with_capacity(8192);
+    let mut out = Vec::with_capacity(1024);
+    loop {
+        let parsed = {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut req = httparse::Request::new(&mut headers);
+            match req.parse(&buf) {
+                Ok(httparse::Status::Complete(head)) => {
+                    let len: usize = req
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                        .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
+                        .unwrap_or(0);
+                    let claim = req.path.is_some_and(|p| p.ends_with("/claim"));
+                    (buf.len() >= head + len).then_some((head + len, claim))
+                }
+                Ok(httparse::Status::Partial) => None,
+                Err(_) => return,
+            }
+        };
+        if let Some((used, claim)) = parsed {
+            buf.drain(..used);
+            let body = if claim { FLOOR_CLAIM } else { "{}" };
+            out.clear();
+            out.extend_from_slice(
+                format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len()).as_bytes(),
+            );
+            if stream.write_all(&out).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(8192);
+        }
+        match stream.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// The disk alone: appends of `bytes` each followed by fdatasync, on a file of zeros written
+/// and synced beforehand (no extent conversion, no allocation), one after another for `secs`.
+/// Prints the sync time's distribution: a bound under any store that acknowledges after
+/// fdatasync on this disk.
+fn disk_probe(dir: &Path, bytes: usize, secs: u64) {
+    use std::io::{Seek as _, Write as _};
+    use std::os::unix::io::AsRawFd as _;
+    let path = dir.join("disk-probe");
+    let size = 256usize << 20;
+    let mut file = std::fs::File::create(&path).expect("probe file");
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..(size >> 20) {
+        file.write_all(&zeros).expect("zero-fill");
+    }
+    file.sync_all().expect("sync zero-fill");
+    file.seek(std::io::SeekFrom::Start(0)).expect("seek");
+    let chunk = vec![b'x'; bytes];
+    let mut times_us = Vec::new();
+    let (start, mut written) = (Instant::now(), 0usize);
+    while start.elapsed() < Duration::from_secs(secs) && written + bytes <= size {
+        file.write_all(&chunk).expect("append");
+        written += bytes;
+        let t = Instant::now();
+        // SAFETY: fdatasync on an open file descriptor.
+        assert_eq!(unsafe { libc::fdatasync(file.as_raw_fd()) }, 0, "fdatasync");
+        times_us.push(t.elapsed().as_micros() as u64);
+    }
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    times_us.sort_unstable();
+    let n = times_us.len().max(1);
+    let pct = |p: f64| times_us[((times_us.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0;
+    let over = |us: u64| 100.0 * times_us.iter().filter(|&&t| t > us).count() as f64 / n as f64;
+    println!(
+        "disk alone: {} fdatasyncs of {bytes}-byte appends, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms; over 0.8 ms: {:.2}%, over 1.6 ms: {:.2}%",
+        times_us.len(),
+        pct(0.5),
+        pct(0.99),
+        pct(0.999),
+        over(800),
+        over(1600)
+    );
+}
+
+/// Starts this bench binary again as a floor server; returns it and its address.
+fn spawn_floor(kind: &str) -> (Child, SocketAddr) {
+    let mut child = Command::new(std::env::current_exe().expect("own path"))
+        .env("IDEM_VS_REDIS_FLOOR_SERVE", kind)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn floor server");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("floor address");
+    (child, line.trim().parse().expect("floor address"))
 }
 
 /// `redis-server`, installed with apt-get when missing.
@@ -332,6 +520,36 @@ fn process_cpu_secs(pid: u32) -> f64 {
     ticks / hz.max(1.0)
 }
 
+/// CPU used by a server process and by this process (the load generator) over a run.
+struct CpuWatch {
+    server: u32,
+    server_before: f64,
+    generator_before: f64,
+}
+
+impl CpuWatch {
+    fn start(server: u32) -> Self {
+        Self {
+            server,
+            server_before: process_cpu_secs(server),
+            generator_before: process_cpu_secs(std::process::id()),
+        }
+    }
+
+    /// Prints both, in cores over the run (warm-up included) and server µs per pair.
+    fn print(&self, server_name: &str, run: &Run, secs: u64) {
+        let total = secs as f64 + WARMUP.as_secs_f64();
+        let server = process_cpu_secs(self.server) - self.server_before;
+        let generator = process_cpu_secs(std::process::id()) - self.generator_before;
+        println!(
+            "  {server_name} CPU {:.2} cores ({:.1} us per pair), load generator CPU {:.2} cores",
+            server / total,
+            1e6 * server / (run.rate() * total),
+            generator / total,
+        );
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -341,6 +559,10 @@ fn free_port() -> u16 {
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    if let Ok(kind) = std::env::var("IDEM_VS_REDIS_FLOOR_SERVE") {
+        floor_serve(&kind);
         return;
     }
     let secs = env_u64("IDEM_VS_REDIS_SECS", 10);
@@ -380,6 +602,7 @@ fn main() {
     for mode in modes {
         let redis = Redis::start(&redis_bin, &dir.path().join(format!("redis-{mode}")), mode);
         let addr = redis.addr;
+        let cpu = CpuWatch::start(redis.child.id());
         let run = local.block_on(
             &rt,
             measure(
@@ -390,9 +613,36 @@ fn main() {
             ),
         );
         run.print();
+        cpu.print("redis-server", &run, secs);
         runs.push(run);
         drop(redis);
     }
+
+    // The floor: what an HTTP server that does no work reaches here (`IDEM_VS_REDIS_FLOOR=raw,hyper`).
+    for kind in std::env::var("IDEM_VS_REDIS_FLOOR")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|k| !k.is_empty())
+    {
+        let (mut child, addr) = spawn_floor(kind);
+        let cpu = CpuWatch::start(child.id());
+        let run = local.block_on(
+            &rt,
+            measure(
+                &format!("floor: {kind} HTTP, no work"),
+                connections,
+                secs,
+                move || IdemConn::connect(addr),
+            ),
+        );
+        run.print();
+        cpu.print("server", &run, secs);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    // Appends the size of a typical group commit in the idem run (~8 pairs' records).
+    disk_probe(dir.path(), 4096, 5);
 
     let idem_dir = dir.path().join("idem");
     std::fs::create_dir_all(&idem_dir).expect("idem dir");
@@ -440,6 +690,17 @@ fn main() {
             "idem: {syncs:.0} fdatasyncs (warm-up included), mean {:.2} ms, {:.1} acknowledgements per sync",
             1000.0 * sync_secs / syncs.max(1.0),
             acks / syncs.max(1.0)
+        );
+        // The histogram's buckets double from 50 us: 0.8 ms and 1.6 ms are bucket bounds.
+        let over = |le: &str| {
+            100.0 * (syncs - value(&format!("idem_fsync_seconds_bucket{{le=\"{le}\"}} ")))
+                / syncs.max(1.0)
+        };
+        println!(
+            "idem: fdatasyncs over 0.8 ms: {:.2}%, over 1.6 ms: {:.2}%, over 3.2 ms: {:.2}%",
+            over("0.0008"),
+            over("0.0016"),
+            over("0.0032")
         );
     }
     let (rss, _) = daemon.rss();

@@ -628,3 +628,72 @@ async fn https_serves_the_same_api() {
         .map(|r| r.status() != 200)
         .unwrap_or(true));
 }
+
+/// Claim and complete with a plain `application/json` body take the daemon's direct path;
+/// with any other content type (here with a charset) they go through the router. Both ways
+/// must answer alike, errors included.
+#[tokio::test]
+async fn claim_and_complete_answer_alike_on_the_direct_path_and_through_the_router() {
+    let dir = tempdir();
+    let d = Daemon::start(dir.path(), &config("eu1", "")).await;
+    let send = |content_type: &'static str, path: &'static str, body: String| {
+        let url = format!("{}{path}", d.url);
+        async move {
+            let r = http()
+                .post(url)
+                .bearer_auth(PAYMENTS_TOKEN)
+                .header("content-type", content_type)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let region = r.headers()["idem-region"].to_str().unwrap().to_owned();
+            let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+            (status, region, v)
+        }
+    };
+    for (n, ct) in ["application/json", "application/json; charset=utf-8"]
+        .into_iter()
+        .enumerate()
+    {
+        let key = format!("alike-{n}");
+        let claim = json!({"principal": "acct_1", "key": key, "fingerprint": fp(1), "attempt": tok(&format!("a{n}"))});
+        let (status, region, exec) = send(ct, "/v1/ns/payments/claim", claim.to_string()).await;
+        assert_eq!((status, region.as_str()), (200, "eu1"), "{ct}: {exec}");
+        assert_eq!(exec["decision"], "execute", "{ct}");
+        let done = json!({"principal": "acct_1", "key": key, "claim": exec["claim"],
+                          "outcome": {"status": 201, "body": "made"}});
+        let (status, _, fin) = send(ct, "/v1/ns/payments/complete", done.to_string()).await;
+        assert_eq!(status, 200, "{ct}: {fin}");
+        assert_eq!(
+            fin,
+            json!({"terminal": "completed", "superseded": false}),
+            "{ct}"
+        );
+        let again = json!({"principal": "acct_1", "key": key, "fingerprint": fp(1), "attempt": tok(&format!("b{n}"))});
+        let (status, _, replay) = send(ct, "/v1/ns/payments/claim", again.to_string()).await;
+        assert_eq!(status, 200, "{ct}");
+        assert_eq!(replay["decision"], "replay", "{ct}");
+        assert_eq!(replay["outcome"]["status"], 201, "{ct}");
+        assert_eq!(replay["claim"], exec["claim"], "{ct}");
+
+        // Not JSON (cut short, or empty): 400; JSON of the wrong shape: 422.
+        for (body, want) in [("{\"principal\":", 400), ("", 400), ("{\"key\": 1}", 422)] {
+            for path in ["/v1/ns/payments/claim", "/v1/ns/payments/complete"] {
+                let (status, region, p) = send(ct, path, body.to_owned()).await;
+                assert_eq!(status, want, "{ct} {path} {body}: {p}");
+                assert_eq!(region, "eu1");
+                assert_eq!(
+                    p["type"], "urn:idem:problem:invalid-request",
+                    "{ct} {path} {body}"
+                );
+            }
+        }
+        // Over the claim's 64 KiB limit: 413 either way.
+        let big = json!({"principal": "x".repeat(70_000), "key": "k", "fingerprint": fp(1), "attempt": tok("z")});
+        let (status, _, p) = send(ct, "/v1/ns/payments/claim", big.to_string()).await;
+        assert_eq!(status, 413, "{ct}: {p}");
+        assert_eq!(p["type"], "urn:idem:problem:request-too-large");
+    }
+}

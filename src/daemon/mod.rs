@@ -63,7 +63,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         config.http.metrics_need_token,
     ));
     let request_timeout = Duration::from_millis(config.limits.request_timeout_ms);
-    let app = http::router(
+    let app = http::ApiService::new(
         state.clone(),
         RouterLimits {
             request_bytes_max: config.limits.request_bytes_max,
@@ -298,7 +298,7 @@ fn http1() -> hyper::server::conn::http1::Builder {
 async fn accept_loop(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    app: axum::Router,
+    app: http::ApiService,
     mut stop: watch::Receiver<bool>,
     limits: Accepting,
 ) {

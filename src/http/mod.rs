@@ -160,13 +160,13 @@ pub struct RouterLimits {
 
 /// The router: the store API, health, metrics and the OpenAPI file.
 ///
-/// In front of every route (`front`, one layer: each layer costs a boxed future per
+/// In front of every route (`front_layer`, one layer: each layer costs a boxed future per
 /// request): the `Idem-Region` header on every answer; the request's time limit;
 /// authentication from the path and headers alone, before any body is read; the line for a
 /// turn. Then per-route body limits.
-pub fn router(state: Arc<ApiState>, limits: RouterLimits) -> Router {
+fn router(front: Front, limits: RouterLimits) -> Router {
     let small = DefaultBodyLimit::max(SMALL_BODY_MAX);
-    let permits = Arc::new(Semaphore::new(limits.concurrent_requests_max));
+    let state = front.state.clone();
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -182,73 +182,255 @@ pub fn router(state: Arc<ApiState>, limits: RouterLimits) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limits.request_bytes_max))
-        .layer(middleware::from_fn_with_state(
-            Front {
-                state: state.clone(),
-                permits,
-                timeout: limits.request_timeout,
-            },
-            front,
-        ))
+        .layer(middleware::from_fn_with_state(front, front_layer))
         .with_state(state)
 }
 
-/// What [`front`] needs.
+/// The daemon's HTTP service: claim and complete, the calls every request of an API server
+/// makes, go straight to their handlers; every other route (and any claim or complete that
+/// is not JSON) goes through the router. Both ways pass the same front (authentication
+/// before the body, line, time limit, region header) and the same handler code.
+#[derive(Clone)]
+pub struct ApiService {
+    front: Front,
+    router: Router,
+    request_bytes_max: usize,
+}
+
+/// The calls [`ApiService`] serves without the router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hot {
+    Claim,
+    Complete,
+}
+
+impl ApiService {
+    /// The service over `state` with `limits`.
+    pub fn new(state: Arc<ApiState>, limits: RouterLimits) -> Self {
+        let region = HeaderValue::from_str(state.region.as_str())
+            .expect("region ids are header-safe (a-z0-9-_)");
+        let front = Front {
+            state,
+            permits: Arc::new(Semaphore::new(limits.concurrent_requests_max)),
+            timeout: limits.request_timeout,
+            region,
+        };
+        Self {
+            router: router(front.clone(), limits),
+            front,
+            request_bytes_max: limits.request_bytes_max,
+        }
+    }
+
+    /// The namespace and call of a request the direct path serves: a JSON POST to claim or
+    /// complete.
+    fn hot<B>(req: &axum::http::Request<B>) -> Option<(String, Hot)> {
+        if req.method() != axum::http::Method::POST {
+            return None;
+        }
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"application/json"));
+        if !json {
+            return None;
+        }
+        let rest = req.uri().path().strip_prefix("/v1/ns/")?;
+        let (ns, call) = rest.split_once('/')?;
+        let hot = match call {
+            "claim" => Hot::Claim,
+            "complete" => Hot::Complete,
+            _ => return None,
+        };
+        (!ns.is_empty() && !ns.contains('%')).then(|| (ns.to_owned(), hot))
+    }
+
+    /// Serves a claim or complete: front, body within its limit, handler.
+    async fn serve_hot<B>(self, ns: String, hot: Hot, req: axum::http::Request<B>) -> Response
+    where
+        B: axum::body::HttpBody<Data = axum::body::Bytes> + Send,
+        B::Error: Into<axum::BoxError>,
+    {
+        use http_body_util::BodyExt as _;
+        let (parts, body) = req.into_parts();
+        let s = &self.front.state;
+        let auth = authorize(s, parts.uri.path(), &parts.headers);
+        let limit = match hot {
+            Hot::Claim => SMALL_BODY_MAX,
+            Hot::Complete => self.request_bytes_max,
+        };
+        let served = async {
+            let bytes = match http_body_util::Limited::new(body, limit).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                    return too_large().into_response()
+                }
+                Err(e) => {
+                    return Problem::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid-request",
+                        "Invalid request",
+                        format!("reading the body failed: {e}"),
+                    )
+                    .into_response()
+                }
+            };
+            let answer = match hot {
+                Hot::Claim => match json_body(&bytes) {
+                    Ok(b) => claim_call(s, &ns, &parts.headers, b).await,
+                    Err(e) => Err(e),
+                },
+                Hot::Complete => match json_body(&bytes) {
+                    Ok(b) => complete_call(s, &ns, &parts.headers, b).await,
+                    Err(e) => Err(e),
+                },
+            };
+            answer.unwrap_or_else(IntoResponse::into_response)
+        };
+        self.front.serve(auth, true, served).await
+    }
+}
+
+impl<B> tower::Service<axum::http::Request<B>> for ApiService
+where
+    B: axum::body::HttpBody<Data = axum::body::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError> + std::fmt::Display,
+{
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, Self::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: axum::http::Request<B>) -> Self::Future {
+        use tower::ServiceExt as _;
+        match Self::hot(&req) {
+            Some((ns, hot)) => {
+                let this = self.clone();
+                Box::pin(async move { Ok(this.serve_hot(ns, hot, req).await) })
+            }
+            None => {
+                let router = self.router.clone();
+                Box::pin(async move { router.oneshot(req.map(axum::body::Body::new)).await })
+            }
+        }
+    }
+}
+
+/// 413 for a body over its call's limit.
+fn too_large() -> Problem {
+    Problem::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "request-too-large",
+        "Request too large",
+        "the body exceeds this call's limit (64 KiB, or limits.request_bytes_max for complete and resolve)",
+    )
+}
+
+/// A JSON body parsed on the direct path, with the router's statuses: 400 for text that is
+/// not JSON, 422 for JSON of the wrong shape.
+fn json_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let invalid = |status, text: String| -> ApiError {
+        Problem::new(status, "invalid-request", "Invalid request", text).into()
+    };
+    let syntax = |e: &dyn std::fmt::Display| {
+        invalid(
+            StatusCode::BAD_REQUEST,
+            format!("Failed to parse the request body as JSON: {e}"),
+        )
+    };
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let t = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        if e.inner().classify() == serde_json::error::Category::Data {
+            invalid(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("Failed to deserialize the JSON body into the target type: {e}"),
+            )
+        } else {
+            syntax(&e)
+        }
+    })?;
+    de.end().map_err(|e| syntax(&e))?;
+    Ok(t)
+}
+
+/// What [`front_layer`] needs.
 #[derive(Clone)]
 struct Front {
     state: Arc<ApiState>,
     permits: Arc<Semaphore>,
     timeout: Duration,
+    region: HeaderValue,
 }
 
-/// The one layer in front of every route: region header, time limit, authentication, line.
-async fn front(State(f): State<Front>, req: Request, next: Next) -> Response {
-    let served = async {
-        if let Err(e) = authorize(&f.state, &req) {
-            return e.into_response();
-        }
-        if !req.uri().path().starts_with("/v1/") {
-            // Health, readiness and metrics never wait behind store calls: an overloaded
-            // daemon must not look dead to its liveness probe.
-            return next.run(req).await;
-        }
-        match f.permits.acquire().await {
-            Ok(_permit) => next.run(req).await,
-            Err(_) => Problem::unavailable("shutting_down", "shutting down", 1_000).into_response(),
-        }
-    };
-    let mut r = match tokio::time::timeout(f.timeout, served).await {
-        Ok(r) => r,
-        Err(_) => Problem::unavailable(
-            "timeout",
-            "the request took longer than limits.request_timeout_ms; it may have taken effect: re-send it unchanged (same attempt token)",
-            1_000,
-        )
-        .into_response(),
-    };
-    if let Ok(v) = HeaderValue::from_str(f.state.region.as_str()) {
+impl Front {
+    /// Serves one request behind the front: `auth` is the token check made from the path and
+    /// headers before any body is read; store calls (`store_call`) wait in line for a turn;
+    /// the whole request is bounded by the time limit; the answer names this region.
+    async fn serve<F>(&self, auth: Result<(), ApiError>, store_call: bool, served: F) -> Response
+    where
+        F: std::future::Future<Output = Response>,
+    {
+        let run = async {
+            if let Err(e) = auth {
+                return e.into_response();
+            }
+            if !store_call {
+                // Health, readiness and metrics never wait behind store calls: an overloaded
+                // daemon must not look dead to its liveness probe.
+                return served.await;
+            }
+            match self.permits.acquire().await {
+                Ok(_permit) => served.await,
+                Err(_) => {
+                    Problem::unavailable("shutting_down", "shutting down", 1_000).into_response()
+                }
+            }
+        };
+        let mut r = match tokio::time::timeout(self.timeout, run).await {
+            Ok(r) => r,
+            Err(_) => Problem::unavailable(
+                "timeout",
+                "the request took longer than limits.request_timeout_ms; it may have taken effect: re-send it unchanged (same attempt token)",
+                1_000,
+            )
+            .into_response(),
+        };
         r.headers_mut()
-            .insert(HeaderName::from_static(REGION_HEADER), v);
+            .insert(HeaderName::from_static(REGION_HEADER), self.region.clone());
+        r
     }
-    r
+}
+
+/// The one layer in front of every route of the router: region header, time limit,
+/// authentication, line.
+async fn front_layer(State(f): State<Front>, req: Request, next: Next) -> Response {
+    let auth = authorize(&f.state, req.uri().path(), req.headers());
+    let store_call = req.uri().path().starts_with("/v1/");
+    f.serve(auth, store_call, next.run(req)).await
 }
 
 /// Checks the bearer token against the path before the body is read, so unauthenticated
 /// callers cost no buffering. Handlers check again (defence in depth). Namespaces in paths
 /// are never percent-encoded (their names are `a-z0-9-_.`), so the raw path is what counts.
-fn authorize(s: &ApiState, req: &Request) -> Result<(), ApiError> {
-    let path = req.uri().path();
+fn authorize(s: &ApiState, path: &str, headers: &HeaderMap) -> Result<(), ApiError> {
     let checked = if path == "/v1/status" {
-        s.tokens.operator(req.headers())
+        s.tokens.operator(headers)
     } else if let Some(rest) = path.strip_prefix("/v1/ns/") {
         match rest.split_once('/') {
-            Some((_, "resolve")) => s.tokens.operator(req.headers()),
-            Some((ns, "read")) => s.tokens.reader(req.headers(), ns),
-            Some((ns, _)) => s.tokens.namespace(req.headers(), ns),
+            Some((_, "resolve")) => s.tokens.operator(headers),
+            Some((ns, "read")) => s.tokens.reader(headers, ns),
+            Some((ns, _)) => s.tokens.namespace(headers, ns),
             None => Ok(()),
         }
     } else if path == "/metrics" && s.metrics_need_token {
-        s.tokens.operator(req.headers())
+        s.tokens.operator(headers)
     } else {
         Ok(())
     };
@@ -346,12 +528,7 @@ fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     b.map(|Json(t)| t).map_err(|e| -> ApiError {
         let status = e.status();
         if status == StatusCode::PAYLOAD_TOO_LARGE {
-            Problem::new(
-                status,
-                "request-too-large",
-                "Request too large",
-                "the body exceeds this call's limit (64 KiB, or limits.request_bytes_max for complete and resolve)",
-            )
+            too_large()
         } else {
             Problem::new(
                 if status.is_client_error() {
@@ -410,7 +587,17 @@ async fn claim(
     b: Result<Json<ClaimBody>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     s.tokens.namespace(&headers, &ns)?;
-    let b = body(b)?;
+    claim_call(&s, &ns, &headers, body(b)?).await
+}
+
+/// A claim, once its body is parsed (the router's handler and the direct path).
+async fn claim_call(
+    s: &ApiState,
+    ns: &str,
+    headers: &HeaderMap,
+    b: ClaimBody,
+) -> Result<Response, ApiError> {
+    s.tokens.namespace(headers, ns)?;
     let fingerprint = unhex::<32>(&b.fingerprint)
         .ok_or_else(|| Problem::bad_field("fingerprint", "64 hex digits"))?;
     let attempt = parse_attempt(&b.attempt)
@@ -431,8 +618,8 @@ async fn claim(
     };
     let store = s.store()?;
     let policy = store
-        .namespace(&ns)
-        .ok_or_else(|| Problem::from(crate::store::StoreError::UnknownNamespace(ns.clone())))?;
+        .namespace(ns)
+        .ok_or_else(|| Problem::from(crate::store::StoreError::UnknownNamespace(ns.to_owned())))?;
     if let Some(prior) = prior.filter(|p| *p != s.region) {
         // The region tried before is asked about the key before granting (design §4). This
         // daemon has no connection to other regions yet (the transport comes with the
@@ -460,7 +647,7 @@ async fn claim(
         }
     }
     let req = ClaimRequest {
-        key: RecordKey::new(&ns, &b.principal, &b.key),
+        key: RecordKey::new(ns, &b.principal, &b.key),
         fingerprint: Fingerprint(fingerprint),
         attempt: AttemptToken(attempt),
     };
@@ -560,12 +747,22 @@ async fn complete(
     b: Result<Json<CompleteBody>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     s.tokens.namespace(&headers, &ns)?;
-    let b = body(b)?;
+    complete_call(&s, &ns, &headers, body(b)?).await
+}
+
+/// A completion, once its body is parsed (the router's handler and the direct path).
+async fn complete_call(
+    s: &ApiState,
+    ns: &str,
+    headers: &HeaderMap,
+    b: CompleteBody,
+) -> Result<Response, ApiError> {
+    s.tokens.namespace(headers, ns)?;
     let outcome = b
         .outcome
         .to_outcome()
         .map_err(|e| Problem::bad_field("outcome", e))?;
-    let (store, key, claim) = s.claim_target(&ns, &b.principal, &b.key, &b.claim)?;
+    let (store, key, claim) = s.claim_target(ns, &b.principal, &b.key, &b.claim)?;
     let now = wall_clock_ms();
     let done = s
         .durable(store.complete(now, &key, claim, outcome)?)
@@ -576,7 +773,7 @@ async fn complete(
             .time_to_outcome_seconds
             .observe(took as f64 / 1000.0);
     }
-    Ok(finished(&s, done))
+    Ok(finished(s, done))
 }
 
 /// Counts a completion or release and answers it.
