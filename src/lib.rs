@@ -16,6 +16,7 @@
 //!   pull anti-entropy, heartbeats, clock fencing), driven by the daemon or the simulator.
 //! * [`wire`]: the messages regions exchange, their framing and limits.
 //! * [`daemon`], [`http`]: the region daemon (`idem serve`) and its store API over HTTP+JSON.
+//! * [`durable`]: the flusher thread and async waits for durable answers (daemon, HTTP face).
 //! * [`client`]: a Rust client for that API, with the retry and failover rules every client
 //!   follows.
 //! * [`mutants`]: known bugs the simulator's tests plant to prove their checks fail (compiled in
@@ -74,6 +75,7 @@ mod arb;
 pub mod client;
 pub mod clock;
 pub mod daemon;
+pub mod durable;
 pub mod http;
 pub mod mutants;
 pub mod record;

@@ -678,22 +678,62 @@ async fn claim_and_complete_answer_alike_on_the_direct_path_and_through_the_rout
         assert_eq!(replay["outcome"]["status"], 201, "{ct}");
         assert_eq!(replay["claim"], exec["claim"], "{ct}");
 
-        // Not JSON (cut short, or empty): 400; JSON of the wrong shape: 422.
-        for (body, want) in [("{\"principal\":", 400), ("", 400), ("{\"key\": 1}", 422)] {
-            for path in ["/v1/ns/payments/claim", "/v1/ns/payments/complete"] {
-                let (status, region, p) = send(ct, path, body.to_owned()).await;
-                assert_eq!(status, want, "{ct} {path} {body}: {p}");
-                assert_eq!(region, "eu1");
-                assert_eq!(
-                    p["type"], "urn:idem:problem:invalid-request",
-                    "{ct} {path} {body}"
-                );
-            }
-        }
         // Over the claim's 64 KiB limit: 413 either way.
         let big = json!({"principal": "x".repeat(70_000), "key": "k", "fingerprint": fp(1), "attempt": tok("z")});
         let (status, _, p) = send(ct, "/v1/ns/payments/claim", big.to_string()).await;
         assert_eq!(status, 413, "{ct}: {p}");
         assert_eq!(p["type"], "urn:idem:problem:request-too-large");
+    }
+
+    // Errors: the two ways give the very same answer (status, region, whole problem body).
+    let errors = [
+        ("/v1/ns/payments/claim", PAYMENTS_TOKEN, "{\"principal\":".to_owned(), 400),
+        ("/v1/ns/payments/complete", PAYMENTS_TOKEN, String::new(), 400),
+        ("/v1/ns/payments/claim", PAYMENTS_TOKEN, "{\"key\": 1}".to_owned(), 422),
+        ("/v1/ns/payments/complete", PAYMENTS_TOKEN, "{\"key\": 1}".to_owned(), 422),
+        ("/v1/ns/payments/claim", ORDERS_TOKEN, "{}".to_owned(), 401),
+        ("/v1/ns/payments/complete", "wrong-token-0000000000", "{}".to_owned(), 401),
+        (
+            "/v1/ns/payments/complete",
+            PAYMENTS_TOKEN,
+            json!({"principal": "p", "key": "k", "claim": "1.0@eu1", "outcome": {"status": 200, "body": "x".repeat(13 << 20)}}).to_string(),
+            413,
+        ),
+        (
+            "/v1/ns/payments/complete",
+            PAYMENTS_TOKEN,
+            json!({"principal": "p", "key": "k", "claim": "nonsense", "outcome": {"status": 200}}).to_string(),
+            400,
+        ),
+    ];
+    for (path, token, body, want) in errors {
+        let mut answers = Vec::new();
+        for ct in ["application/json", "application/json; charset=utf-8"] {
+            let r = http()
+                .post(format!("{}{path}", d.url))
+                .bearer_auth(token)
+                .header("content-type", ct)
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let region = r.headers()["idem-region"].to_str().unwrap().to_owned();
+            let problem: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+            answers.push((status, region, problem));
+        }
+        assert_eq!(
+            answers[0].0,
+            want,
+            "{path} {}: {:?}",
+            &body[..body.len().min(40)],
+            answers[0]
+        );
+        assert_eq!(
+            answers[0],
+            answers[1],
+            "{path} {}",
+            &body[..body.len().min(40)]
+        );
     }
 }

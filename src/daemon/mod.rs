@@ -10,7 +10,6 @@ pub mod config;
 pub mod metrics;
 mod tls;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,8 +20,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
 use crate::clock::wall_clock_ms;
+use crate::durable::{DurablePublisher, Flusher};
 use crate::http::auth::{Access, Tokens};
-use crate::http::{self, ApiState, DaemonStore, Durable, RouterLimits};
+use crate::http::{self, ApiState, DaemonStore, RouterLimits};
 use crate::store::storage::FsStorage;
 use crate::store::Store;
 use config::Config;
@@ -52,12 +52,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     println!("idem: listening on {scheme}://{addr}");
     tracing::info!(%addr, tls = tls.is_some(), region = %config.region, "listening");
 
-    let (durable_tx, durable_rx) = watch::channel(Durable::default());
-    let durable_tx = Arc::new(durable_tx);
+    let (publisher, waiter) = DurablePublisher::new(Default::default());
     let metrics = Arc::new(Metrics::new());
     let state = Arc::new(ApiState::new(
         config.region,
-        durable_rx,
+        waiter,
         tokens(&config),
         metrics.clone(),
         config.http.metrics_need_token,
@@ -110,18 +109,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             metrics.fsync_seconds.observe(d.as_secs_f64());
         }));
     }
-    durable_tx.send_replace(Durable {
-        lsn: store.log().durable_lsn(),
-        failed: false,
-    });
-    let stop_flusher = Arc::new(AtomicBool::new(false));
-    let flusher = std::thread::Builder::new()
-        .name("idem-flusher".into())
-        .spawn({
-            let (store, stop, tx) = (store.clone(), stop_flusher.clone(), durable_tx.clone());
-            move || flusher(&store, &tx, &stop)
-        })
-        .context("starting the flusher thread")?;
+    publisher.durable_to(store.log().durable_lsn());
+    let flusher =
+        Flusher::start(store.clone(), publisher.clone()).context("starting the flusher thread")?;
     state.set_store(store.clone());
     tracing::info!(
         keys = store.key_count(),
@@ -143,11 +133,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let _ = server.await;
     let _ = stop_housekeeping.send(true);
     let _ = housekeeping.await;
-    stop_flusher.store(true, Ordering::Release);
     let flushed = tokio::task::spawn_blocking({
         let store = store.clone();
         move || {
-            let _ = flusher.join();
+            flusher.stop();
             store.flush()
         }
     })
@@ -156,11 +145,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     match flushed {
         Ok(lsn) => {
             // Answers still waiting (past the drain) see their writes durable.
-            durable_tx.send_if_modified(|d| {
-                let moved = d.lsn < lsn;
-                d.lsn = d.lsn.max(lsn);
-                moved
-            });
+            publisher.durable_to(lsn);
             let hints = tokio::task::spawn_blocking(move || store.write_hints())
                 .await
                 .context("writing hint files")?;
@@ -196,36 +181,6 @@ fn tokens(config: &Config) -> Tokens {
         }
     }
     t
-}
-
-/// The dedicated flusher: group-commits whatever handlers appended and publishes the durable
-/// position. A failed sync is never retried: the log is poisoned and every waiter told.
-fn flusher(store: &DaemonStore, durable: &watch::Sender<Durable>, stop: &AtomicBool) {
-    loop {
-        let stopping = stop.load(Ordering::Acquire);
-        let flushed = if stopping {
-            store.flush()
-        } else {
-            store.flush_appended(Duration::from_millis(50))
-        };
-        match flushed {
-            Ok(lsn) => {
-                durable.send_if_modified(|d| {
-                    let moved = d.lsn < lsn;
-                    d.lsn = d.lsn.max(lsn);
-                    moved
-                });
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "log failed: answering 503 until restarted");
-                durable.send_modify(|d| d.failed = true);
-                return;
-            }
-        }
-        if stopping {
-            return;
-        }
-    }
 }
 
 /// Periodic work: stability (a single region is its own quorum), hint files, garbage

@@ -20,14 +20,14 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 
 use crate::clock::{wall_clock_ms, RegionId, Stamp};
 use crate::daemon::metrics::{Metrics, TerminalLabels};
+use crate::durable::{DurableWaiter, NotDurable};
 use crate::record::{
     AttemptToken, ClaimStatus, Fingerprint, ItemId, ItemKind, RecordKey, Terminal,
 };
-use crate::store::log::Lsn;
 use crate::store::storage::FsStorage;
 use crate::store::{
     ClaimRequest, Completion, Decision, LookupUnanswered, Pending, Store, Unavailable,
@@ -43,20 +43,11 @@ pub type DaemonStore = Store<FsStorage>;
 /// The OpenAPI 3.1 description the daemon serves at `GET /openapi.json`.
 pub const OPENAPI_JSON: &str = include_str!("../../docs/openapi.json");
 
-/// How far the log is durable, published by the flusher thread.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Durable {
-    /// Everything up to here is on disk.
-    pub lsn: Lsn,
-    /// The log failed: nothing will become durable again.
-    pub failed: bool,
-}
-
 /// What the handlers share.
 pub struct ApiState {
     region: RegionId,
     store: OnceLock<Arc<DaemonStore>>,
-    durable: watch::Receiver<Durable>,
+    durable: DurableWaiter,
     tokens: Tokens,
     metrics: Arc<Metrics>,
     metrics_need_token: bool,
@@ -67,7 +58,7 @@ impl ApiState {
     /// State for `region`, with no store yet (it answers 503 until [`ApiState::set_store`]).
     pub fn new(
         region: RegionId,
-        durable: watch::Receiver<Durable>,
+        durable: DurableWaiter,
         tokens: Tokens,
         metrics: Arc<Metrics>,
         metrics_need_token: bool,
@@ -102,7 +93,7 @@ impl ApiState {
         let Some(store) = self.store.get() else {
             return Err("recovering");
         };
-        if store.log().is_poisoned() || self.durable.borrow().failed {
+        if store.log().is_poisoned() || self.durable.current().failed {
             return Err("log_failed");
         }
         if store.is_fenced() {
@@ -122,25 +113,17 @@ impl ApiState {
 
     /// Waits until `pending` is durable; the answer may then be given out.
     async fn durable<T>(&self, pending: Pending<T>) -> Result<T, ApiError> {
-        let lsn = pending.lsn();
-        let mut rx = self.durable.clone();
-        // Durable means covered by a successful sync, even if a later one failed.
-        let durable = rx
-            .wait_for(|d| d.failed || d.lsn >= lsn)
-            .await
-            .map(|d| d.lsn >= lsn);
-        match durable {
-            Ok(true) => Ok(pending.into_value_unchecked()),
-            Ok(false) => Err(Problem::from_unavailable(Unavailable::LogFailed, 5_000).into()),
+        self.durable.wait(pending).await.map_err(|e| match e {
+            NotDurable::LogFailed => Problem::from_unavailable(Unavailable::LogFailed, 5_000).into(),
             // The daemon is exiting before its last flush was published: the write may yet be
             // durable, so this is not an answer about the key.
-            Err(_) => Err(Problem::unavailable(
+            NotDurable::Stopped => Problem::unavailable(
                 "shutting_down",
                 "the daemon stopped before this answer was durable; the request may have taken effect: re-send it unchanged (same attempt token)",
                 1_000,
             )
-            .into()),
-        }
+            .into(),
+        })
     }
 }
 
@@ -270,9 +253,10 @@ impl ApiService {
                         StatusCode::BAD_REQUEST,
                         "invalid-request",
                         "Invalid request",
-                        format!("reading the body failed: {e}"),
+                        // The router's words (axum's body rejection) for the same failure.
+                        format!("Failed to buffer the request body: {e}"),
                     )
-                    .into_response()
+                    .into_response();
                 }
             };
             let answer = match hot {
@@ -915,4 +899,54 @@ async fn resolve(
         at: resolution.at.to_string(),
     })
     .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: &str, path: &str, content_type: Option<&str>) -> axum::http::Request<()> {
+        let mut b = axum::http::Request::builder().method(method).uri(path);
+        if let Some(ct) = content_type {
+            b = b.header("content-type", ct);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn only_plain_json_posts_to_claim_and_complete_take_the_direct_path() {
+        let json = Some("application/json");
+        assert_eq!(
+            ApiService::hot(&req("POST", "/v1/ns/pay/claim", json)),
+            Some(("pay".into(), Hot::Claim))
+        );
+        assert_eq!(
+            ApiService::hot(&req(
+                "POST",
+                "/v1/ns/pay/complete?x=1",
+                Some("Application/JSON")
+            )),
+            Some(("pay".into(), Hot::Complete))
+        );
+        for (method, path, ct) in [
+            ("GET", "/v1/ns/pay/claim", json),
+            ("POST", "/v1/ns/pay/release", json),
+            ("POST", "/v1/ns/pay/claim/", json),
+            ("POST", "/v1/ns//claim", json),
+            ("POST", "/v1/ns/pa%79/claim", json),
+            ("POST", "/v1/ns/pay/claim", None),
+            (
+                "POST",
+                "/v1/ns/pay/claim",
+                Some("application/json; charset=utf-8"),
+            ),
+            ("POST", "/v1/ns/pay/claim", Some("text/plain")),
+        ] {
+            assert_eq!(
+                ApiService::hot(&req(method, path, ct)),
+                None,
+                "{method} {path} {ct:?}"
+            );
+        }
+    }
 }
