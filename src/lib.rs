@@ -76,6 +76,7 @@ pub mod client;
 pub mod clock;
 pub mod daemon;
 pub mod durable;
+pub mod face;
 pub mod http;
 pub mod mutants;
 pub mod record;

@@ -1,0 +1,213 @@
+//! Where the layer's keys live: a store embedded in this process ([`EmbeddedStore`]), or (next)
+//! a region daemon shared by every replica of an API. Both answer with the store's decisions
+//! and with RFC 9457 problems for errors, so the layer treats them alike.
+
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::clock::{wall_clock_ms, Stamp};
+use crate::durable::{DurablePublisher, DurableWaiter, Flusher, NotDurable};
+use crate::http::problem::Problem;
+use crate::record::{Outcome, RecordKey};
+use crate::store::storage::FsStorage;
+use crate::store::{ClaimRequest, Decision, Pending, Store, StoreConfig, Unavailable};
+
+/// A boxed future, as the backend's calls return.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The store calls the layer makes; every answer is durable when it returns.
+pub trait Backend: Send + Sync + 'static {
+    /// Claims a key.
+    fn claim(&self, req: ClaimRequest) -> BoxFuture<'_, Result<Decision, Problem>>;
+    /// Stores an outcome (the namespace's policy decides by status how it is kept).
+    fn complete(
+        &self,
+        key: RecordKey,
+        claim: Stamp,
+        outcome: Outcome,
+    ) -> BoxFuture<'_, Result<(), Problem>>;
+    /// Releases a claim: nothing was executed, or nothing is to be kept.
+    fn release(&self, key: RecordKey, claim: Stamp) -> BoxFuture<'_, Result<(), Problem>>;
+    /// Extends a claim's lease to now + `lease_ms`.
+    fn extend(
+        &self,
+        key: RecordKey,
+        claim: Stamp,
+        lease_ms: u64,
+    ) -> BoxFuture<'_, Result<(), Problem>>;
+    /// The namespace's limits the layer needs, or `None` if the namespace is unknown.
+    fn limits(&self, namespace: &str) -> Option<NamespaceLimits>;
+}
+
+/// What the layer needs to know of a namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NamespaceLimits {
+    /// Longest key, characters.
+    pub key_len_max: usize,
+    /// The in-flight lease a claim gets, ms (heartbeats extend it while the handler runs).
+    pub lease_ms: u64,
+    /// Largest stored outcome (headers and body), bytes; larger responses keep a digest.
+    pub outcome_bytes_max: usize,
+}
+
+/// A store in this process, with its flusher thread and housekeeping (stability, garbage
+/// collection). Only this process deduplicates with it: replicas of an API each with their own
+/// embedded store do not see each other's keys.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    inner: Arc<Embedded>,
+}
+
+struct Embedded {
+    store: Arc<Store<FsStorage>>,
+    waiter: DurableWaiter,
+    flusher: Mutex<Option<Flusher>>,
+    stop: Arc<AtomicBool>,
+    housekeeping: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// How often the embedded store's housekeeping runs, and how often it collects garbage.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
+const GC_EVERY: Duration = Duration::from_secs(60);
+
+impl EmbeddedStore {
+    /// Opens (or creates) a store in `dir` and rebuilds its index: blocking, call it before
+    /// serving (or from a blocking thread).
+    pub fn open(dir: &Path, config: StoreConfig) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating data dir {}", dir.display()))?;
+        let storage =
+            FsStorage::open(dir).with_context(|| format!("opening data dir {}", dir.display()))?;
+        let store = Arc::new(
+            Store::open(storage, config, wall_clock_ms())
+                .with_context(|| format!("recovering {}", dir.display()))?,
+        );
+        let (publisher, waiter) = DurablePublisher::new(store.log().durable_lsn());
+        let flusher =
+            Flusher::start(store.clone(), publisher).context("starting the flusher thread")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let housekeeping = std::thread::Builder::new()
+            .name("idem-housekeeping".into())
+            .spawn({
+                let (store, stop) = (store.clone(), stop.clone());
+                move || housekeeping(&store, &stop)
+            })
+            .context("starting the housekeeping thread")?;
+        Ok(Self {
+            inner: Arc::new(Embedded {
+                store,
+                waiter,
+                flusher: Mutex::new(Some(flusher)),
+                stop,
+                housekeeping: Mutex::new(Some(housekeeping)),
+            }),
+        })
+    }
+
+    /// The store itself.
+    pub fn store(&self) -> &Arc<Store<FsStorage>> {
+        &self.inner.store
+    }
+
+    async fn durable<T>(&self, pending: Pending<T>) -> Result<T, Problem> {
+        self.inner.waiter.wait(pending).await.map_err(|e| match e {
+            NotDurable::LogFailed => Problem::from_unavailable(Unavailable::LogFailed, 5_000),
+            NotDurable::Stopped => Problem::unavailable(
+                "shutting_down",
+                "the store stopped before this answer was durable",
+                1_000,
+            ),
+        })
+    }
+}
+
+impl Drop for Embedded {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.housekeeping.lock().ok().and_then(|mut h| h.take()) {
+            let _ = t.join();
+        }
+        if let Some(f) = self.flusher.lock().ok().and_then(|mut f| f.take()) {
+            f.stop();
+        }
+        let _ = self.store.write_hints();
+    }
+}
+
+fn housekeeping(store: &Store<FsStorage>, stop: &AtomicBool) {
+    let (mut last_gc, mut last_stability) = (Instant::now(), Instant::now());
+    while !stop.load(Ordering::Acquire) {
+        // Short sleeps, so that dropping the store does not wait a whole period.
+        std::thread::sleep(Duration::from_millis(100));
+        if last_stability.elapsed() < HOUSEKEEPING_EVERY {
+            continue;
+        }
+        last_stability = Instant::now();
+        // A single region is its own quorum.
+        store.advance_stability(&[]);
+        if last_gc.elapsed() >= GC_EVERY {
+            last_gc = Instant::now();
+            if let Err(e) = store.collect_garbage(wall_clock_ms()) {
+                tracing::warn!(error = %e, "garbage collection failed");
+            }
+        }
+    }
+}
+
+impl Backend for EmbeddedStore {
+    fn claim(&self, req: ClaimRequest) -> BoxFuture<'_, Result<Decision, Problem>> {
+        Box::pin(async move {
+            let pending = self.store().claim(wall_clock_ms(), &req)?;
+            self.durable(pending).await
+        })
+    }
+
+    fn complete(
+        &self,
+        key: RecordKey,
+        claim: Stamp,
+        outcome: Outcome,
+    ) -> BoxFuture<'_, Result<(), Problem>> {
+        Box::pin(async move {
+            let pending = self
+                .store()
+                .complete(wall_clock_ms(), &key, claim, outcome)?;
+            self.durable(pending).await.map(drop)
+        })
+    }
+
+    fn release(&self, key: RecordKey, claim: Stamp) -> BoxFuture<'_, Result<(), Problem>> {
+        Box::pin(async move {
+            let pending = self.store().release(wall_clock_ms(), &key, claim)?;
+            self.durable(pending).await.map(drop)
+        })
+    }
+
+    fn extend(
+        &self,
+        key: RecordKey,
+        claim: Stamp,
+        lease_ms: u64,
+    ) -> BoxFuture<'_, Result<(), Problem>> {
+        Box::pin(async move {
+            let pending = self
+                .store()
+                .extend(wall_clock_ms(), &key, claim, lease_ms)?;
+            self.durable(pending).await.map(drop)
+        })
+    }
+
+    fn limits(&self, namespace: &str) -> Option<NamespaceLimits> {
+        let c = self.store().namespace(namespace)?.config();
+        Some(NamespaceLimits {
+            key_len_max: c.key_len_max,
+            lease_ms: c.lease_ms,
+            outcome_bytes_max: c.outcome_bytes_max,
+        })
+    }
+}

@@ -1,0 +1,16 @@
+//! The HTTP face: exact `Idempotency-Key` semantics (the IETF idempotency-key draft, as
+//! Stripe-style clients expect) for any HTTP API, as a tower layer ([`layer`]) or as the
+//! `idem proxy` sidecar in front of an API in any language.
+//!
+//! * [`key`]: the `Idempotency-Key` header, quoted or bare.
+//! * [`fingerprint`]: what makes two requests with one key the same request.
+//! * [`layer`]: [`IdempotencyLayer`], the tower layer.
+//! * [`backend`]: where keys live: [`EmbeddedStore`] in this process, or a region daemon.
+
+pub mod backend;
+pub mod fingerprint;
+pub mod key;
+pub mod layer;
+
+pub use backend::{Backend, EmbeddedStore, NamespaceLimits};
+pub use layer::{IdempotencyLayer, IdempotencyService, LayerConfig, PeerIdentity, PrincipalFrom};

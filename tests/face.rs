@@ -1,0 +1,402 @@
+//! `IdempotencyLayer` in front of a counting handler, over real sockets, with an embedded store.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::post;
+use axum::Router;
+use common::http;
+use idem::clock::RegionId;
+use idem::face::{EmbeddedStore, IdempotencyLayer, LayerConfig, PrincipalFrom};
+use idem::store::StoreConfig;
+use serde_json::{json, Value};
+
+/// How many times each handler ran.
+#[derive(Default)]
+struct Counts {
+    charges: AtomicUsize,
+    skip: AtomicUsize,
+    stream: AtomicUsize,
+    refused: AtomicUsize,
+    open: AtomicUsize,
+}
+
+/// A running app: the layer around the handlers, its embedded store, its counters.
+struct App {
+    url: String,
+    counts: Arc<Counts>,
+    _dir: tempfile::TempDir,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn charge(
+    axum::extract::State(c): axum::extract::State<Arc<Counts>>,
+    headers: HeaderMap,
+    body: String,
+) -> impl IntoResponse {
+    let n = c.charges.fetch_add(1, Ordering::SeqCst) + 1;
+    // Long enough for concurrent callers to meet the claim in flight.
+    let ms = headers
+        .get("x-sleep-ms")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .unwrap_or(200);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    (
+        StatusCode::CREATED,
+        [
+            ("content-type", "application/json".to_owned()),
+            ("location", format!("/charges/ch_{n}")),
+            ("set-cookie", "session=secret".to_owned()),
+            ("x-ratelimit-remaining", "41".to_owned()),
+        ],
+        json!({"charge": format!("ch_{n}"), "request_bytes": body.len()}).to_string(),
+    )
+}
+
+async fn skip(axum::extract::State(c): axum::extract::State<Arc<Counts>>) -> impl IntoResponse {
+    let n = c.skip.fetch_add(1, Ordering::SeqCst) + 1;
+    ([("idempotency-store", "skip")], format!("run {n}"))
+}
+
+async fn refused(axum::extract::State(c): axum::extract::State<Arc<Counts>>) -> impl IntoResponse {
+    let n = c.refused.fetch_add(1, Ordering::SeqCst) + 1;
+    (StatusCode::BAD_REQUEST, format!("refused {n}"))
+}
+
+async fn open(axum::extract::State(c): axum::extract::State<Arc<Counts>>) -> impl IntoResponse {
+    let n = c.open.fetch_add(1, Ordering::SeqCst) + 1;
+    format!("open {n}")
+}
+
+/// Server-sent events that never end: one event every 50 ms.
+async fn stream(axum::extract::State(c): axum::extract::State<Arc<Counts>>) -> impl IntoResponse {
+    c.stream.fetch_add(1, Ordering::SeqCst);
+    let events = futures_util::stream::unfold(0u64, |i| async move {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Some((
+            Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(format!("data: {i}\n\n"))),
+            i + 1,
+        ))
+    });
+    (
+        [("content-type", "text/event-stream")],
+        axum::body::Body::from_stream(events),
+    )
+}
+
+async fn app(config: impl FnOnce(LayerConfig) -> LayerConfig) -> App {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(
+        &dir.path().join("data"),
+        StoreConfig::new(RegionId::new("eu1").unwrap(), &["api"]),
+    )
+    .unwrap();
+    let layer = IdempotencyLayer::new(
+        store,
+        config(
+            LayerConfig::new("api", PrincipalFrom::Header("x-principal".parse().unwrap()))
+                .require_key_under("/charges"),
+        ),
+    )
+    .unwrap();
+    let counts = Arc::new(Counts::default());
+    let router = Router::new()
+        .route("/charges", post(charge))
+        .route("/skip", post(skip))
+        .route("/stream", post(stream))
+        .route("/refused", post(refused))
+        .route("/open", post(open))
+        .with_state(counts.clone())
+        .layer(layer);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router).await.unwrap();
+    });
+    App {
+        url,
+        counts,
+        _dir: dir,
+        server,
+    }
+}
+
+/// What a caller got: status, headers, body.
+struct Answer {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: String,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.to_str().unwrap())
+    }
+}
+
+impl App {
+    async fn post(&self, path: &str, key: Option<&str>, body: &str) -> Answer {
+        self.post_with(path, key, body, &[]).await
+    }
+
+    async fn post_with(
+        &self,
+        path: &str,
+        key: Option<&str>,
+        body: &str,
+        extra: &[(&str, &str)],
+    ) -> Answer {
+        let mut r = http()
+            .post(format!("{}{path}", self.url))
+            .header("x-principal", "acct_1")
+            .header("content-type", "application/json")
+            .body(body.to_owned());
+        if let Some(k) = key {
+            r = r.header("idempotency-key", k);
+        }
+        for (n, v) in extra {
+            r = r.header(*n, *v);
+        }
+        let r = r.send().await.unwrap();
+        Answer {
+            status: r.status().as_u16(),
+            headers: r.headers().clone(),
+            body: r.text().await.unwrap(),
+        }
+    }
+}
+
+const BODY: &str =
+    r#"{"amount": 1000, "currency": "eur", "card": {"last4": "4242", "exp": "12/30"}}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hundred_concurrent_identical_requests_run_once_and_all_get_the_same_body() {
+    let app = app(|c| c.wait_in_flight(Duration::from_secs(10))).await;
+    let app = Arc::new(app);
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let app = app.clone();
+        tasks.push(tokio::spawn(async move {
+            app.post("/charges", Some("order-1"), BODY).await
+        }));
+    }
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    assert_eq!(app.counts.charges.load(Ordering::SeqCst), 1);
+    let first = answers
+        .iter()
+        .filter(|a| a.header("idempotent-replayed") == Some("false"));
+    assert_eq!(first.count(), 1, "exactly one caller saw the execution");
+    for a in &answers {
+        assert_eq!(a.status, 201, "{}", a.body);
+        assert_eq!(a.body, answers[0].body);
+        assert_eq!(a.header("location"), Some("/charges/ch_1"));
+        assert_eq!(a.header("idempotency-key"), Some("order-1"));
+        assert!(a
+            .header("idempotency-expires")
+            .is_some_and(|e| e.ends_with(" GMT")));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_a_wait_concurrent_callers_get_409_with_retry_after() {
+    let app = Arc::new(app(|c| c).await);
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let app = app.clone();
+        tasks.push(tokio::spawn(async move {
+            app.post_with("/charges", Some("order-2"), BODY, &[("x-sleep-ms", "500")])
+                .await
+        }));
+    }
+    let mut executed = 0;
+    let mut conflicts = 0;
+    for t in tasks {
+        let a = t.await.unwrap();
+        match a.status {
+            201 => executed += 1,
+            409 => {
+                conflicts += 1;
+                assert_eq!(a.header("retry-after"), Some("1"));
+                assert_eq!(a.header("content-type"), Some("application/problem+json"));
+                let p: Value = serde_json::from_str(&a.body).unwrap();
+                assert_eq!(p["type"], "urn:idem:problem:in-flight");
+            }
+            s => panic!("unexpected {s}: {}", a.body),
+        }
+    }
+    assert_eq!(app.counts.charges.load(Ordering::SeqCst), 1);
+    assert!(executed >= 1, "the owner got its answer");
+    assert!(conflicts >= 1, "others were told the request is in flight");
+}
+
+#[tokio::test]
+async fn reordered_json_is_the_same_request_and_another_body_is_422_unexecuted() {
+    let app = app(|c| c).await;
+    let a = app.post("/charges", Some("order-3"), BODY).await;
+    assert_eq!(
+        (a.status, a.header("idempotent-replayed")),
+        (201, Some("false"))
+    );
+    let reordered = r#"{ "card": {"exp":"12/30", "last4":"4242"},
+        "currency":"eur", "amount": 1000.0 }"#;
+    let b = app.post("/charges", Some("order-3"), reordered).await;
+    assert_eq!(
+        (b.status, b.header("idempotent-replayed")),
+        (201, Some("true"))
+    );
+    assert_eq!(b.body, a.body, "byte-identical replay");
+    let other = app
+        .post(
+            "/charges",
+            Some("order-3"),
+            r#"{"amount": 2000, "currency": "eur"}"#,
+        )
+        .await;
+    assert_eq!(other.status, 422, "{}", other.body);
+    assert_eq!(
+        other.header("content-type"),
+        Some("application/problem+json")
+    );
+    assert_eq!(app.counts.charges.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn quoted_and_bare_forms_of_a_key_are_one_key() {
+    let app = app(|c| c).await;
+    let a = app.post("/charges", Some("3f1c-uuid-like"), BODY).await;
+    let b = app.post("/charges", Some("\"3f1c-uuid-like\""), BODY).await;
+    assert_eq!((a.status, b.status), (201, 201));
+    assert_eq!(b.header("idempotent-replayed"), Some("true"));
+    assert_eq!(a.body, b.body);
+    assert_eq!(app.counts.charges.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_missing_or_malformed_key_on_a_required_route_is_400_and_elsewhere_passes_through() {
+    let app = app(|c| c).await;
+    let missing = app.post("/charges", None, BODY).await;
+    assert_eq!(missing.status, 400);
+    let p: Value = serde_json::from_str(&missing.body).unwrap();
+    assert_eq!(p["type"], "urn:idem:problem:missing-key");
+    for bad in [&"k".repeat(256), "\"unterminated"] {
+        let a = app.post("/charges", Some(bad), BODY).await;
+        assert_eq!(a.status, 400, "{bad}: {}", a.body);
+    }
+    assert_eq!(app.counts.charges.load(Ordering::SeqCst), 0, "nothing ran");
+    // Not required on /open: without a key every request runs.
+    for n in 1..=2 {
+        let a = app.post("/open", None, "{}").await;
+        assert_eq!(
+            (a.status, a.body.as_str()),
+            (200, format!("open {n}").as_str())
+        );
+        assert!(a.header("idempotent-replayed").is_none());
+    }
+    // No principal: refused before anything runs.
+    let r = http()
+        .post(format!("{}/open", app.url))
+        .header("idempotency-key", "k-no-principal")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(app.counts.open.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn set_cookie_and_rate_limit_headers_are_not_replayed_and_location_is() {
+    let app = app(|c| c).await;
+    let a = app.post("/charges", Some("order-4"), BODY).await;
+    assert_eq!(
+        a.header("set-cookie"),
+        Some("session=secret"),
+        "the first caller gets it"
+    );
+    let b = app.post("/charges", Some("order-4"), BODY).await;
+    assert_eq!(b.header("idempotent-replayed"), Some("true"));
+    assert_eq!(b.header("location"), Some("/charges/ch_1"));
+    assert_eq!(b.header("content-type"), Some("application/json"));
+    assert_eq!(b.header("set-cookie"), None);
+    assert_eq!(b.header("x-ratelimit-remaining"), None);
+}
+
+#[tokio::test]
+async fn a_response_marked_skip_or_a_4xx_runs_again_on_retry() {
+    let app = app(|c| c).await;
+    for n in 1..=2 {
+        let a = app.post("/skip", Some("skip-1"), "{}").await;
+        assert_eq!(a.body, format!("run {n}"));
+        assert_eq!(
+            a.header("idempotency-store"),
+            None,
+            "the marker is not sent on"
+        );
+        assert_eq!(a.header("idempotent-replayed"), Some("false"));
+    }
+    for n in 1..=2 {
+        let a = app.post("/refused", Some("refused-1"), "{}").await;
+        assert_eq!((a.status, a.body.clone()), (400, format!("refused {n}")));
+    }
+}
+
+#[tokio::test]
+async fn a_streaming_response_passes_through_unrecorded() {
+    let app = app(|c| c).await;
+    for _ in 0..2 {
+        let mut r = http()
+            .post(format!("{}/stream", app.url))
+            .header("x-principal", "acct_1")
+            .header("idempotency-key", "stream-1")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        // The stream never ends: its first events arrive while it runs.
+        let first = tokio::time::timeout(Duration::from_secs(5), r.chunk())
+            .await
+            .expect("events flow before the stream ends")
+            .unwrap()
+            .unwrap();
+        assert!(first.starts_with(b"data: 0"), "{first:?}");
+    }
+    assert_eq!(
+        app.counts.stream.load(Ordering::SeqCst),
+        2,
+        "not recorded: runs again"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_request_gets_the_stored_outcome_on_retry() {
+    let app = app(|c| c).await;
+    let gone = tokio::time::timeout(
+        Duration::from_millis(100),
+        app.post_with("/charges", Some("order-5"), BODY, &[("x-sleep-ms", "600")]),
+    )
+    .await;
+    assert!(gone.is_err(), "the client gave up before the answer");
+    // The handler finishes on its own and its outcome is stored.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let retry = app.post("/charges", Some("order-5"), BODY).await;
+    assert_eq!(retry.status, 201);
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    assert_eq!(app.counts.charges.load(Ordering::SeqCst), 1);
+}
