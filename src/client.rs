@@ -201,6 +201,27 @@ pub enum ClientError {
     Protocol(String),
 }
 
+/// A TLS client config on the ring provider (no process-wide provider needed), trusting the
+/// web PKI roots and, if given, the PEM certificates in `ca_pem`.
+pub(crate) fn tls_config(ca_pem: Option<&[u8]>) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(pem) = ca_pem {
+        use rustls_pki_types::pem::PemObject;
+        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| format!("ca_pem: {e}"))?;
+            roots.add(cert).map_err(|e| format!("ca_pem: {e}"))?;
+        }
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("tls: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth())
+}
+
 /// The store API client. Cheap to clone; share one per process.
 #[derive(Clone)]
 pub struct Client {
@@ -285,24 +306,7 @@ impl Client {
         if config.max_attempts == 0 {
             return Err(ClientError::Config("max_attempts must be positive".into()));
         }
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        if let Some(pem) = &config.ca_pem {
-            use rustls_pki_types::pem::PemObject;
-            for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pem) {
-                let cert = cert.map_err(|e| ClientError::Config(format!("ca_pem: {e}")))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| ClientError::Config(format!("ca_pem: {e}")))?;
-            }
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ClientError::Config(format!("tls: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let tls = tls_config(config.ca_pem.as_deref()).map_err(ClientError::Config)?;
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .timeout(config.attempt_timeout)

@@ -10,9 +10,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::post;
 use axum::Router;
-use common::http;
+use common::{endless_events, first_chunk, http, post_keyed, Answer};
 use idem::clock::RegionId;
 use idem::face::{EmbeddedStore, IdempotencyLayer, LayerConfig, PrincipalFrom};
+use idem::store::policy::{NamespaceConfig, StatusRange};
 use idem::store::StoreConfig;
 use serde_json::{json, Value};
 
@@ -24,6 +25,8 @@ struct Counts {
     stream: AtomicUsize,
     refused: AtomicUsize,
     open: AtomicUsize,
+    status: AtomicUsize,
+    panics: AtomicUsize,
 }
 
 /// A running app: the layer around the handlers, its embedded store, its counters.
@@ -79,29 +82,47 @@ async fn open(axum::extract::State(c): axum::extract::State<Arc<Counts>>) -> imp
     format!("open {n}")
 }
 
-/// Server-sent events that never end: one event every 50 ms.
+/// Answers with the status in `x-status`.
+async fn status(
+    axum::extract::State(c): axum::extract::State<Arc<Counts>>,
+    headers: HeaderMap,
+) -> impl IntoResponse {
+    let n = c.status.fetch_add(1, Ordering::SeqCst) + 1;
+    let code: u16 = headers["x-status"].to_str().unwrap().parse().unwrap();
+    (
+        StatusCode::from_u16(code).unwrap(),
+        format!("status run {n}"),
+    )
+}
+
+/// Panics the first time, answers the second.
+async fn panics(axum::extract::State(c): axum::extract::State<Arc<Counts>>) -> impl IntoResponse {
+    if c.panics.fetch_add(1, Ordering::SeqCst) == 0 {
+        panic!("the handler fails (a test)");
+    }
+    (StatusCode::CREATED, "made")
+}
+
+/// Server-sent events that never end.
 async fn stream(axum::extract::State(c): axum::extract::State<Arc<Counts>>) -> impl IntoResponse {
     c.stream.fetch_add(1, Ordering::SeqCst);
-    let events = futures_util::stream::unfold(0u64, |i| async move {
-        if i > 0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Some((
-            Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(format!("data: {i}\n\n"))),
-            i + 1,
-        ))
-    });
-    (
-        [("content-type", "text/event-stream")],
-        axum::body::Body::from_stream(events),
-    )
+    endless_events()
 }
 
 async fn app(config: impl FnOnce(LayerConfig) -> LayerConfig) -> App {
     let dir = tempfile::tempdir().unwrap();
+    // Stores 2xx and 402; allows Set-Cookie and a rate-limit header, which the layer must
+    // still never replay.
+    let mut ns = NamespaceConfig::named("api");
+    ns.stored_statuses = vec![StatusRange::new(200, 299), StatusRange::new(402, 402)];
+    ns.headers_allowed
+        .extend(["set-cookie".into(), "x-ratelimit-remaining".into()]);
     let store = EmbeddedStore::open(
         &dir.path().join("data"),
-        StoreConfig::new(RegionId::new("eu1").unwrap(), &["api"]),
+        StoreConfig {
+            namespaces: vec![ns],
+            ..StoreConfig::new(RegionId::new("eu1").unwrap(), &[])
+        },
     )
     .unwrap();
     let layer = IdempotencyLayer::new(
@@ -119,6 +140,8 @@ async fn app(config: impl FnOnce(LayerConfig) -> LayerConfig) -> App {
         .route("/stream", post(stream))
         .route("/refused", post(refused))
         .route("/open", post(open))
+        .route("/status", post(status))
+        .route("/panics", post(panics))
         .with_state(counts.clone())
         .layer(layer);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -134,24 +157,12 @@ async fn app(config: impl FnOnce(LayerConfig) -> LayerConfig) -> App {
     }
 }
 
-/// What a caller got: status, headers, body.
-struct Answer {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    body: String,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).map(|v| v.to_str().unwrap())
-    }
-}
-
 impl App {
     async fn post(&self, path: &str, key: Option<&str>, body: &str) -> Answer {
         self.post_with(path, key, body, &[]).await
     }
 
+    /// As the principal `acct_1`.
     async fn post_with(
         &self,
         path: &str,
@@ -159,23 +170,9 @@ impl App {
         body: &str,
         extra: &[(&str, &str)],
     ) -> Answer {
-        let mut r = http()
-            .post(format!("{}{path}", self.url))
-            .header("x-principal", "acct_1")
-            .header("content-type", "application/json")
-            .body(body.to_owned());
-        if let Some(k) = key {
-            r = r.header("idempotency-key", k);
-        }
-        for (n, v) in extra {
-            r = r.header(*n, *v);
-        }
-        let r = r.send().await.unwrap();
-        Answer {
-            status: r.status().as_u16(),
-            headers: r.headers().clone(),
-            body: r.text().await.unwrap(),
-        }
+        let mut headers = vec![("x-principal", "acct_1")];
+        headers.extend_from_slice(extra);
+        post_keyed(&format!("{}{path}", self.url), key, body, &headers).await
     }
 }
 
@@ -360,21 +357,10 @@ async fn a_response_marked_skip_or_a_4xx_runs_again_on_retry() {
 async fn a_streaming_response_passes_through_unrecorded() {
     let app = app(|c| c).await;
     for _ in 0..2 {
-        let mut r = http()
-            .post(format!("{}/stream", app.url))
-            .header("x-principal", "acct_1")
-            .header("idempotency-key", "stream-1")
-            .body("{}")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
         // The stream never ends: its first events arrive while it runs.
-        let first = tokio::time::timeout(Duration::from_secs(5), r.chunk())
-            .await
-            .expect("events flow before the stream ends")
-            .unwrap()
-            .unwrap();
+        let url = format!("{}/stream", app.url);
+        let headers = [("x-principal", "acct_1"), ("idempotency-key", "stream-1")];
+        let first = first_chunk(&url, &headers).await;
         assert!(first.starts_with(b"data: 0"), "{first:?}");
     }
     assert_eq!(
@@ -399,4 +385,70 @@ async fn a_client_that_disconnects_mid_request_gets_the_stored_outcome_on_retry(
     assert_eq!(retry.status, 201);
     assert_eq!(retry.header("idempotent-replayed"), Some("true"));
     assert_eq!(app.counts.charges.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn statuses_401_and_429_are_never_stored_and_the_policy_decides_the_rest() {
+    let app = app(|c| c).await;
+    for (code, key, runs) in [
+        (401, "s-401", 2),
+        (429, "s-429", 2),
+        (400, "s-400", 2),
+        (402, "s-402", 1),
+    ] {
+        let before = app.counts.status.load(Ordering::SeqCst);
+        let code_text = code.to_string();
+        for _ in 0..2 {
+            let a = app
+                .post_with("/status", Some(key), "{}", &[("x-status", &code_text)])
+                .await;
+            assert_eq!(a.status, code);
+        }
+        assert_eq!(
+            app.counts.status.load(Ordering::SeqCst) - before,
+            runs,
+            "status {code}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_handler_frees_its_key_for_a_retry() {
+    let app = app(|c| c).await;
+    let a = app.post("/panics", Some("panic-1"), "{}").await;
+    assert_eq!(a.status, 500, "{}", a.body);
+    let p: Value = serde_json::from_str(&a.body).unwrap();
+    assert_eq!(p["type"], "urn:idem:problem:handler-failed");
+    let b = app.post("/panics", Some("panic-1"), "{}").await;
+    assert_eq!(
+        (b.status, b.body.as_str()),
+        (201, "made"),
+        "the retry runs at once"
+    );
+    let c = app.post("/panics", Some("panic-1"), "{}").await;
+    assert_eq!(c.header("idempotent-replayed"), Some("true"));
+    assert_eq!(app.counts.panics.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn repeated_keys_and_oversized_bodies_are_refused_with_the_key_echoed() {
+    let app = app(|c| c).await;
+    let r = http()
+        .post(format!("{}/charges", app.url))
+        .header("x-principal", "acct_1")
+        .header("idempotency-key", "k1")
+        .header("idempotency-key", "k2")
+        .body(BODY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let big = "x".repeat((1 << 20) + 1);
+    let a = app.post("/charges", Some("big-1"), &big).await;
+    assert_eq!(a.status, 413, "{}", a.body);
+    assert_eq!(a.header("idempotency-key"), Some("big-1"));
+    let bad = app.post("/charges", Some("\"unterminated"), BODY).await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.header("idempotency-key"), Some("\"unterminated"));
+    assert_eq!(app.counts.charges.load(Ordering::SeqCst), 0);
 }

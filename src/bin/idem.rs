@@ -36,6 +36,40 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Put the idempotency layer in front of any HTTP API as a reverse proxy (a sidecar):
+    /// POST and PATCH requests with an Idempotency-Key run once, retries get the stored
+    /// response. Keys are kept in an embedded store under --data-dir.
+    Proxy {
+        /// Listen here (e.g. 127.0.0.1:8080; 127.0.0.1:0 for any free port).
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// The API behind the proxy, e.g. http://127.0.0.1:3000.
+        #[arg(long)]
+        upstream: String,
+        /// Keep keys here (default ./idem-proxy-data).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Take the principal (whose keys these are) from this request header; without it
+        /// every request has one principal.
+        #[arg(long)]
+        principal_header: Option<String>,
+        /// Peers (CIDR) whose principal header is believed; from others it is stripped.
+        /// Repeatable. Default: loopback only.
+        #[arg(long = "trusted-peer")]
+        trusted_peers: Vec<String>,
+        /// Require a key on POST and PATCH under this path prefix (400 without). Repeatable.
+        #[arg(long = "require-key")]
+        require_key: Vec<String>,
+        /// Wait up to this many ms for a request in flight instead of answering 409.
+        #[arg(long)]
+        wait_ms: Option<u64>,
+        /// How long the upstream may take to answer before 504 (stored as indeterminate).
+        #[arg(long, default_value_t = 60_000)]
+        upstream_timeout_ms: u64,
+        /// Decide and report (logs) what the proxy would do, but never block a request.
+        #[arg(long)]
+        shadow: bool,
+    },
     /// Print a starter config with fresh random tokens.
     Init {
         /// The region id.
@@ -79,6 +113,61 @@ fn run(command: Command) -> Result<()> {
             listen,
             data_dir,
         } => serve(config, listen, data_dir),
+        Command::Proxy {
+            listen,
+            upstream,
+            data_dir,
+            principal_header,
+            trusted_peers,
+            require_key,
+            wait_ms,
+            upstream_timeout_ms,
+            shadow,
+        } => {
+            use idem::face::proxy::{self, ProxyConfig};
+            let upstream: reqwest::Url = upstream
+                .parse()
+                .with_context(|| format!("--upstream {upstream:?} is not a URL"))?;
+            if !matches!(upstream.scheme(), "http" | "https") {
+                anyhow::bail!("--upstream must be an http or https URL, not {upstream}");
+            }
+            let data_dir = data_dir.unwrap_or_else(|| PathBuf::from("idem-proxy-data"));
+            let mut config = ProxyConfig::new(listen, upstream, data_dir);
+            config.principal_header = principal_header
+                .map(|h| {
+                    h.parse::<axum::http::HeaderName>()
+                        .with_context(|| format!("--principal-header {h:?} is not a header name"))
+                })
+                .transpose()?;
+            if !trusted_peers.is_empty() {
+                config.trusted = trusted_peers
+                    .iter()
+                    .map(|n| {
+                        n.parse()
+                            .with_context(|| format!("--trusted-peer {n:?} is not a CIDR network"))
+                    })
+                    .collect::<Result<_>>()?;
+            }
+            config.required = require_key;
+            config.in_flight_wait = wait_ms.map(std::time::Duration::from_millis);
+            config.upstream_timeout = std::time::Duration::from_millis(upstream_timeout_ms);
+            config.shadow = shadow;
+            init_logging(&Default::default());
+            tracing::warn!(
+                data_dir = %config.data_dir.display(),
+                "EMBEDDED STORE: only this one proxy process deduplicates. Replicas of the API \
+                 behind other proxies do not see these keys: run one proxy per API, or share a \
+                 region daemon (`idem serve`)"
+            );
+            if shadow {
+                tracing::warn!("shadow mode: every request runs; the proxy only reports what it would have done");
+            }
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(proxy::run(config, idem::daemon::shutdown_signal()))
+        }
         Command::Init { region, namespaces } => {
             print!("{}", init_config(&region, &namespaces)?);
             Ok(())

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use crate::clock::{wall_clock_ms, Stamp};
 use crate::durable::{DurablePublisher, DurableWaiter, Flusher, NotDurable};
 use crate::http::problem::Problem;
-use crate::record::{Outcome, RecordKey};
+use crate::record::{ClaimStatus, Outcome, RecordKey};
 use crate::store::storage::FsStorage;
 use crate::store::{ClaimRequest, Decision, Pending, Store, StoreConfig, Unavailable};
 
@@ -23,13 +23,14 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub trait Backend: Send + Sync + 'static {
     /// Claims a key.
     fn claim(&self, req: ClaimRequest) -> BoxFuture<'_, Result<Decision, Problem>>;
-    /// Stores an outcome (the namespace's policy decides by status how it is kept).
+    /// Stores an outcome (the namespace's policy decides by status how it is kept); `true`
+    /// when it is kept (completed or indeterminate), `false` when the policy released the key.
     fn complete(
         &self,
         key: RecordKey,
         claim: Stamp,
         outcome: Outcome,
-    ) -> BoxFuture<'_, Result<(), Problem>>;
+    ) -> BoxFuture<'_, Result<bool, Problem>>;
     /// Releases a claim: nothing was executed, or nothing is to be kept.
     fn release(&self, key: RecordKey, claim: Stamp) -> BoxFuture<'_, Result<(), Problem>>;
     /// Extends a claim's lease to now + `lease_ms`.
@@ -44,7 +45,7 @@ pub trait Backend: Send + Sync + 'static {
 }
 
 /// What the layer needs to know of a namespace.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NamespaceLimits {
     /// Longest key, characters.
     pub key_len_max: usize,
@@ -52,6 +53,8 @@ pub struct NamespaceLimits {
     pub lease_ms: u64,
     /// Largest stored outcome (headers and body), bytes; larger responses keep a digest.
     pub outcome_bytes_max: usize,
+    /// Response headers kept with an outcome (case-insensitive).
+    pub headers_allowed: Vec<String>,
 }
 
 /// A store in this process, with its flusher thread and housekeeping (stability, garbage
@@ -172,12 +175,16 @@ impl Backend for EmbeddedStore {
         key: RecordKey,
         claim: Stamp,
         outcome: Outcome,
-    ) -> BoxFuture<'_, Result<(), Problem>> {
+    ) -> BoxFuture<'_, Result<bool, Problem>> {
         Box::pin(async move {
             let pending = self
                 .store()
                 .complete(wall_clock_ms(), &key, claim, outcome)?;
-            self.durable(pending).await.map(drop)
+            let done = self.durable(pending).await?;
+            if done.superseded {
+                tracing::warn!(%claim, "a completed claim no longer wins its key: the execution is flagged for compensation");
+            }
+            Ok(done.terminal != ClaimStatus::Released)
         })
     }
 
@@ -208,6 +215,7 @@ impl Backend for EmbeddedStore {
             key_len_max: c.key_len_max,
             lease_ms: c.lease_ms,
             outcome_bytes_max: c.outcome_bytes_max,
+            headers_allowed: c.headers_allowed.clone(),
         })
     }
 }

@@ -67,13 +67,69 @@ fn pairs(p: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
     out
 }
 
-/// `a=1&b=2` decoded (`+` and percent escapes) and stably sorted by name.
+/// `a=1&b=2` decoded (`+` and percent escapes, to bytes: nothing is lost to a charset) and
+/// stably sorted by name.
 fn sorted_pairs(encoded: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let mut p: Vec<(Vec<u8>, Vec<u8>)> = form_urlencoded::parse(encoded)
-        .map(|(k, v)| (k.into_owned().into_bytes(), v.into_owned().into_bytes()))
+    let mut p: Vec<(Vec<u8>, Vec<u8>)> = encoded
+        .split(|&b| b == b'&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (k, v) = match pair.iter().position(|&b| b == b'=') {
+                Some(i) => (&pair[..i], &pair[i + 1..]),
+                None => (pair, &b""[..]),
+            };
+            (form_decode(k), form_decode(v))
+        })
         .collect();
     p.sort_by(|a, b| a.0.cmp(&b.0));
     p
+}
+
+/// One `application/x-www-form-urlencoded` name or value: `+` is a space, `%XY` a byte; a `%`
+/// not followed by two hex digits stays as it is.
+fn form_decode(s: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        match s[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                if let (Some(h), Some(l)) = (
+                    s.get(i + 1).copied().and_then(hex),
+                    s.get(i + 2).copied().and_then(hex),
+                ) {
+                    out.push(h << 4 | l);
+                    i += 3;
+                    continue;
+                }
+                out.push(b'%');
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Whether every number in `v` survives RFC 8785 unchanged: JCS reads numbers as IEEE
+/// doubles, so integers beyond 2^53 (often ids) would collapse into their neighbours.
+fn numbers_exact(v: &serde_json::Value) -> bool {
+    const EXACT: u64 = 1 << 53;
+    match v {
+        serde_json::Value::Number(n) => {
+            if let Some(u) = n.as_u64() {
+                u <= EXACT
+            } else if let Some(i) = n.as_i64() {
+                i.unsigned_abs() <= EXACT
+            } else {
+                true
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().all(numbers_exact),
+        serde_json::Value::Object(o) => o.values().all(numbers_exact),
+        _ => true,
+    }
 }
 
 /// The media type's essence (`type/subtype`, lowercase) and its parameters.
@@ -100,6 +156,7 @@ fn canonical_body(content_type: Option<&str>, body: &[u8]) -> (BodyForm, Vec<u8>
     if essence == "application/json" || essence.ends_with("+json") {
         return serde_json::from_slice::<serde_json::Value>(body)
             .ok()
+            .filter(numbers_exact)
             .and_then(|v| serde_json_canonicalizer::to_vec(&v).ok())
             .map_or_else(raw, |c| (BodyForm::Json, c));
     }
@@ -253,6 +310,28 @@ mod tests {
         assert_ne!(
             fp("POST", "/x", Some("a=1&a=2"), None, "").0,
             fp("POST", "/x", Some("a=2&a=1"), None, "").0
+        );
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf_8_and_large_integers_are_not_lost() {
+        let form = Some("application/x-www-form-urlencoded");
+        assert_ne!(
+            fp("POST", "/x", Some("x=%FF"), None, "").0,
+            fp("POST", "/x", Some("x=%FE"), None, "").0
+        );
+        assert_ne!(
+            fp("POST", "/x", None, form, "name=Jos%E9").0,
+            fp("POST", "/x", None, form, "name=Jos%E8").0
+        );
+        // 2^53 + 1 and 2^53 are one double: such bodies are compared as raw bytes.
+        let a = fp("POST", "/x", None, JSON, r#"{"id":9007199254740993}"#);
+        let b = fp("POST", "/x", None, JSON, r#"{"id":9007199254740992}"#);
+        assert_ne!(a.0, b.0);
+        assert_eq!(a.1, BodyForm::Raw);
+        assert_eq!(
+            fp("POST", "/x", None, JSON, r#"{"id":9007199254740992}"#).1,
+            BodyForm::Json
         );
     }
 

@@ -82,6 +82,9 @@ pub fn parse(raw: &[u8], max_len: usize) -> Result<String, KeyError> {
     let key = match v.first() {
         None => return Err(KeyError::Empty),
         Some(b'"') => unquote(v)?,
+        // Two header lines folded into one by an intermediary read `k1, k2`: refuse rather
+        // than take them for one key (keys are UUIDs or base64, which hold no comma).
+        Some(_) if v.contains(&b',') => return Err(KeyError::Repeated(2)),
         // Printable ASCII only, checked above.
         Some(_) => String::from_utf8_lossy(v).into_owned(),
     };
@@ -159,6 +162,8 @@ mod tests {
         assert_eq!(one(r#""a\"b\\c""#).unwrap().as_deref(), Some(r#"a"b\c"#));
         // Inner spaces are printable.
         assert_eq!(one("a b").unwrap().as_deref(), Some("a b"));
+        // A comma inside quotes is part of the key.
+        assert_eq!(one("\"a,b\"").unwrap().as_deref(), Some("a,b"));
     }
 
     #[test]
@@ -168,6 +173,8 @@ mod tests {
         h.append(IDEMPOTENCY_KEY, HeaderValue::from_static("a"));
         h.append(IDEMPOTENCY_KEY, HeaderValue::from_static("a"));
         assert_eq!(request_key(&h, 255), Err(KeyError::Repeated(2)));
+        // The same two, folded into one line by an intermediary.
+        assert_eq!(one("k1, k2"), Err(KeyError::Repeated(2)));
         assert_eq!(one(""), Err(KeyError::Empty));
         assert_eq!(one("   "), Err(KeyError::Empty));
         assert_eq!(one("\"\""), Err(KeyError::Empty));

@@ -38,6 +38,7 @@ use axum::http::{
 };
 use axum::response::IntoResponse;
 use axum::BoxError;
+use futures_util::StreamExt as _;
 use http_body_util::BodyExt as _;
 use tower::{Layer, Service, ServiceExt as _};
 
@@ -55,6 +56,10 @@ pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-
 pub const IDEMPOTENCY_EXPIRES: HeaderName = HeaderName::from_static("idempotency-expires");
 /// `Idempotency-Store: skip`, set by the inner service, keeps its response from being stored.
 pub const IDEMPOTENCY_STORE: HeaderName = HeaderName::from_static("idempotency-store");
+/// `Idempotency-Indeterminate: true` on a replay of an outcome stored as indeterminate (the
+/// request may or may not have taken effect: reconcile before acting on it).
+pub const IDEMPOTENCY_INDETERMINATE: HeaderName =
+    HeaderName::from_static("idempotency-indeterminate");
 
 /// Where the principal (whose keys these are) comes from. Keys of different principals never
 /// meet, so the client's key alone never decides.
@@ -94,8 +99,19 @@ pub struct LayerConfig {
     pub in_flight_wait: Option<Duration>,
     /// Largest request body buffered (413 beyond). Default 1 MiB.
     pub request_bytes_max: usize,
+    /// Largest response body buffered to be stored; a larger one streams through to the client
+    /// unrecorded and the key is released. Default 16 MiB.
+    pub response_bytes_max: usize,
+    /// How long heartbeats keep a running handler's lease alive; after that the lease runs out
+    /// and another request may take the key over. Default 10 minutes.
+    pub execution_max: Duration,
     /// Status of the answer to a key reused with another request. Default 422.
     pub mismatch_status: StatusCode,
+    /// Shadow mode, for putting the layer in front of a live API: every request runs as if
+    /// the layer were not there; what the layer would have answered instead (a replay, 409,
+    /// 422, 400, 413, 503) is counted in [`LayerStats`] and logged. Executions are still
+    /// claimed and stored, so the counts are what enforcing would do. Default off.
+    pub shadow: bool,
 }
 
 impl LayerConfig {
@@ -108,7 +124,10 @@ impl LayerConfig {
             required: Vec::new(),
             in_flight_wait: None,
             request_bytes_max: 1 << 20,
+            response_bytes_max: 16 << 20,
+            execution_max: Duration::from_secs(600),
             mismatch_status: StatusCode::UNPROCESSABLE_ENTITY,
+            shadow: false,
         }
     }
 
@@ -135,6 +154,107 @@ struct Shared {
     backend: Arc<dyn Backend>,
     config: LayerConfig,
     limits: NamespaceLimits,
+    stats: Arc<LayerStats>,
+}
+
+/// An unavailable answer suggesting a wait this short (ms) is retried inside the layer...
+const TRANSIENT_MS: u64 = 250;
+/// ...for this long at most.
+const TRANSIENT_BUDGET: Duration = Duration::from_secs(2);
+
+/// What the layer decided for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Verdict {
+    /// No key on a route that does not require one, or a method the layer leaves alone.
+    PassedThrough,
+    /// Claimed and run.
+    Executed,
+    /// The stored response was replayed.
+    Replayed,
+    /// 409: the key's request is running.
+    InFlight,
+    /// 422: the key was used with another request.
+    Mismatch,
+    /// 503: the store could not answer.
+    Unavailable,
+    /// 400: no key where one is required.
+    MissingKey,
+    /// 400: a malformed or repeated key.
+    BadKey,
+    /// 400: no principal.
+    MissingPrincipal,
+    /// 413: the body is over the buffering limit.
+    TooLarge,
+    /// 400: the request body broke off.
+    BadBody,
+    /// After running: the response was stored (the namespace's policy may still have
+    /// released it by status).
+    Completed,
+    /// After running: not stored (401, 429, `Idempotency-Store: skip`, a stream, a failure).
+    NotStored,
+}
+
+impl Verdict {
+    /// Every verdict, in order.
+    pub const ALL: [Verdict; 13] = [
+        Verdict::PassedThrough,
+        Verdict::Executed,
+        Verdict::Replayed,
+        Verdict::InFlight,
+        Verdict::Mismatch,
+        Verdict::Unavailable,
+        Verdict::MissingKey,
+        Verdict::BadKey,
+        Verdict::MissingPrincipal,
+        Verdict::TooLarge,
+        Verdict::BadBody,
+        Verdict::Completed,
+        Verdict::NotStored,
+    ];
+
+    /// Its name in logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::PassedThrough => "passed_through",
+            Verdict::Executed => "executed",
+            Verdict::Replayed => "replayed",
+            Verdict::InFlight => "in_flight",
+            Verdict::Mismatch => "mismatch",
+            Verdict::Unavailable => "unavailable",
+            Verdict::MissingKey => "missing_key",
+            Verdict::BadKey => "bad_key",
+            Verdict::MissingPrincipal => "missing_principal",
+            Verdict::TooLarge => "too_large",
+            Verdict::BadBody => "bad_body",
+            Verdict::Completed => "completed",
+            Verdict::NotStored => "not_stored",
+        }
+    }
+}
+
+/// Counts of the layer's verdicts (in shadow mode: what it would have done).
+#[derive(Debug, Default)]
+pub struct LayerStats {
+    counts: [std::sync::atomic::AtomicU64; 13],
+}
+
+impl LayerStats {
+    fn count(&self, v: Verdict) {
+        self.counts[v as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How many requests got `v` so far.
+    pub fn get(&self, v: Verdict) -> u64 {
+        self.counts[v as usize].load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Every count, by name.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        Verdict::ALL
+            .iter()
+            .map(|&v| (v.name(), self.get(v)))
+            .collect()
+    }
 }
 
 /// Why a layer could not be built.
@@ -156,8 +276,14 @@ impl IdempotencyLayer {
                 backend: Arc::new(backend),
                 config,
                 limits,
+                stats: Arc::default(),
             }),
         })
+    }
+
+    /// The layer's counts (shared by every service it made).
+    pub fn stats(&self) -> Arc<LayerStats> {
+        self.shared.stats.clone()
     }
 }
 
@@ -234,40 +360,84 @@ where
         return call_inner(inner, req).await;
     }
     let raw_key = req.headers().get(IDEMPOTENCY_KEY).cloned();
-    let key = match request_key(req.headers(), shared.limits.key_len_max) {
-        Ok(Some(k)) => k,
-        Ok(None) => {
-            let path = req.uri().path();
-            if cfg.required.iter().any(|p| path.starts_with(p.as_str())) {
-                return bad_request("missing-key", KeyError::Missing.to_string());
-            }
-            return call_inner(inner, req).await;
-        }
-        Err(e) => return bad_request("bad-key", e.to_string()),
-    };
     let echo = |mut r: Response<Body>| {
         if let Some(k) = &raw_key {
             r.headers_mut().insert(IDEMPOTENCY_KEY, k.clone());
         }
         r
     };
+    let key = match request_key(req.headers(), shared.limits.key_len_max) {
+        Ok(Some(k)) => k,
+        Ok(None) => {
+            let path = req.uri().path();
+            if cfg.required.iter().any(|p| under(path, p)) {
+                let answer = bad_request("missing-key", KeyError::Missing.to_string());
+                return refuse(&shared, inner, req, Verdict::MissingKey, answer).await;
+            }
+            shared.stats.count(Verdict::PassedThrough);
+            return call_inner(inner, req).await;
+        }
+        Err(e) => {
+            let answer = echo(bad_request("bad-key", e.to_string()));
+            return refuse(&shared, inner, req, Verdict::BadKey, answer).await;
+        }
+    };
     let principal = match principal(&cfg.principal, &req) {
         Some(p) if !p.is_empty() => p,
         _ => {
-            return echo(bad_request(
+            let answer = echo(bad_request(
                 "missing-principal",
                 "the request carries no principal (who the key belongs to)",
-            ))
+            ));
+            return refuse(&shared, inner, req, Verdict::MissingPrincipal, answer).await;
         }
     };
+    // From here on nothing is cancelled by the client going away: a claim granted while it
+    // waits for durability is run (and stored) rather than left in flight until its lease ends.
+    let task = tokio::spawn(keyed(shared.clone(), inner, req, key, principal, raw_key));
+    match task.await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "idempotent request task failed");
+            Problem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "handler-failed",
+                "Handler failed",
+                "the request failed inside the idempotency layer",
+            )
+            .into_response()
+        }
+    }
+}
+
+/// The part of [`serve`] after the key and principal: buffering, fingerprint, claim, and
+/// running or answering.
+async fn keyed<S, RB>(
+    shared: Arc<Shared>,
+    inner: S,
+    req: Request<Body>,
+    key: String,
+    principal: String,
+    raw_key: Option<HeaderValue>,
+) -> Response<Body>
+where
+    S: Service<Request<Body>, Response = Response<RB>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+    RB: HttpBody<Data = Bytes> + Send + 'static,
+    RB::Error: Into<BoxError>,
+{
+    let cfg = &shared.config;
+    let echo = |mut r: Response<Body>| {
+        if let Some(k) = &raw_key {
+            r.headers_mut().insert(IDEMPOTENCY_KEY, k.clone());
+        }
+        r
+    };
     let (parts, body) = req.into_parts();
-    let bytes = match http_body_util::Limited::new(body, cfg.request_bytes_max)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return echo(
+    let bytes = match buffer(body, cfg.request_bytes_max).await {
+        Ok(b) => b,
+        Err(Buffered::TooLarge(whole)) => {
+            let answer = echo(
                 Problem::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "request-too-large",
@@ -278,13 +448,17 @@ where
                     ),
                 )
                 .into_response(),
-            )
+            );
+            let req = Request::from_parts(parts, whole);
+            return refuse(&shared, inner, req, Verdict::TooLarge, answer).await;
         }
-        Err(e) => {
+        Err(Buffered::Failed(e)) => {
+            // The client's body broke off: there is no request to run.
+            shared.stats.count(Verdict::BadBody);
             return echo(bad_request(
                 "invalid-request",
                 format!("reading the body failed: {e}"),
-            ))
+            ));
         }
     };
     let (fp, _) = fingerprint(
@@ -298,7 +472,8 @@ where
         &bytes,
     );
     let record_key = RecordKey::new(&cfg.namespace, &principal, &key);
-    let deadline = cfg.in_flight_wait.map(|w| Instant::now() + w);
+    let claimed_at = Instant::now();
+    let deadline = cfg.in_flight_wait.map(|w| claimed_at + w);
     let mut pause = Duration::from_millis(20);
     loop {
         let claim = ClaimRequest {
@@ -308,7 +483,11 @@ where
         };
         let decision = match shared.backend.claim(claim).await {
             Ok(d) => d,
-            Err(p) => return echo(p.into_response()),
+            Err(p) => {
+                let req = Request::from_parts(parts, Body::from(bytes));
+                let answer = echo(p.into_response());
+                return refuse(&shared, inner, req, Verdict::Unavailable, answer).await;
+            }
         };
         match decision {
             Decision::Execute {
@@ -316,36 +495,33 @@ where
                 expires_at_ms,
                 ..
             } => {
+                shared.stats.count(Verdict::Executed);
                 let req = Request::from_parts(parts, Body::from(bytes));
-                // Its own task: the handler runs to completion and its outcome is stored even
-                // if this request's future is dropped (the client went away).
-                let run = tokio::spawn(execute(shared.clone(), inner, req, record_key, claim));
-                let r = match run.await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::error!(error = %e, "idempotent handler task failed");
-                        Problem::new(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            "handler-failed",
-                            "Handler failed",
-                            "the handler did not finish; the key was not completed",
-                        )
-                        .into_response()
-                    }
-                };
-                return echo(marked(r, false, expires_at_ms));
+                let done = execute(&shared, inner, req, record_key, claim).await;
+                let expires = done.kept.then_some(expires_at_ms);
+                return echo(marked(done.response, false, expires));
             }
             Decision::Replay {
                 outcome,
                 expires_at_ms,
+                indeterminate,
                 ..
-            } => return echo(marked(replay(outcome), true, expires_at_ms)),
+            } => {
+                let req = Request::from_parts(parts, Body::from(bytes));
+                let mut answer = echo(marked(replay(outcome), true, Some(expires_at_ms)));
+                if indeterminate {
+                    answer
+                        .headers_mut()
+                        .insert(IDEMPOTENCY_INDETERMINATE, HeaderValue::from_static("true"));
+                }
+                return refuse(&shared, inner, req, Verdict::Replayed, answer).await;
+            }
             Decision::InFlight {
                 lease_expires_at_ms,
                 claim,
                 region,
             } => {
-                if let Some(deadline) = deadline {
+                if let Some(deadline) = deadline.filter(|_| !cfg.shadow) {
                     let now = Instant::now();
                     if now < deadline {
                         tokio::time::sleep(pause.min(deadline - now)).await;
@@ -367,7 +543,9 @@ where
                         "a request with this key is being processed; retry later",
                     )
                 };
-                return echo(p.into_response());
+                let req = Request::from_parts(parts, Body::from(bytes));
+                let answer = echo(p.into_response());
+                return refuse(&shared, inner, req, Verdict::InFlight, answer).await;
             }
             Decision::Mismatch { claim } => {
                 let p = Problem {
@@ -380,14 +558,84 @@ where
                         "this idempotency key was used with a different request (method, route, query or body)",
                     )
                 };
-                return echo(p.into_response());
+                let req = Request::from_parts(parts, Body::from(bytes));
+                let answer = echo(p.into_response());
+                return refuse(&shared, inner, req, Verdict::Mismatch, answer).await;
             }
             Decision::Unavailable {
                 reason,
                 retry_after_ms,
-            } => return echo(Problem::from_unavailable(reason, retry_after_ms).into_response()),
+            } => {
+                // Moments (a clock reservation being synced, a restart fence): wait them out
+                // here, within a budget, rather than hand the client a 503.
+                if retry_after_ms <= TRANSIENT_MS && claimed_at.elapsed() < TRANSIENT_BUDGET {
+                    tokio::time::sleep(Duration::from_millis(retry_after_ms.max(1))).await;
+                    continue;
+                }
+                let req = Request::from_parts(parts, Body::from(bytes));
+                let answer =
+                    echo(Problem::from_unavailable(reason, retry_after_ms).into_response());
+                return refuse(&shared, inner, req, Verdict::Unavailable, answer).await;
+            }
         }
     }
+}
+
+/// Answers `answer` instead of running the request, or, in shadow mode, reports that it would
+/// have and runs the request as if the layer were not there.
+async fn refuse<S, RB>(
+    shared: &Shared,
+    inner: S,
+    req: Request<Body>,
+    verdict: Verdict,
+    answer: Response<Body>,
+) -> Response<Body>
+where
+    S: Service<Request<Body>, Response = Response<RB>, Error = Infallible>,
+    RB: HttpBody<Data = Bytes> + Send + 'static,
+    RB::Error: Into<BoxError>,
+{
+    shared.stats.count(verdict);
+    if !shared.config.shadow {
+        return answer;
+    }
+    tracing::info!(
+        would = verdict.name(),
+        status = answer.status().as_u16(),
+        method = %req.method(),
+        path = req.uri().path(),
+        "shadow: the idempotency layer would have answered instead of running the request"
+    );
+    call_inner(inner, req).await
+}
+
+/// Why [`buffer`] gave no bytes.
+enum Buffered {
+    /// Over the limit: the whole body, what was read and the rest, to pass on unchanged.
+    TooLarge(Body),
+    /// The body broke off.
+    Failed(BoxError),
+}
+
+/// Reads `body` whole, up to `max` bytes.
+async fn buffer(mut body: Body, max: usize) -> Result<Bytes, Buffered> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| Buffered::Failed(e.into()))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if buf.len() + data.len() > max {
+            buf.extend_from_slice(&data);
+            let read = buf.freeze();
+            let rest = body.into_data_stream();
+            let whole =
+                futures_util::stream::once(async move { Ok::<_, axum::Error>(read) }).chain(rest);
+            return Err(Buffered::TooLarge(Body::from_stream(whole)));
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok(buf.freeze())
 }
 
 /// The principal of `req`, if its source has one.
@@ -423,88 +671,189 @@ fn jwt_claim(headers: &HeaderMap, claim: &str) -> Option<String> {
     }
 }
 
-/// Runs the inner service for a claimed key and records what it answered.
+/// Whether `path` is `prefix` or below it (`/charges` covers `/charges/1`, not `/chargesx`).
+fn under(path: &str, prefix: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/') || prefix.ends_with('/'),
+        None => false,
+    }
+}
+
+/// What running a claimed request came to.
+struct Executed {
+    response: Response<Body>,
+    /// The outcome is stored: the key replays it from now on.
+    kept: bool,
+}
+
+/// A running heartbeat, stopped when dropped (a panic or a cancelled request never leaves
+/// one extending a lease).
+struct Heartbeat(Option<tokio::task::JoinHandle<()>>);
+
+impl Heartbeat {
+    /// Stops it and waits until it has (no extension runs alongside the completion).
+    async fn stop(mut self) {
+        if let Some(h) = self.0.take() {
+            h.abort();
+            let _ = h.await;
+        }
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.abort();
+        }
+    }
+}
+
+/// Runs the inner service for a claimed key and records what it answered. The outcome is
+/// durable before this returns.
 async fn execute<S, RB>(
-    shared: Arc<Shared>,
+    shared: &Shared,
     inner: S,
     req: Request<Body>,
     key: RecordKey,
     claim: Stamp,
-) -> Response<Body>
+) -> Executed
 where
     S: Service<Request<Body>, Response = Response<RB>, Error = Infallible> + Send + 'static,
     S::Future: Send,
     RB: HttpBody<Data = Bytes> + Send + 'static,
     RB::Error: Into<BoxError>,
 {
-    let backend = shared.backend.clone();
-    let heartbeat = tokio::spawn(heartbeat(
+    use futures_util::FutureExt as _;
+    let backend = &shared.backend;
+    let beat = Heartbeat(Some(tokio::spawn(heartbeat(
         backend.clone(),
         key.clone(),
         claim,
         shared.limits.lease_ms,
-    ));
-    let response = call_inner(inner, req).await;
-    let release = |why: &'static str| {
-        let (backend, key) = (backend.clone(), key.clone());
+        shared.config.execution_max,
+    ))));
+    let not_kept = |beat: Heartbeat, why: &'static str, response: Response<Body>| {
+        let key = key.clone();
         async move {
+            beat.stop().await;
+            shared.stats.count(Verdict::NotStored);
             if let Err(p) = backend.release(key, claim).await {
                 tracing::warn!(why, problem = ?p, "releasing an idempotency key failed");
             }
+            Executed {
+                response,
+                kept: false,
+            }
         }
     };
-    if streaming(&response) {
-        heartbeat.abort();
-        release("streaming response").await;
-        return response;
+    let mut response = match std::panic::AssertUnwindSafe(call_inner(inner, req))
+        .catch_unwind()
+        .await
+    {
+        Ok(r) => r,
+        Err(_) => {
+            let p = Problem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "handler-failed",
+                "Handler failed",
+                "the handler panicked; nothing was stored and the key is free for a retry",
+            );
+            return not_kept(beat, "the handler panicked", p.into_response()).await;
+        }
+    };
+    let skip = response
+        .headers_mut()
+        .remove(IDEMPOTENCY_STORE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"skip"));
+    if skip {
+        return not_kept(beat, "Idempotency-Store: skip", response).await;
     }
-    let (mut parts, body) = response.into_parts();
-    let bytes = match body.collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            heartbeat.abort();
-            // The handler ran but its answer broke off: what it did is unknown, and nothing
-            // can be replayed. Release, so that a retry runs (and the handler's own
-            // idempotency, if any, decides).
-            release("response body failed").await;
-            return Problem::new(
+    if streaming(&response) {
+        return not_kept(beat, "a streaming response", response).await;
+    }
+    let (parts, body) = response.into_parts();
+    let bytes = match buffer(body, shared.config.response_bytes_max).await {
+        Ok(b) => b,
+        Err(Buffered::TooLarge(whole)) => {
+            let r = Response::from_parts(parts, whole);
+            return not_kept(beat, "a response over response_bytes_max", r).await;
+        }
+        Err(Buffered::Failed(e)) => {
+            // The handler ran but its answer broke off: nothing can be replayed. Release, so
+            // that a retry runs (and the handler's own idempotency, if any, decides).
+            let p = Problem::new(
                 StatusCode::BAD_GATEWAY,
                 "response-failed",
                 "Response failed",
                 format!("the handler's response body failed: {e}"),
-            )
-            .into_response();
+            );
+            return not_kept(beat, "the response body failed", p.into_response()).await;
         }
     };
-    heartbeat.abort();
-    let skip = parts
-        .headers
-        .remove(IDEMPOTENCY_STORE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"skip"));
-    let never_stored = matches!(
+    if matches!(
         parts.status,
         StatusCode::UNAUTHORIZED | StatusCode::TOO_MANY_REQUESTS
-    );
-    if skip || never_stored {
-        release("not to be stored").await;
-    } else {
-        let outcome = outcome(&parts, &bytes, shared.limits.outcome_bytes_max);
-        if let Err(p) = backend.complete(key, claim, outcome).await {
-            // The handler ran and its answer is here: give it to the client (a retry will find
-            // the key in flight until its lease ends, then run again).
-            tracing::error!(problem = ?p, "storing an idempotent response failed");
+    ) {
+        let r = Response::from_parts(parts, Body::from(bytes));
+        return not_kept(beat, "401 and 429 are never stored", r).await;
+    }
+    beat.stop().await;
+    let outcome = outcome(&parts, &bytes, &shared.limits);
+    let mut kept = false;
+    for attempt in 0..4u32 {
+        match backend.complete(key.clone(), claim, outcome.clone()).await {
+            Ok(k) => {
+                kept = k;
+                break;
+            }
+            Err(p) if p.status == 503 && attempt < 3 => {
+                tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+            }
+            Err(p) => {
+                // The handler ran and its answer is here: give it to the client rather than
+                // an error that invites running it again. A retry finds the key in flight
+                // until its lease ends.
+                tracing::error!(problem = ?p, "storing an idempotent response failed");
+                break;
+            }
         }
     }
-    Response::from_parts(parts, Body::from(bytes))
+    shared.stats.count(if kept {
+        Verdict::Completed
+    } else {
+        Verdict::NotStored
+    });
+    Executed {
+        response: Response::from_parts(parts, Body::from(bytes)),
+        kept,
+    }
 }
 
-/// Extends the claim's lease every third of it while the handler runs.
-async fn heartbeat(backend: Arc<dyn Backend>, key: RecordKey, claim: Stamp, lease_ms: u64) {
-    let every = Duration::from_millis((lease_ms / 3).max(50));
+/// Extends the claim's lease every third of it while the handler runs, for at most `max`;
+/// stops at the first refusal (the claim was taken over or finished).
+async fn heartbeat(
+    backend: Arc<dyn Backend>,
+    key: RecordKey,
+    claim: Stamp,
+    lease_ms: u64,
+    max: Duration,
+) {
+    let every = Duration::from_millis((lease_ms / 3).max(1));
+    let started = Instant::now();
     loop {
         tokio::time::sleep(every).await;
+        if started.elapsed() >= max {
+            tracing::warn!(
+                ?max,
+                "a handler ran past execution_max: its lease is left to run out"
+            );
+            return;
+        }
         if let Err(p) = backend.extend(key.clone(), claim, lease_ms).await {
             tracing::warn!(problem = ?p, "extending an idempotency key's lease failed");
+            if p.status != 503 {
+                return;
+            }
         }
     }
 }
@@ -541,18 +890,31 @@ fn never_replayed(name: &HeaderName) -> bool {
             | "idempotent-replayed"
             | "idempotency-expires"
             | "idempotency-store"
+            | "idempotency-indeterminate"
     ) || n.starts_with("ratelimit")
         || n.starts_with("x-ratelimit")
+        || n.starts_with("x-rate-limit")
         || n.starts_with("access-control-")
 }
 
-/// What is stored for a response: its status, its headers (the namespace keeps its
-/// allow-list), and its body, or only the body's digest when it is over the cap.
-fn outcome(parts: &axum::http::response::Parts, bytes: &Bytes, cap: usize) -> Outcome {
+/// What is stored for a response: its status, its headers (those the namespace allows, never
+/// those that must not be replayed), and its body, or only the body's digest when the whole
+/// is over the namespace's cap.
+fn outcome(
+    parts: &axum::http::response::Parts,
+    bytes: &Bytes,
+    limits: &NamespaceLimits,
+) -> Outcome {
     let headers: Vec<(String, String)> = parts
         .headers
         .iter()
         .filter(|(n, _)| !never_replayed(n))
+        .filter(|(n, _)| {
+            limits
+                .headers_allowed
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(n.as_str()))
+        })
         .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
         .collect();
     let mut o = Outcome {
@@ -560,10 +922,11 @@ fn outcome(parts: &axum::http::response::Parts, bytes: &Bytes, cap: usize) -> Ou
         headers,
         body: StoredBody::Full(bytes.to_vec()),
     };
-    if o.size_bytes() > cap {
+    if o.size_bytes() > limits.outcome_bytes_max {
         o.body = StoredBody::digest_of(&o.body);
-        // Headers alone over the cap: keep none rather than fail the completion.
-        if o.size_bytes() > cap {
+        // Headers alone over the cap: keep none rather than fail the completion (a digest
+        // replays as a problem, without them).
+        if o.size_bytes() > limits.outcome_bytes_max {
             o.headers.clear();
         }
     }
@@ -581,7 +944,7 @@ fn replay(outcome: Outcome) -> Response<Body> {
                 "outcome-not-stored",
                 "Response not kept",
                 format!(
-                    "this key's request was executed (status {status}, {len} bytes of body), but its response was too large to keep: it cannot be replayed"
+                    "this key's request was executed (status {status}, {len} bytes of body), but only a digest of its response was kept (it was over the stored-outcome cap, or the namespace keeps digests only): it cannot be replayed"
                 ),
             )
             .into_response();
@@ -602,14 +965,16 @@ fn replay(outcome: Outcome) -> Response<Body> {
     r
 }
 
-/// Adds `Idempotent-Replayed` and `Idempotency-Expires`.
-fn marked(mut r: Response<Body>, replayed: bool, expires_at_ms: u64) -> Response<Body> {
+/// Adds `Idempotent-Replayed` and, when the key holds an outcome, `Idempotency-Expires`.
+fn marked(mut r: Response<Body>, replayed: bool, expires_at_ms: Option<u64>) -> Response<Body> {
     let h = r.headers_mut();
     h.insert(
         IDEMPOTENT_REPLAYED,
         HeaderValue::from_static(if replayed { "true" } else { "false" }),
     );
-    if let Some(t) = std::time::UNIX_EPOCH.checked_add(Duration::from_millis(expires_at_ms)) {
+    let expires =
+        expires_at_ms.and_then(|ms| std::time::UNIX_EPOCH.checked_add(Duration::from_millis(ms)));
+    if let Some(t) = expires {
         if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(t)) {
             h.insert(IDEMPOTENCY_EXPIRES, v);
         }

@@ -6,11 +6,16 @@
 //! * [`fingerprint`]: what makes two requests with one key the same request.
 //! * [`layer`]: [`IdempotencyLayer`], the tower layer.
 //! * [`backend`]: where keys live: [`EmbeddedStore`] in this process, or a region daemon.
+//! * [`proxy`]: `idem proxy`, the layer as a sidecar reverse proxy.
 
 pub mod backend;
 pub mod fingerprint;
 pub mod key;
 pub mod layer;
+pub mod proxy;
 
 pub use backend::{Backend, EmbeddedStore, NamespaceLimits};
-pub use layer::{IdempotencyLayer, IdempotencyService, LayerConfig, PeerIdentity, PrincipalFrom};
+pub use layer::{
+    IdempotencyLayer, IdempotencyService, LayerConfig, LayerStats, PeerIdentity, PrincipalFrom,
+    Verdict,
+};

@@ -366,3 +366,77 @@ pub fn silent_url() -> (String, Vec<std::net::TcpStream>, std::os::fd::OwnedFd) 
     }
     (format!("http://{addr}"), held, fd)
 }
+
+/// What a caller of an API behind the idempotency layer got: status, headers, body.
+pub struct Answer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: String,
+}
+
+impl Answer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.to_str().unwrap())
+    }
+}
+
+/// POSTs a JSON `body` to `url`, with an `Idempotency-Key` if `key`, and `extra` headers.
+pub async fn post_keyed(
+    url: &str,
+    key: Option<&str>,
+    body: &str,
+    extra: &[(&str, &str)],
+) -> Answer {
+    let mut r = http()
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body.to_owned());
+    if let Some(k) = key {
+        r = r.header("idempotency-key", k);
+    }
+    for (n, v) in extra {
+        r = r.header(*n, *v);
+    }
+    let r = r.send().await.unwrap();
+    Answer {
+        status: r.status().as_u16(),
+        headers: r.headers().clone(),
+        body: r.text().await.unwrap(),
+    }
+}
+
+/// Server-sent events that never end, one every 50 ms: `data: 0`, `data: 1`, ...
+pub fn endless_events() -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let events = futures_util::stream::unfold(0u64, |i| async move {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Some((
+            Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(format!("data: {i}\n\n"))),
+            i + 1,
+        ))
+    });
+    (
+        [("content-type", "text/event-stream")],
+        axum::body::Body::from_stream(events),
+    )
+        .into_response()
+}
+
+/// POSTs with `headers` and returns the answer's first chunk, which must come within 5 s
+/// (so a stream that never ends must be passed on as it runs, not buffered).
+pub async fn first_chunk(url: &str, headers: &[(&str, &str)]) -> Vec<u8> {
+    let mut r = http().post(url);
+    for (n, v) in headers {
+        r = r.header(*n, *v);
+    }
+    let mut r = r.send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    tokio::time::timeout(Duration::from_secs(5), r.chunk())
+        .await
+        .expect("the first events arrive while the stream runs")
+        .unwrap()
+        .unwrap()
+        .to_vec()
+}

@@ -1,0 +1,380 @@
+//! `idem proxy` as a real process in front of a counting upstream, over real sockets.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::post;
+use axum::Router;
+use common::{endless_events, first_chunk, post_keyed, Answer};
+use serde_json::Value;
+
+/// The API behind the proxy: counts its runs.
+struct Upstream {
+    url: String,
+    runs: Arc<AtomicUsize>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn upstream() -> Upstream {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let charge = |axum::extract::State(runs): axum::extract::State<Arc<AtomicUsize>>,
+                  headers: HeaderMap,
+                  body: String| async move {
+        let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+        let ms: u64 = headers
+            .get("x-sleep-ms")
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(150);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        let skip = headers.contains_key("x-skip");
+        let mut r = (
+            StatusCode::CREATED,
+            [
+                ("content-type", "application/json".to_owned()),
+                ("location", format!("/charges/ch_{n}")),
+                ("set-cookie", "session=secret".to_owned()),
+            ],
+            format!(
+                "{{\"charge\":\"ch_{n}\",\"principal\":{:?},\"bytes\":{}}}",
+                headers
+                    .get("x-principal")
+                    .map(|v| v.to_str().unwrap().to_owned()),
+                body.len()
+            ),
+        )
+            .into_response();
+        if skip {
+            r.headers_mut()
+                .insert("idempotency-store", "skip".parse().unwrap());
+        }
+        r
+    };
+    let stream = |axum::extract::State(runs): axum::extract::State<Arc<AtomicUsize>>| async move {
+        runs.fetch_add(1, Ordering::SeqCst);
+        endless_events()
+    };
+    let router = Router::new()
+        .route("/charges", post(charge))
+        .route("/stream", post(stream))
+        .with_state(runs.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router).await.unwrap();
+    });
+    Upstream { url, runs, server }
+}
+
+/// A running `idem proxy`; killed (SIGKILL) on drop.
+struct Proxy {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proxy {
+    /// Starts `idem proxy` in front of `upstream` with its data in `dir`, plus `args`; on
+    /// `port` if given (a restart keeps its address).
+    fn start(upstream: &str, dir: &Path, port: Option<u16>, args: &[&str]) -> Proxy {
+        let listen = format!("127.0.0.1:{}", port.unwrap_or(0));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_idem"))
+            .args([
+                "proxy",
+                "--listen",
+                &listen,
+                "--upstream",
+                upstream,
+                "--data-dir",
+            ])
+            .arg(dir)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn idem proxy");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("idem: proxying ")
+            .and_then(|r| r.split(' ').next())
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        Proxy { child, url: addr }
+    }
+
+    fn port(&self) -> u16 {
+        self.url.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    async fn post(
+        &self,
+        path: &str,
+        key: Option<&str>,
+        body: &str,
+        extra: &[(&str, &str)],
+    ) -> Answer {
+        post_keyed(&format!("{}{path}", self.url), key, body, extra).await
+    }
+}
+
+const BODY: &str = r#"{"amount": 1000, "currency": "eur"}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn behind_the_proxy_a_hundred_identical_requests_run_the_upstream_once() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Arc::new(Proxy::start(
+        &up.url,
+        dir.path(),
+        None,
+        &["--wait-ms", "10000"],
+    ));
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let proxy = proxy.clone();
+        tasks.push(tokio::spawn(async move {
+            proxy.post("/charges", Some("order-1"), BODY, &[]).await
+        }));
+    }
+    let mut bodies = Vec::new();
+    for t in tasks {
+        let a = t.await.unwrap();
+        assert_eq!(a.status, 201, "{}", a.body);
+        bodies.push(a.body);
+    }
+    assert_eq!(up.runs.load(Ordering::SeqCst), 1);
+    assert!(bodies.iter().all(|b| *b == bodies[0]));
+}
+
+#[tokio::test]
+async fn behind_the_proxy_keys_bodies_and_headers_behave_as_the_draft_says() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&up.url, dir.path(), None, &["--require-key", "/charges"]);
+    // Missing key on a required route: 400, the upstream never sees it.
+    let a = proxy.post("/charges", None, BODY, &[]).await;
+    assert_eq!(a.status, 400, "{}", a.body);
+    assert_eq!(up.runs.load(Ordering::SeqCst), 0);
+    // First run, then reordered JSON with the quoted key: a byte-identical replay.
+    let first = proxy.post("/charges", Some("k-2"), BODY, &[]).await;
+    assert_eq!(
+        (first.status, first.header("idempotent-replayed")),
+        (201, Some("false"))
+    );
+    assert_eq!(first.header("set-cookie"), Some("session=secret"));
+    let again = proxy
+        .post(
+            "/charges",
+            Some("\"k-2\""),
+            r#"{ "currency":"eur", "amount":1000 }"#,
+            &[],
+        )
+        .await;
+    assert_eq!(
+        (again.status, again.header("idempotent-replayed")),
+        (201, Some("true"))
+    );
+    assert_eq!(again.body, first.body);
+    assert_eq!(again.header("location"), Some("/charges/ch_1"));
+    assert_eq!(again.header("set-cookie"), None);
+    // Another body: 422, never reaches the upstream.
+    let other = proxy
+        .post("/charges", Some("k-2"), r#"{"amount": 5}"#, &[])
+        .await;
+    assert_eq!(other.status, 422, "{}", other.body);
+    assert_eq!(up.runs.load(Ordering::SeqCst), 1);
+    // Marked skip: runs again.
+    for n in 2..=3 {
+        let s = proxy
+            .post("/charges", Some("k-skip"), BODY, &[("x-skip", "1")])
+            .await;
+        assert_eq!(s.status, 201);
+        assert!(s.body.contains(&format!("ch_{n}")), "{}", s.body);
+    }
+    // Without a key on a route that does not require one: passes through every time.
+    let stream_runs = up.runs.load(Ordering::SeqCst);
+    for _ in 0..2 {
+        let url = format!("{}/stream", proxy.url);
+        let first = first_chunk(&url, &[("idempotency-key", "k-stream")]).await;
+        assert!(first.starts_with(b"data: 0"), "{first:?}");
+    }
+    assert_eq!(
+        up.runs.load(Ordering::SeqCst),
+        stream_runs + 2,
+        "streams are not recorded"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_request_gets_the_stored_outcome_and_the_upstream_ran_once() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&up.url, dir.path(), None, &[]);
+    let gone = tokio::time::timeout(
+        Duration::from_millis(100),
+        proxy.post("/charges", Some("k-leave"), BODY, &[("x-sleep-ms", "600")]),
+    )
+    .await;
+    assert!(gone.is_err());
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let retry = proxy.post("/charges", Some("k-leave"), BODY, &[]).await;
+    assert_eq!(
+        (retry.status, retry.header("idempotent-replayed")),
+        (201, Some("true"))
+    );
+    assert_eq!(up.runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn kill_9_right_after_a_response_loses_nothing() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&up.url, dir.path(), None, &[]);
+    let first = proxy.post("/charges", Some("k-crash"), BODY, &[]).await;
+    assert_eq!(first.status, 201);
+    let port = proxy.port();
+    drop(proxy); // SIGKILL
+    let proxy = Proxy::start(&up.url, dir.path(), Some(port), &[]);
+    // Right after a restart the store may ask for a moment (its clock fence).
+    let mut retry = proxy.post("/charges", Some("k-crash"), BODY, &[]).await;
+    for _ in 0..50 {
+        if retry.status != 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        retry = proxy.post("/charges", Some("k-crash"), BODY, &[]).await;
+    }
+    assert_eq!(
+        (retry.status, retry.header("idempotent-replayed")),
+        (201, Some("true"))
+    );
+    assert_eq!(retry.body, first.body);
+    assert_eq!(up.runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn shadow_mode_never_blocks() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(
+        &up.url,
+        dir.path(),
+        None,
+        &["--shadow", "--require-key", "/charges"],
+    );
+    // A duplicate, a mismatch and a missing key all reach the upstream.
+    let a = proxy.post("/charges", Some("k-shadow"), BODY, &[]).await;
+    let b = proxy.post("/charges", Some("k-shadow"), BODY, &[]).await;
+    let c = proxy
+        .post("/charges", Some("k-shadow"), r#"{"amount": 1}"#, &[])
+        .await;
+    let d = proxy.post("/charges", None, BODY, &[]).await;
+    for x in [&a, &b, &c, &d] {
+        assert_eq!(x.status, 201, "{}", x.body);
+    }
+    assert_ne!(
+        a.body, b.body,
+        "the duplicate ran again instead of replaying"
+    );
+    assert_eq!(up.runs.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test]
+async fn the_principal_header_counts_only_from_trusted_peers_and_an_upstream_timeout_is_indeterminate(
+) {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Loopback is not trusted here: the header is stripped, so a keyed request has no
+    // principal and is refused before the upstream.
+    let untrusted = Proxy::start(
+        &up.url,
+        dir.path(),
+        None,
+        &[
+            "--principal-header",
+            "x-principal",
+            "--trusted-peer",
+            "10.0.0.0/8",
+        ],
+    );
+    let a = untrusted
+        .post("/charges", Some("k-p"), BODY, &[("x-principal", "acct_9")])
+        .await;
+    assert_eq!(a.status, 400, "{}", a.body);
+    let p: Value = serde_json::from_str(&a.body).unwrap();
+    assert_eq!(p["type"], "urn:idem:problem:missing-principal");
+    assert_eq!(up.runs.load(Ordering::SeqCst), 0);
+    drop(untrusted);
+
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(
+        &up.url,
+        dir.path(),
+        None,
+        &[
+            "--principal-header",
+            "x-principal",
+            "--upstream-timeout-ms",
+            "300",
+        ],
+    );
+    let ok = proxy
+        .post("/charges", Some("k-p"), BODY, &[("x-principal", "acct_9")])
+        .await;
+    assert_eq!(ok.status, 201);
+    assert!(
+        ok.body.contains("acct_9"),
+        "the upstream sees the principal: {}",
+        ok.body
+    );
+    // Another principal's key is another key.
+    let other = proxy
+        .post("/charges", Some("k-p"), BODY, &[("x-principal", "acct_8")])
+        .await;
+    assert_eq!(other.header("idempotent-replayed"), Some("false"));
+    // The upstream takes longer than allowed: 504, kept as indeterminate (it may have run).
+    let slow = proxy
+        .post(
+            "/charges",
+            Some("k-slow"),
+            BODY,
+            &[("x-principal", "acct_9"), ("x-sleep-ms", "1000")],
+        )
+        .await;
+    assert_eq!(slow.status, 504, "{}", slow.body);
+    let again = proxy
+        .post(
+            "/charges",
+            Some("k-slow"),
+            BODY,
+            &[("x-principal", "acct_9")],
+        )
+        .await;
+    assert_eq!(again.status, 504);
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(again.header("idempotency-indeterminate"), Some("true"));
+}
