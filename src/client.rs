@@ -153,6 +153,8 @@ pub enum ClaimOutcome {
         resumed: bool,
         /// Claims this one took over.
         took_over: Vec<String>,
+        /// When the key expires, Unix ms.
+        expires_at_ms: u64,
     },
     /// Already done: the stored response.
     Replay {
@@ -162,6 +164,8 @@ pub enum ClaimOutcome {
         outcome: OutcomeJson,
         /// Stored as indeterminate (a side effect may have happened).
         indeterminate: bool,
+        /// When the key expires, Unix ms.
+        expires_at_ms: u64,
     },
     /// Someone else is running it; retry later (a new call, a new attempt token).
     InFlight {
@@ -376,23 +380,25 @@ impl Client {
                             lease_until_ms,
                             took_over,
                             resumed,
-                            ..
+                            expires_at_ms,
                         }) => Attempt::Done(Ok(ClaimOutcome::Execute {
                             claim,
                             region,
                             lease_until_ms,
                             resumed,
                             took_over,
+                            expires_at_ms,
                         })),
                         Ok(ClaimAnswer::Replay {
                             claim,
                             outcome,
                             indeterminate,
-                            ..
+                            expires_at_ms,
                         }) => Attempt::Done(Ok(ClaimOutcome::Replay {
                             claim,
                             outcome,
                             indeterminate,
+                            expires_at_ms,
                         })),
                         Err(a) => a,
                     }

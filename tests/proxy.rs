@@ -41,6 +41,10 @@ async fn upstream() -> Upstream {
             .unwrap_or(150);
         tokio::time::sleep(Duration::from_millis(ms)).await;
         let skip = headers.contains_key("x-skip");
+        let pad: usize = headers
+            .get("x-pad")
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(0);
         let mut r = (
             StatusCode::CREATED,
             [
@@ -49,11 +53,12 @@ async fn upstream() -> Upstream {
                 ("set-cookie", "session=secret".to_owned()),
             ],
             format!(
-                "{{\"charge\":\"ch_{n}\",\"principal\":{:?},\"bytes\":{}}}",
+                "{{\"charge\":\"ch_{n}\",\"principal\":{:?},\"bytes\":{},\"pad\":\"{}\"}}",
                 headers
                     .get("x-principal")
                     .map(|v| v.to_str().unwrap().to_owned()),
-                body.len()
+                body.len(),
+                "x".repeat(pad)
             ),
         )
             .into_response();
@@ -96,17 +101,16 @@ impl Proxy {
     /// Starts `idem proxy` in front of `upstream` with its data in `dir`, plus `args`; on
     /// `port` if given (a restart keeps its address).
     fn start(upstream: &str, dir: &Path, port: Option<u16>, args: &[&str]) -> Proxy {
+        let mut all = vec!["--data-dir", dir.to_str().unwrap()];
+        all.extend_from_slice(args);
+        Self::spawn(upstream, port, &all)
+    }
+
+    /// Starts `idem proxy` in front of `upstream` with `args` (which say where keys live).
+    fn spawn(upstream: &str, port: Option<u16>, args: &[&str]) -> Proxy {
         let listen = format!("127.0.0.1:{}", port.unwrap_or(0));
         let mut child = Command::new(env!("CARGO_BIN_EXE_idem"))
-            .args([
-                "proxy",
-                "--listen",
-                &listen,
-                "--upstream",
-                upstream,
-                "--data-dir",
-            ])
-            .arg(dir)
+            .args(["proxy", "--listen", &listen, "--upstream", upstream])
             .args(args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
@@ -377,4 +381,74 @@ async fn the_principal_header_counts_only_from_trusted_peers_and_an_upstream_tim
     assert_eq!(again.status, 504);
     assert_eq!(again.header("idempotent-replayed"), Some("true"));
     assert_eq!(again.header("idempotency-indeterminate"), Some("true"));
+}
+
+#[tokio::test]
+async fn proxies_sharing_a_region_daemon_share_their_keys() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = common::Daemon::start(dir.path(), &common::config("eu1", "")).await;
+    let store = format!("eu1={}", daemon.url);
+    let args = [
+        "--store",
+        &store,
+        "--store-namespace",
+        "payments",
+        "--store-token",
+        common::PAYMENTS_TOKEN,
+    ];
+    let (a, b) = (
+        Proxy::spawn(&up.url, None, &args),
+        Proxy::spawn(&up.url, None, &args),
+    );
+    let first = a.post("/charges", Some("k-shared"), BODY, &[]).await;
+    assert_eq!(
+        (first.status, first.header("idempotent-replayed")),
+        (201, Some("false")),
+        "{}",
+        first.body
+    );
+    let again = b.post("/charges", Some("k-shared"), BODY, &[]).await;
+    assert_eq!(
+        (again.status, again.header("idempotent-replayed")),
+        (201, Some("true")),
+        "{}",
+        again.body
+    );
+    assert_eq!(again.body, first.body);
+    let other = b
+        .post("/charges", Some("k-shared"), r#"{"amount": 7}"#, &[])
+        .await;
+    assert_eq!(other.status, 422, "{}", other.body);
+    // A handler slower than the namespace's lease (800 ms) keeps its key by heartbeats: a
+    // retry through the other proxy well past the lease finds it in flight, not free.
+    let a = Arc::new(a);
+    let slow = tokio::spawn({
+        let a = a.clone();
+        async move {
+            a.post("/charges", Some("k-long"), BODY, &[("x-sleep-ms", "2500")])
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    let meanwhile = b.post("/charges", Some("k-long"), BODY, &[]).await;
+    assert_eq!(meanwhile.status, 409, "{}", meanwhile.body);
+    let slow = slow.await.unwrap();
+    assert_eq!(slow.status, 201, "{}", slow.body);
+    assert_eq!(up.runs.load(Ordering::SeqCst), 2);
+    let replay = b.post("/charges", Some("k-long"), BODY, &[]).await;
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    assert_eq!(up.runs.load(Ordering::SeqCst), 2);
+    // Over the namespace's outcome cap (4 KiB here, which the proxy is not told): the first
+    // caller gets the response, the key keeps its digest, a retry is told it cannot be replayed.
+    let big = a
+        .post("/charges", Some("k-big"), BODY, &[("x-pad", "5000")])
+        .await;
+    assert_eq!(big.status, 201);
+    assert!(big.body.len() > 5000);
+    let retry = b.post("/charges", Some("k-big"), BODY, &[]).await;
+    assert_eq!(retry.status, 409, "{}", retry.body);
+    let p: Value = serde_json::from_str(&retry.body).unwrap();
+    assert_eq!(p["type"], "urn:idem:problem:outcome-not-stored");
+    assert_eq!(up.runs.load(Ordering::SeqCst), 3);
 }

@@ -46,9 +46,21 @@ enum Command {
         /// The API behind the proxy, e.g. http://127.0.0.1:3000.
         #[arg(long)]
         upstream: String,
-        /// Keep keys here (default ./idem-proxy-data).
-        #[arg(long)]
+        /// Keep keys in an embedded store here (default ./idem-proxy-data). Only this proxy
+        /// process deduplicates with it.
+        #[arg(long, conflicts_with = "store")]
         data_dir: Option<PathBuf>,
+        /// Keep keys in a region daemon shared by every replica of the API: REGION=URL, e.g.
+        /// eu1=https://idem.eu1.internal:7070 (repeat for other regions, for failover).
+        #[arg(long)]
+        store: Vec<String>,
+        /// The daemon's namespace for this API.
+        #[arg(long, default_value = "default", requires = "store")]
+        store_namespace: String,
+        /// The namespace's token (default: the IDEM_STORE_TOKEN environment variable, which
+        /// keeps it out of process listings).
+        #[arg(long, requires = "store")]
+        store_token: Option<String>,
         /// Take the principal (whose keys these are) from this request header; without it
         /// every request has one principal.
         #[arg(long)]
@@ -117,6 +129,9 @@ fn run(command: Command) -> Result<()> {
             listen,
             upstream,
             data_dir,
+            store,
+            store_namespace,
+            store_token,
             principal_header,
             trusted_peers,
             require_key,
@@ -131,8 +146,35 @@ fn run(command: Command) -> Result<()> {
             if !matches!(upstream.scheme(), "http" | "https") {
                 anyhow::bail!("--upstream must be an http or https URL, not {upstream}");
             }
-            let data_dir = data_dir.unwrap_or_else(|| PathBuf::from("idem-proxy-data"));
-            let mut config = ProxyConfig::new(listen, upstream, data_dir);
+            let store = if store.is_empty() {
+                proxy::ProxyStore::Embedded(
+                    data_dir.unwrap_or_else(|| PathBuf::from("idem-proxy-data")),
+                )
+            } else {
+                let endpoints = store
+                    .iter()
+                    .map(|s| {
+                        let (region, url) = s.split_once('=').with_context(|| {
+                            format!("--store {s:?}: expected REGION=URL, e.g. eu1=http://127.0.0.1:7070")
+                        })?;
+                        idem::client::Endpoint::new(region, url)
+                            .with_context(|| format!("--store {s:?}"))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let token = match store_token {
+                    Some(t) => t,
+                    None => std::env::var("IDEM_STORE_TOKEN").context(
+                        "--store needs the namespace's token: --store-token or IDEM_STORE_TOKEN",
+                    )?,
+                };
+                proxy::ProxyStore::Remote {
+                    endpoints,
+                    namespace: store_namespace,
+                    token,
+                }
+            };
+            let embedded = matches!(store, proxy::ProxyStore::Embedded(_));
+            let mut config = ProxyConfig::new(listen, upstream, store);
             config.principal_header = principal_header
                 .map(|h| {
                     h.parse::<axum::http::HeaderName>()
@@ -153,12 +195,14 @@ fn run(command: Command) -> Result<()> {
             config.upstream_timeout = std::time::Duration::from_millis(upstream_timeout_ms);
             config.shadow = shadow;
             init_logging(&Default::default());
-            tracing::warn!(
-                data_dir = %config.data_dir.display(),
-                "EMBEDDED STORE: only this one proxy process deduplicates. Replicas of the API \
-                 behind other proxies do not see these keys: run one proxy per API, or share a \
-                 region daemon (`idem serve`)"
-            );
+            if let (true, proxy::ProxyStore::Embedded(dir)) = (embedded, &config.store) {
+                tracing::warn!(
+                    data_dir = %dir.display(),
+                    "EMBEDDED STORE: only this one proxy process deduplicates. Replicas of the \
+                     API behind other proxies do not see these keys: run one proxy per API, or \
+                     share a region daemon (`idem serve`, then --store REGION=URL)"
+                );
+            }
             if shadow {
                 tracing::warn!("shadow mode: every request runs; the proxy only reports what it would have done");
             }

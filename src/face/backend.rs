@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::clock::{wall_clock_ms, Stamp};
 use crate::durable::{DurablePublisher, DurableWaiter, Flusher, NotDurable};
-use crate::http::problem::Problem;
+use crate::http::problem::{ApiError, Problem};
 use crate::record::{ClaimStatus, Outcome, RecordKey};
 use crate::store::storage::FsStorage;
 use crate::store::{ClaimRequest, Decision, Pending, Store, StoreConfig, Unavailable};
@@ -19,10 +19,11 @@ use crate::store::{ClaimRequest, Decision, Pending, Store, StoreConfig, Unavaila
 /// A boxed future, as the backend's calls return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// The store calls the layer makes; every answer is durable when it returns.
+/// The store calls the layer makes; every answer is durable when it returns. Errors are RFC
+/// 9457 problems (boxed), answered to the client as they are.
 pub trait Backend: Send + Sync + 'static {
     /// Claims a key.
-    fn claim(&self, req: ClaimRequest) -> BoxFuture<'_, Result<Decision, Problem>>;
+    fn claim(&self, req: ClaimRequest) -> BoxFuture<'_, Result<Decision, ApiError>>;
     /// Stores an outcome (the namespace's policy decides by status how it is kept); `true`
     /// when it is kept (completed or indeterminate), `false` when the policy released the key.
     fn complete(
@@ -30,16 +31,16 @@ pub trait Backend: Send + Sync + 'static {
         key: RecordKey,
         claim: Stamp,
         outcome: Outcome,
-    ) -> BoxFuture<'_, Result<bool, Problem>>;
+    ) -> BoxFuture<'_, Result<bool, ApiError>>;
     /// Releases a claim: nothing was executed, or nothing is to be kept.
-    fn release(&self, key: RecordKey, claim: Stamp) -> BoxFuture<'_, Result<(), Problem>>;
+    fn release(&self, key: RecordKey, claim: Stamp) -> BoxFuture<'_, Result<(), ApiError>>;
     /// Extends a claim's lease to now + `lease_ms`.
     fn extend(
         &self,
         key: RecordKey,
         claim: Stamp,
         lease_ms: u64,
-    ) -> BoxFuture<'_, Result<(), Problem>>;
+    ) -> BoxFuture<'_, Result<(), ApiError>>;
     /// The namespace's limits the layer needs, or `None` if the namespace is unknown.
     fn limits(&self, namespace: &str) -> Option<NamespaceLimits>;
 }
@@ -117,14 +118,17 @@ impl EmbeddedStore {
         &self.inner.store
     }
 
-    async fn durable<T>(&self, pending: Pending<T>) -> Result<T, Problem> {
-        self.inner.waiter.wait(pending).await.map_err(|e| match e {
-            NotDurable::LogFailed => Problem::from_unavailable(Unavailable::LogFailed, 5_000),
-            NotDurable::Stopped => Problem::unavailable(
-                "shutting_down",
-                "the store stopped before this answer was durable",
-                1_000,
-            ),
+    async fn durable<T>(&self, pending: Pending<T>) -> Result<T, ApiError> {
+        self.inner.waiter.wait(pending).await.map_err(|e| {
+            match e {
+                NotDurable::LogFailed => Problem::from_unavailable(Unavailable::LogFailed, 5_000),
+                NotDurable::Stopped => Problem::unavailable(
+                    "shutting_down",
+                    "the store stopped before this answer was durable",
+                    1_000,
+                ),
+            }
+            .into()
         })
     }
 }
@@ -163,7 +167,7 @@ fn housekeeping(store: &Store<FsStorage>, stop: &AtomicBool) {
 }
 
 impl Backend for EmbeddedStore {
-    fn claim(&self, req: ClaimRequest) -> BoxFuture<'_, Result<Decision, Problem>> {
+    fn claim(&self, req: ClaimRequest) -> BoxFuture<'_, Result<Decision, ApiError>> {
         Box::pin(async move {
             let pending = self.store().claim(wall_clock_ms(), &req)?;
             self.durable(pending).await
@@ -175,7 +179,7 @@ impl Backend for EmbeddedStore {
         key: RecordKey,
         claim: Stamp,
         outcome: Outcome,
-    ) -> BoxFuture<'_, Result<bool, Problem>> {
+    ) -> BoxFuture<'_, Result<bool, ApiError>> {
         Box::pin(async move {
             let pending = self
                 .store()
@@ -188,7 +192,7 @@ impl Backend for EmbeddedStore {
         })
     }
 
-    fn release(&self, key: RecordKey, claim: Stamp) -> BoxFuture<'_, Result<(), Problem>> {
+    fn release(&self, key: RecordKey, claim: Stamp) -> BoxFuture<'_, Result<(), ApiError>> {
         Box::pin(async move {
             let pending = self.store().release(wall_clock_ms(), &key, claim)?;
             self.durable(pending).await.map(drop)
@@ -200,7 +204,7 @@ impl Backend for EmbeddedStore {
         key: RecordKey,
         claim: Stamp,
         lease_ms: u64,
-    ) -> BoxFuture<'_, Result<(), Problem>> {
+    ) -> BoxFuture<'_, Result<(), ApiError>> {
         Box::pin(async move {
             let pending = self
                 .store()
@@ -217,5 +221,198 @@ impl Backend for EmbeddedStore {
             outcome_bytes_max: c.outcome_bytes_max,
             headers_allowed: c.headers_allowed.clone(),
         })
+    }
+}
+
+/// A region daemon (`idem serve`) shared by every replica of an API, through
+/// [`crate::client::Client`] (its retries, backoff and failover). The daemon's namespace
+/// policy decides what is stored; the layer needs its limits, given here.
+#[derive(Clone)]
+pub struct RemoteStore {
+    client: crate::client::Client,
+    limits: NamespaceLimits,
+}
+
+impl RemoteStore {
+    /// A backend calling the daemon(s) of `config`; `limits` must match the daemon's
+    /// namespace (its defaults: [`NamespaceLimits::daemon_defaults`]).
+    pub fn new(
+        config: crate::client::ClientConfig,
+        limits: NamespaceLimits,
+    ) -> Result<Self, crate::client::ClientError> {
+        Ok(Self {
+            client: crate::client::Client::new(config)?,
+            limits,
+        })
+    }
+}
+
+impl NamespaceLimits {
+    /// A namespace's limits under the daemon's default policy.
+    pub fn daemon_defaults() -> Self {
+        let c = crate::store::policy::NamespaceConfig::named("defaults");
+        Self {
+            key_len_max: c.key_len_max,
+            lease_ms: c.lease_ms,
+            outcome_bytes_max: c.outcome_bytes_max,
+            headers_allowed: c.headers_allowed,
+        }
+    }
+}
+
+/// A client failure as the problem the layer answers with.
+fn client_problem(e: crate::client::ClientError) -> ApiError {
+    use crate::client::ClientError;
+    match e {
+        ClientError::Refused(p) => ApiError(p),
+        ClientError::GaveUp {
+            problem: Some(p), ..
+        } => ApiError(p),
+        ClientError::GaveUp { last, .. } => Problem::unavailable(
+            "store_unreachable",
+            format!("the idempotency store could not be reached: {last}"),
+            1_000,
+        )
+        .into(),
+        ClientError::Config(m) | ClientError::Protocol(m) => Problem::unavailable(
+            "store_error",
+            format!("the idempotency store's answer could not be used: {m}"),
+            1_000,
+        )
+        .into(),
+    }
+}
+
+fn stamp(s: &str) -> Result<Stamp, ApiError> {
+    s.parse().map_err(|e| {
+        Problem::unavailable(
+            "store_error",
+            format!("the store sent a claim id that does not parse ({s:?}: {e})"),
+            1_000,
+        )
+        .into()
+    })
+}
+
+impl Backend for RemoteStore {
+    fn claim(&self, req: ClaimRequest) -> BoxFuture<'_, Result<Decision, ApiError>> {
+        use crate::client::ClaimOutcome;
+        Box::pin(async move {
+            let k = &req.key;
+            let got = self
+                .client
+                .claim(k.principal(), k.key(), req.fingerprint)
+                .await
+                .map_err(client_problem)?;
+            Ok(match got {
+                ClaimOutcome::Execute {
+                    claim,
+                    lease_until_ms,
+                    resumed,
+                    took_over,
+                    expires_at_ms,
+                    ..
+                } => Decision::Execute {
+                    claim: stamp(&claim)?,
+                    lease_until_ms,
+                    took_over: took_over
+                        .iter()
+                        .map(|t| stamp(t))
+                        .collect::<Result<_, _>>()?,
+                    resumed,
+                    expires_at_ms,
+                },
+                ClaimOutcome::Replay {
+                    claim,
+                    outcome,
+                    indeterminate,
+                    expires_at_ms,
+                } => Decision::Replay {
+                    claim: stamp(&claim)?,
+                    outcome: outcome.to_outcome().ok_or_else(|| {
+                        ApiError::from(Problem::unavailable(
+                            "store_error",
+                            "a replay without its body",
+                            1_000,
+                        ))
+                    })?,
+                    indeterminate,
+                    expires_at_ms,
+                },
+                ClaimOutcome::InFlight { problem } => Decision::InFlight {
+                    claim: stamp(problem.claim.as_deref().unwrap_or_default())?,
+                    region: problem
+                        .origin_region
+                        .as_deref()
+                        .and_then(|r| crate::clock::RegionId::new(r).ok())
+                        .ok_or_else(|| {
+                            ApiError::from(Problem::unavailable(
+                                "store_error",
+                                "in flight without a region",
+                                1_000,
+                            ))
+                        })?,
+                    lease_expires_at_ms: problem.lease_expires_at_ms.unwrap_or_default(),
+                },
+                ClaimOutcome::Mismatch { problem } => Decision::Mismatch {
+                    claim: stamp(problem.claim.as_deref().unwrap_or_default())?,
+                },
+            })
+        })
+    }
+
+    fn complete(
+        &self,
+        key: RecordKey,
+        claim: Stamp,
+        outcome: Outcome,
+    ) -> BoxFuture<'_, Result<bool, ApiError>> {
+        Box::pin(async move {
+            let done = self
+                .client
+                .complete(
+                    key.principal(),
+                    key.key(),
+                    &claim.to_string(),
+                    crate::http::api::OutcomeInput::from_outcome(&outcome),
+                )
+                .await
+                .map_err(client_problem)?;
+            Ok(done.terminal != "released")
+        })
+    }
+
+    fn release(&self, key: RecordKey, claim: Stamp) -> BoxFuture<'_, Result<(), ApiError>> {
+        Box::pin(async move {
+            self.client
+                .release(key.principal(), key.key(), &claim.to_string())
+                .await
+                .map(drop)
+                .map_err(client_problem)
+        })
+    }
+
+    fn extend(
+        &self,
+        key: RecordKey,
+        claim: Stamp,
+        lease_ms: u64,
+    ) -> BoxFuture<'_, Result<(), ApiError>> {
+        Box::pin(async move {
+            self.client
+                .extend(
+                    key.principal(),
+                    key.key(),
+                    &claim.to_string(),
+                    Duration::from_millis(lease_ms),
+                )
+                .await
+                .map(drop)
+                .map_err(client_problem)
+        })
+    }
+
+    fn limits(&self, _namespace: &str) -> Option<NamespaceLimits> {
+        Some(self.limits.clone())
     }
 }

@@ -493,11 +493,17 @@ where
             Decision::Execute {
                 claim,
                 expires_at_ms,
+                lease_until_ms,
                 ..
             } => {
                 shared.stats.count(Verdict::Executed);
                 let req = Request::from_parts(parts, Body::from(bytes));
-                let done = execute(&shared, inner, req, record_key, claim).await;
+                // The lease this claim got (the store's policy, which a remote store's limits
+                // here may not know): heartbeats keep renewing that much.
+                let lease_ms = lease_until_ms
+                    .saturating_sub(crate::clock::wall_clock_ms())
+                    .clamp(100, shared.limits.lease_ms.max(100));
+                let done = execute(&shared, inner, req, record_key, claim, lease_ms).await;
                 let expires = done.kept.then_some(expires_at_ms);
                 return echo(marked(done.response, false, expires));
             }
@@ -716,6 +722,7 @@ async fn execute<S, RB>(
     req: Request<Body>,
     key: RecordKey,
     claim: Stamp,
+    lease_ms: u64,
 ) -> Executed
 where
     S: Service<Request<Body>, Response = Response<RB>, Error = Infallible> + Send + 'static,
@@ -729,7 +736,7 @@ where
         backend.clone(),
         key.clone(),
         claim,
-        shared.limits.lease_ms,
+        lease_ms,
         shared.config.execution_max,
     ))));
     let not_kept = |beat: Heartbeat, why: &'static str, response: Response<Body>| {
@@ -798,7 +805,7 @@ where
         return not_kept(beat, "401 and 429 are never stored", r).await;
     }
     beat.stop().await;
-    let outcome = outcome(&parts, &bytes, &shared.limits);
+    let mut outcome = outcome(&parts, &bytes, &shared.limits);
     let mut kept = false;
     for attempt in 0..4u32 {
         match backend.complete(key.clone(), claim, outcome.clone()).await {
@@ -806,8 +813,17 @@ where
                 kept = k;
                 break;
             }
-            Err(p) if p.status == 503 && attempt < 3 => {
+            Err(p) if p.0.status == 503 && attempt < 3 => {
                 tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+            }
+            Err(p)
+                if p.0.type_uri.ends_with(":outcome-too-large")
+                    && !matches!(outcome.body, StoredBody::Digest { .. }) =>
+            {
+                // A store whose cap is below what this layer was told (a remote namespace):
+                // keep the digest, as for any response over the cap.
+                outcome.body = StoredBody::digest_of(&outcome.body);
+                outcome.headers.clear();
             }
             Err(p) => {
                 // The handler ran and its answer is here: give it to the client rather than
@@ -851,7 +867,7 @@ async fn heartbeat(
         }
         if let Err(p) = backend.extend(key.clone(), claim, lease_ms).await {
             tracing::warn!(problem = ?p, "extending an idempotency key's lease failed");
-            if p.status != 503 {
+            if p.0.status != 503 {
                 return;
             }
         }

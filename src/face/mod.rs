@@ -14,7 +14,7 @@ pub mod key;
 pub mod layer;
 pub mod proxy;
 
-pub use backend::{Backend, EmbeddedStore, NamespaceLimits};
+pub use backend::{Backend, EmbeddedStore, NamespaceLimits, RemoteStore};
 pub use layer::{
     IdempotencyLayer, IdempotencyService, LayerConfig, LayerStats, PeerIdentity, PrincipalFrom,
     Verdict,

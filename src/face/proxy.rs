@@ -6,6 +6,9 @@
 //! 504 (stored as *indeterminate* by the embedded store's policy: the request may have taken
 //! effect), one that cannot be reached gives 502 (the key is released: nothing ran).
 //!
+//! Keys live in an embedded store (only this proxy process deduplicates) or in a region
+//! daemon shared by every replica of the API (`--store`).
+//!
 //! The principal comes from `--principal-header` when set, honoured only from trusted peers
 //! (loopback by default): from anyone else the header is stripped before anything reads it,
 //! so a client cannot claim another principal's keys.
@@ -21,7 +24,9 @@ use axum::http::{header, HeaderName, Request, Response, StatusCode};
 use axum::response::IntoResponse;
 use axum::Router;
 
-use super::{EmbeddedStore, IdempotencyLayer, LayerConfig, PrincipalFrom};
+use super::{
+    EmbeddedStore, IdempotencyLayer, LayerConfig, NamespaceLimits, PrincipalFrom, RemoteStore,
+};
 use crate::clock::RegionId;
 use crate::http::problem::Problem;
 use crate::store::policy::{NamespaceConfig, StatusRange};
@@ -40,8 +45,8 @@ pub struct ProxyConfig {
     pub listen: SocketAddr,
     /// The API behind the proxy (scheme, host, port; a path prefix is kept).
     pub upstream: reqwest::Url,
-    /// The embedded store's data directory.
-    pub data_dir: PathBuf,
+    /// Where keys are kept.
+    pub store: ProxyStore,
     /// The header carrying the principal, if any.
     pub principal_header: Option<HeaderName>,
     /// Peers whose principal header is honoured.
@@ -59,11 +64,11 @@ pub struct ProxyConfig {
 impl ProxyConfig {
     /// Defaults: loopback is trusted, no key required anywhere, no wait, 60 s upstream
     /// timeout, enforcing.
-    pub fn new(listen: SocketAddr, upstream: reqwest::Url, data_dir: PathBuf) -> Self {
+    pub fn new(listen: SocketAddr, upstream: reqwest::Url, store: ProxyStore) -> Self {
         Self {
             listen,
             upstream,
-            data_dir,
+            store,
             principal_header: None,
             trusted: vec![
                 "127.0.0.0/8".parse().expect("a valid network"),
@@ -75,6 +80,23 @@ impl ProxyConfig {
             shadow: false,
         }
     }
+}
+
+/// Where the proxy keeps its keys.
+#[derive(Debug, Clone)]
+pub enum ProxyStore {
+    /// An embedded store in this directory: only this proxy process deduplicates.
+    Embedded(PathBuf),
+    /// A region daemon shared by every replica of the API (and its other regions, for
+    /// failover), in `namespace`, with `token`.
+    Remote {
+        /// The daemons, one per region.
+        endpoints: Vec<crate::client::Endpoint>,
+        /// The namespace (its policy decides what is stored; its limits are the defaults).
+        namespace: String,
+        /// A token for the namespace.
+        token: String,
+    },
 }
 
 /// The embedded store's config: one namespace, in which an upstream timeout (504) is stored
@@ -94,21 +116,36 @@ pub async fn run(
     config: ProxyConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let store = tokio::task::spawn_blocking({
-        let dir = config.data_dir.clone();
-        move || EmbeddedStore::open(&dir, store_config())
-    })
-    .await
-    .context("recovery thread")??;
     let principal = match &config.principal_header {
         Some(h) => PrincipalFrom::Header(h.clone()),
         None => PrincipalFrom::Fixed(DEFAULT_PRINCIPAL.into()),
     };
-    let mut layer_config = LayerConfig::new(PROXY_NAMESPACE, principal);
-    layer_config.required = config.required.clone();
-    layer_config.in_flight_wait = config.in_flight_wait;
-    layer_config.shadow = config.shadow;
-    let layer = IdempotencyLayer::new(store.clone(), layer_config)?;
+    let (layer, embedded) = match &config.store {
+        ProxyStore::Embedded(dir) => {
+            let store = tokio::task::spawn_blocking({
+                let dir = dir.clone();
+                move || EmbeddedStore::open(&dir, store_config())
+            })
+            .await
+            .context("recovery thread")??;
+            let layer = IdempotencyLayer::new(
+                store.clone(),
+                layer_config(&config, PROXY_NAMESPACE, principal),
+            )?;
+            (layer, Some(store))
+        }
+        ProxyStore::Remote {
+            endpoints,
+            namespace,
+            token,
+        } => {
+            let client = crate::client::ClientConfig::new(endpoints.clone(), namespace, token);
+            let store = RemoteStore::new(client, NamespaceLimits::daemon_defaults())
+                .context("the store client")?;
+            let layer = IdempotencyLayer::new(store, layer_config(&config, namespace, principal))?;
+            (layer, None)
+        }
+    };
     let upstream = Upstream::new(config.upstream.clone(), config.upstream_timeout)?;
     let strip = StripPrincipal {
         header: config.principal_header.clone(),
@@ -139,12 +176,20 @@ pub async fn run(
     .with_graceful_shutdown(shutdown)
     .await
     .context("serving")?;
-    // The store flushes, writes its hint files and stops its threads when the last handle
-    // goes.
-    tokio::task::spawn_blocking(move || drop(store))
+    // An embedded store flushes, writes its hint files and stops its threads when the last
+    // handle goes.
+    tokio::task::spawn_blocking(move || drop(embedded))
         .await
         .context("closing the store")?;
     Ok(())
+}
+
+fn layer_config(config: &ProxyConfig, namespace: &str, principal: PrincipalFrom) -> LayerConfig {
+    let mut c = LayerConfig::new(namespace, principal);
+    c.required = config.required.clone();
+    c.in_flight_wait = config.in_flight_wait;
+    c.shadow = config.shadow;
+    c
 }
 
 /// Removes the principal header from requests of untrusted peers.

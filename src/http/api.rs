@@ -120,6 +120,10 @@ pub struct OutcomeInput {
     /// The body in standard base64.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body_base64: Option<String>,
+    /// Instead of a body: only its length and BLAKE3, for a response too large to keep (it
+    /// replays as "not kept").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_digest: Option<BodyDigest>,
 }
 
 impl OutcomeInput {
@@ -137,19 +141,50 @@ impl OutcomeInput {
         if !(100..=999).contains(&self.status) {
             return Err(format!("status {} is not 100 to 999", self.status));
         }
-        let body = match (&self.body, &self.body_base64) {
-            (Some(_), Some(_)) => return Err("send body or body_base64, not both".into()),
-            (Some(t), None) => t.clone().into_bytes(),
-            (None, Some(b)) => base64::engine::general_purpose::STANDARD
-                .decode(b)
-                .map_err(|e| format!("body_base64: {e}"))?,
-            (None, None) => Vec::new(),
+        let body = match (&self.body, &self.body_base64, &self.body_digest) {
+            (Some(t), None, None) => Body::Full(t.clone().into_bytes()),
+            (None, Some(b), None) => Body::Full(
+                base64::engine::general_purpose::STANDARD
+                    .decode(b)
+                    .map_err(|e| format!("body_base64: {e}"))?,
+            ),
+            (None, None, Some(d)) => Body::Digest {
+                len: d.len,
+                blake3: unhex::<32>(&d.blake3).ok_or("body_digest.blake3: 64 hex digits")?,
+            },
+            (None, None, None) => Body::Full(Vec::new()),
+            _ => return Err("send one of body, body_base64 and body_digest".into()),
         };
         Ok(Outcome {
             status: self.status,
             headers: self.headers.clone(),
-            body: Body::Full(body),
+            body,
         })
+    }
+}
+
+impl OutcomeInput {
+    /// The input form of an outcome: text when the body is UTF-8, base64 otherwise, the digest
+    /// for a digest.
+    pub fn from_outcome(o: &Outcome) -> Self {
+        let mut i = OutcomeInput {
+            status: o.status,
+            headers: o.headers.clone(),
+            ..Self::default()
+        };
+        match &o.body {
+            Body::Full(b) | Body::Redacted(b) => match std::str::from_utf8(b) {
+                Ok(t) => i.body = Some(t.to_owned()),
+                Err(_) => i.body_base64 = Some(base64::engine::general_purpose::STANDARD.encode(b)),
+            },
+            Body::Digest { len, blake3 } => {
+                i.body_digest = Some(BodyDigest {
+                    len: *len,
+                    blake3: hex(blake3),
+                })
+            }
+        }
+        i
     }
 }
 
@@ -188,6 +223,25 @@ pub struct BodyDigest {
 }
 
 impl OutcomeJson {
+    /// The outcome this answer describes (`None` when it carries neither a body nor a
+    /// digest where one was promised: a malformed answer).
+    pub fn to_outcome(&self) -> Option<Outcome> {
+        let body = match (&self.body_digest, self.body_bytes()) {
+            (Some(d), _) => Body::Digest {
+                len: d.len,
+                blake3: unhex::<32>(&d.blake3)?,
+            },
+            (None, Some(b)) if self.redacted => Body::Redacted(b),
+            (None, Some(b)) => Body::Full(b),
+            (None, None) => Body::Full(Vec::new()),
+        };
+        Some(Outcome {
+            status: self.status,
+            headers: self.headers.clone(),
+            body,
+        })
+    }
+
     /// The JSON form of a stored outcome.
     pub fn from_outcome(o: &Outcome) -> Self {
         let mut j = OutcomeJson {
@@ -395,8 +449,28 @@ mod tests {
             headers: j.headers.clone(),
             body: None,
             body_base64: j.body_base64.clone(),
+            body_digest: None,
         };
         assert_eq!(sent.to_outcome().unwrap(), o);
+        // Both ways between stored outcomes and the JSON forms, digests and binary included.
+        for body in [
+            Body::Full(b"text".to_vec()),
+            Body::Full(vec![0xff, 0, 1]),
+            Body::digest_of(&Body::Full(vec![7; 100])),
+        ] {
+            let o = Outcome { body, ..o.clone() };
+            assert_eq!(OutcomeInput::from_outcome(&o).to_outcome().unwrap(), o);
+            assert_eq!(OutcomeJson::from_outcome(&o).to_outcome().unwrap(), o);
+        }
+        let two = OutcomeInput {
+            body: Some("a".into()),
+            body_digest: Some(BodyDigest {
+                len: 1,
+                blake3: "00".repeat(32),
+            }),
+            ..OutcomeInput::default()
+        };
+        assert!(two.to_outcome().is_err());
         // Answers tolerate fields a newer daemon may add; inputs refuse unknown ones.
         let newer = r#"{"status":200,"body":"a","since":"v2"}"#;
         assert!(serde_json::from_str::<OutcomeJson>(newer).is_ok());
