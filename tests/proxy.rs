@@ -53,9 +53,12 @@ async fn upstream() -> Upstream {
                 ("set-cookie", "session=secret".to_owned()),
             ],
             format!(
-                "{{\"charge\":\"ch_{n}\",\"principal\":{:?},\"bytes\":{},\"pad\":\"{}\"}}",
+                "{{\"charge\":\"ch_{n}\",\"principal\":{:?},\"xff\":{:?},\"bytes\":{},\"pad\":\"{}\"}}",
                 headers
                     .get("x-principal")
+                    .map(|v| v.to_str().unwrap().to_owned()),
+                headers
+                    .get("x-forwarded-for")
                     .map(|v| v.to_str().unwrap().to_owned()),
                 body.len(),
                 "x".repeat(pad)
@@ -211,6 +214,10 @@ async fn behind_the_proxy_keys_bodies_and_headers_behave_as_the_draft_says() {
         .await;
     assert_eq!(other.status, 422, "{}", other.body);
     assert_eq!(up.runs.load(Ordering::SeqCst), 1);
+    // A path the upstream could read differently from the proxy: refused.
+    let odd = proxy.post("/x/%2e%2e/charges", None, BODY, &[]).await;
+    assert_eq!(odd.status, 400, "{}", odd.body);
+    assert_eq!(up.runs.load(Ordering::SeqCst), 1);
     // Marked skip: runs again.
     for n in 2..=3 {
         let s = proxy
@@ -219,7 +226,7 @@ async fn behind_the_proxy_keys_bodies_and_headers_behave_as_the_draft_says() {
         assert_eq!(s.status, 201);
         assert!(s.body.contains(&format!("ch_{n}")), "{}", s.body);
     }
-    // Without a key on a route that does not require one: passes through every time.
+    // A stream (with a key) passes through as it flows, unrecorded: it runs every time.
     let stream_runs = up.runs.load(Ordering::SeqCst);
     for _ in 0..2 {
         let url = format!("{}/stream", proxy.url);
@@ -244,8 +251,15 @@ async fn a_client_that_leaves_mid_request_gets_the_stored_outcome_and_the_upstre
     )
     .await;
     assert!(gone.is_err());
-    tokio::time::sleep(Duration::from_millis(900)).await;
-    let retry = proxy.post("/charges", Some("k-leave"), BODY, &[]).await;
+    // The upstream finishes on its own (600 ms); until then a retry is told it is in flight.
+    let mut retry = proxy.post("/charges", Some("k-leave"), BODY, &[]).await;
+    for _ in 0..100 {
+        if retry.status != 409 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        retry = proxy.post("/charges", Some("k-leave"), BODY, &[]).await;
+    }
     assert_eq!(
         (retry.status, retry.header("idempotent-replayed")),
         (201, Some("true"))
@@ -332,6 +346,15 @@ async fn the_principal_header_counts_only_from_trusted_peers_and_an_upstream_tim
     let p: Value = serde_json::from_str(&a.body).unwrap();
     assert_eq!(p["type"], "urn:idem:problem:missing-principal");
     assert_eq!(up.runs.load(Ordering::SeqCst), 0);
+    // Nor is its X-Forwarded-For believed: the upstream sees the peer alone.
+    let plain = untrusted
+        .post("/charges", None, BODY, &[("x-forwarded-for", "6.6.6.6")])
+        .await;
+    assert!(
+        plain.body.contains(r#""xff":Some("127.0.0.1")"#),
+        "{}",
+        plain.body
+    );
     drop(untrusted);
 
     let dir = tempfile::tempdir().unwrap();
@@ -354,6 +377,15 @@ async fn the_principal_header_counts_only_from_trusted_peers_and_an_upstream_tim
         ok.body.contains("acct_9"),
         "the upstream sees the principal: {}",
         ok.body
+    );
+    // A trusted peer's X-Forwarded-For is kept, with the peer appended.
+    let chained = proxy
+        .post("/charges", None, BODY, &[("x-forwarded-for", "6.6.6.6")])
+        .await;
+    assert!(
+        chained.body.contains(r#""xff":Some("6.6.6.6, 127.0.0.1")"#),
+        "{}",
+        chained.body
     );
     // Another principal's key is another key.
     let other = proxy

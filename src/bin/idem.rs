@@ -75,7 +75,8 @@ enum Command {
         /// Wait up to this many ms for a request in flight instead of answering 409.
         #[arg(long)]
         wait_ms: Option<u64>,
-        /// How long the upstream may take to answer before 504 (stored as indeterminate).
+        /// How long the upstream may take to begin its answer (and to pause within it) before
+        /// 504, which is stored as indeterminate.
         #[arg(long, default_value_t = 60_000)]
         upstream_timeout_ms: u64,
         /// Decide and report (logs) what the proxy would do, but never block a request.

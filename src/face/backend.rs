@@ -264,6 +264,20 @@ impl NamespaceLimits {
 fn client_problem(e: crate::client::ClientError) -> ApiError {
     use crate::client::ClientError;
     match e {
+        // The daemon refusing the proxy itself (its token, its namespace) is not the
+        // client's fault: the store cannot answer.
+        ClientError::Refused(p) if matches!(p.status, 401 | 403 | 404) => {
+            tracing::error!(status = p.status, detail = ?p.detail, "the idempotency store refuses these calls: check the token and the namespace");
+            Problem::unavailable(
+                "store_misconfigured",
+                format!(
+                    "the idempotency store refused the call ({}); its token or namespace is wrong",
+                    p.status
+                ),
+                5_000,
+            )
+            .into()
+        }
         ClientError::Refused(p) => ApiError(p),
         ClientError::GaveUp {
             problem: Some(p), ..

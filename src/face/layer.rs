@@ -155,6 +155,24 @@ struct Shared {
     config: LayerConfig,
     limits: NamespaceLimits,
     stats: Arc<LayerStats>,
+    /// Keyed requests running now (they run on even when their client went away).
+    running: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a keyed request as running while it lives.
+struct Running<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Running<'a> {
+    fn new(n: &'a std::sync::atomic::AtomicUsize) -> Self {
+        n.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(n)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// An unavailable answer suggesting a wait this short (ms) is retried inside the layer...
@@ -277,8 +295,26 @@ impl IdempotencyLayer {
                 config,
                 limits,
                 stats: Arc::default(),
+                running: std::sync::atomic::AtomicUsize::new(0),
             }),
         })
+    }
+
+    /// Waits (at most `max`) until no keyed request is running: call it after the server
+    /// stopped accepting, before closing the store, so that requests whose clients went away
+    /// still finish and store their outcomes. Returns how many were still running.
+    pub async fn drain(&self, max: Duration) -> usize {
+        let until = Instant::now() + max;
+        loop {
+            let n = self
+                .shared
+                .running
+                .load(std::sync::atomic::Ordering::Acquire);
+            if n == 0 || Instant::now() >= until {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The layer's counts (shared by every service it made).
@@ -394,7 +430,13 @@ where
     };
     // From here on nothing is cancelled by the client going away: a claim granted while it
     // waits for durability is run (and stored) rather than left in flight until its lease ends.
-    let task = tokio::spawn(keyed(shared.clone(), inner, req, key, principal, raw_key));
+    let task = tokio::spawn({
+        let shared = shared.clone();
+        async move {
+            let _running = Running::new(&shared.running);
+            keyed(shared.clone(), inner, req, key, principal, raw_key).await
+        }
+    });
     match task.await {
         Ok(r) => r,
         Err(e) => {
@@ -497,6 +539,10 @@ where
                 ..
             } => {
                 shared.stats.count(Verdict::Executed);
+                let mut parts = parts;
+                // Stored responses are kept in identity encoding, so that any client can read
+                // a replay: compress outside this layer (first answers and replays alike).
+                parts.headers.remove(header::ACCEPT_ENCODING);
                 let req = Request::from_parts(parts, Body::from(bytes));
                 // The lease this claim got (the store's policy, which a remote store's limits
                 // here may not know): heartbeats keep renewing that much.
@@ -779,22 +825,25 @@ where
         return not_kept(beat, "a streaming response", response).await;
     }
     let (parts, body) = response.into_parts();
-    let bytes = match buffer(body, shared.config.response_bytes_max).await {
-        Ok(b) => b,
+    let (parts, bytes) = match buffer(body, shared.config.response_bytes_max).await {
+        Ok(b) => (parts, b),
         Err(Buffered::TooLarge(whole)) => {
             let r = Response::from_parts(parts, whole);
             return not_kept(beat, "a response over response_bytes_max", r).await;
         }
         Err(Buffered::Failed(e)) => {
-            // The handler ran but its answer broke off: nothing can be replayed. Release, so
-            // that a retry runs (and the handler's own idempotency, if any, decides).
+            // The handler ran but its answer broke off: it may have acted. Answer 502 and let
+            // the namespace's policy decide by that status (stored as indeterminate where 502
+            // is listed, as `idem proxy` does; released by default).
             let p = Problem::new(
                 StatusCode::BAD_GATEWAY,
                 "response-failed",
                 "Response failed",
-                format!("the handler's response body failed: {e}"),
+                format!("the handler's response body failed; it may have acted: {e}"),
             );
-            return not_kept(beat, "the response body failed", p.into_response()).await;
+            let (parts, body) = p.into_response().into_parts();
+            let bytes = buffer(body, usize::MAX).await.unwrap_or_default();
+            (parts, bytes)
         }
     };
     if matches!(
@@ -807,7 +856,8 @@ where
     beat.stop().await;
     let mut outcome = outcome(&parts, &bytes, &shared.limits);
     let mut kept = false;
-    for attempt in 0..4u32 {
+    let mut attempt = 0u32;
+    loop {
         match backend.complete(key.clone(), claim, outcome.clone()).await {
             Ok(k) => {
                 kept = k;
@@ -815,6 +865,7 @@ where
             }
             Err(p) if p.0.status == 503 && attempt < 3 => {
                 tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                attempt += 1;
             }
             Err(p)
                 if p.0.type_uri.ends_with(":outcome-too-large")

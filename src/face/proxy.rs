@@ -1,10 +1,12 @@
 //! `idem proxy`: [`IdempotencyLayer`] as a sidecar reverse proxy in
 //! front of any HTTP API.
 //!
-//! Requests go to the upstream unchanged (hop-by-hop headers aside); the layer decides first.
-//! The upstream's answers come back streamed. An upstream that does not answer in time gives
-//! 504 (stored as *indeterminate* by the embedded store's policy: the request may have taken
-//! effect), one that cannot be reached gives 502 (the key is released: nothing ran).
+//! Requests go to the upstream unchanged (hop-by-hop headers, and those `Connection` names,
+//! aside; paths with dot or empty segments are refused); the layer decides first. The
+//! upstream's answers come back streamed. An upstream whose answer's head does not come in time
+//! gives 504, one that fails after the request was sent gives 502 (both stored as
+//! *indeterminate* by the embedded store's policy: the request may have taken effect), one that
+//! cannot be reached gives 503 (the key is released: nothing ran).
 //!
 //! Keys live in an embedded store (only this proxy process deduplicates) or in a region
 //! daemon shared by every replica of the API (`--store`).
@@ -34,6 +36,9 @@ use crate::store::StoreConfig;
 
 /// The namespace the embedded store keeps the proxy's keys in.
 pub const PROXY_NAMESPACE: &str = "proxy";
+
+/// How long shutdown waits for keyed requests still running.
+const DRAIN_MAX: Duration = Duration::from_secs(30);
 
 /// The principal of every request when no principal header is configured.
 pub const DEFAULT_PRINCIPAL: &str = "default";
@@ -99,11 +104,14 @@ pub enum ProxyStore {
     },
 }
 
-/// The embedded store's config: one namespace, in which an upstream timeout (504) is stored
-/// as indeterminate.
+/// The embedded store's config: one namespace, in which a failure after the request reached
+/// the upstream (502, 504: it may have acted) is stored as indeterminate, and replays keep
+/// `Content-Encoding` and `Vary` besides the default headers.
 pub fn store_config() -> StoreConfig {
     let mut ns = NamespaceConfig::named(PROXY_NAMESPACE);
-    ns.indeterminate_statuses = vec![StatusRange::new(504, 504)];
+    ns.indeterminate_statuses = vec![StatusRange::new(502, 502), StatusRange::new(504, 504)];
+    ns.headers_allowed
+        .extend(["Content-Encoding".to_owned(), "Vary".to_owned()]);
     StoreConfig {
         namespaces: vec![ns],
         ..StoreConfig::new(RegionId::new("local").expect("a valid region id"), &[])
@@ -139,6 +147,7 @@ pub async fn run(
             namespace,
             token,
         } => {
+            check_regions(endpoints).await?;
             let client = crate::client::ClientConfig::new(endpoints.clone(), namespace, token);
             let store = RemoteStore::new(client, NamespaceLimits::daemon_defaults())
                 .context("the store client")?;
@@ -146,8 +155,9 @@ pub async fn run(
             (layer, None)
         }
     };
+    let draining = layer.clone();
     let upstream = Upstream::new(config.upstream.clone(), config.upstream_timeout)?;
-    let strip = StripPrincipal {
+    let strip = StripUntrusted {
         header: config.principal_header.clone(),
         trusted: config.trusted.clone(),
     };
@@ -157,6 +167,7 @@ pub async fn run(
             async move { Ok::<_, std::convert::Infallible>(upstream.forward(req).await) }
         }))
         .layer(layer)
+        .layer(axum::middleware::from_fn(refuse_odd_paths))
         .layer(axum::middleware::map_request(move |req: Request<Body>| {
             let strip = strip.clone();
             async move { strip.apply(req) }
@@ -176,11 +187,48 @@ pub async fn run(
     .with_graceful_shutdown(shutdown)
     .await
     .context("serving")?;
+    // Keyed requests whose clients left run on: let them finish and store their outcomes.
+    let left = draining.drain(DRAIN_MAX).await;
+    if left > 0 {
+        tracing::warn!(left, "stopping with keyed requests still running: their keys stay in flight until their leases end");
+    }
     // An embedded store flushes, writes its hint files and stops its threads when the last
     // handle goes.
     tokio::task::spawn_blocking(move || drop(embedded))
         .await
         .context("closing the store")?;
+    Ok(())
+}
+
+/// Checks that each daemon answers with the region it was named for (completions go to the
+/// claim's region by that name: a wrong name would strand every key). An unreachable daemon
+/// is only reported: it may come up later.
+async fn check_regions(endpoints: &[crate::client::Endpoint]) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(crate::client::tls_config(None).map_err(anyhow::Error::msg)?)
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    for e in endpoints {
+        let url = format!("{}/healthz", e.url.trim_end_matches('/'));
+        match http.get(&url).send().await {
+            Ok(r) => {
+                let region = r
+                    .headers()
+                    .get(crate::http::api::REGION_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                if region != e.region.as_str() {
+                    anyhow::bail!(
+                        "--store {}={}: that daemon is region {region:?}, not {}",
+                        e.region,
+                        e.url,
+                        e.region
+                    );
+                }
+            }
+            Err(err) => tracing::warn!(url, error = %err, "a store region is not reachable now"),
+        }
+    }
     Ok(())
 }
 
@@ -192,28 +240,46 @@ fn layer_config(config: &ProxyConfig, namespace: &str, principal: PrincipalFrom)
     c
 }
 
-/// Removes the principal header from requests of untrusted peers.
+/// What only a trusted peer may say about a request: its principal header and its
+/// forwarding headers (`X-Forwarded-For`, `Forwarded`). From anyone else they are removed.
 #[derive(Clone)]
-struct StripPrincipal {
+struct StripUntrusted {
     header: Option<HeaderName>,
     trusted: Vec<ipnet::IpNet>,
 }
 
-impl StripPrincipal {
+impl StripUntrusted {
     fn apply(&self, mut req: Request<Body>) -> Request<Body> {
-        let Some(h) = &self.header else {
-            return req;
-        };
         let peer: Option<IpAddr> = req
             .extensions()
             .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip());
+            .map(|c| c.0.ip().to_canonical());
         let trusted = peer.is_some_and(|ip| self.trusted.iter().any(|n| n.contains(&ip)));
         if !trusted {
-            req.headers_mut().remove(h);
+            let h = req.headers_mut();
+            if let Some(name) = &self.header {
+                h.remove(name);
+            }
+            h.remove("x-forwarded-for");
+            h.remove(header::FORWARDED);
         }
         req
     }
+}
+
+/// Refuses paths the layer and the upstream could read differently (dot segments, empty
+/// segments).
+async fn refuse_odd_paths(req: Request<Body>, next: axum::middleware::Next) -> Response<Body> {
+    if !normal_path(req.uri().path()) {
+        return Problem::new(
+            StatusCode::BAD_REQUEST,
+            "bad-path",
+            "Bad request",
+            "the path has '.', '..' or empty segments; send it normalised",
+        )
+        .into_response();
+    }
+    next.run(req).await
 }
 
 /// The API behind the proxy.
@@ -221,6 +287,7 @@ impl StripPrincipal {
 struct Upstream {
     base: reqwest::Url,
     http: reqwest::Client,
+    timeout: Duration,
 }
 
 /// Headers that belong to one connection, not to the request (RFC 9110 §7.6.1).
@@ -246,11 +313,15 @@ impl Upstream {
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .redirect(reqwest::redirect::Policy::none())
-            .timeout(timeout)
+            .read_timeout(timeout)
             .connect_timeout(Duration::from_secs(5))
             .build()
             .context("building the upstream client")?;
-        Ok(Self { base, http })
+        Ok(Self {
+            base,
+            http,
+            timeout,
+        })
     }
 
     async fn forward(&self, req: Request<Body>) -> Response<Body> {
@@ -259,45 +330,177 @@ impl Upstream {
         let base_path = url.path().trim_end_matches('/').to_owned();
         url.set_path(&format!("{base_path}{}", parts.uri.path()));
         url.set_query(parts.uri.query());
+        let dropped = connection_tokens(&parts.headers);
         let mut out = self.http.request(parts.method, url);
+        let mut forwarded_for = None;
         for (name, value) in &parts.headers {
-            if !hop_by_hop(name) {
-                out = out.header(name, value);
+            if hop_by_hop(name) || dropped.contains(name) {
+                continue;
             }
+            if name == "x-forwarded-for" {
+                // Only a trusted peer's value got this far (see `StripUntrusted`); ours is
+                // appended to it, on one line.
+                forwarded_for = value.to_str().ok().map(str::to_owned);
+                continue;
+            }
+            out = out.header(name, value);
         }
         if let Some(ConnectInfo(peer)) = parts.extensions.get::<ConnectInfo<SocketAddr>>() {
-            out = out.header("x-forwarded-for", peer.ip().to_string());
+            let peer = peer.ip().to_canonical().to_string();
+            let chain = match forwarded_for {
+                Some(before) => format!("{before}, {peer}"),
+                None => peer,
+            };
+            out = out.header("x-forwarded-for", chain);
         }
         let out = out.body(reqwest::Body::wrap_stream(body.into_data_stream()));
-        match out.send().await {
+        // The time limit is on the answer's head; its body may stream for as long as it keeps
+        // moving (the client's read timeout bounds each pause).
+        let sent = match tokio::time::timeout(self.timeout, out.send()).await {
+            Ok(sent) => sent,
+            Err(_) => {
+                return upstream_problem(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream-timeout",
+                    format!(
+                    "the upstream did not answer within {} ms; it may have acted on the request",
+                    self.timeout.as_millis()
+                ),
+                )
+            }
+        };
+        match sent {
             Ok(r) => {
+                let dropped = connection_tokens(r.headers());
                 let mut answer = Response::builder().status(r.status());
                 for (name, value) in r.headers() {
-                    if !hop_by_hop(name) && name != header::CONTENT_LENGTH {
+                    if !hop_by_hop(name)
+                        && !dropped.contains(name)
+                        && name != header::CONTENT_LENGTH
+                    {
                         answer = answer.header(name, value);
                     }
                 }
                 answer
                     .body(Body::from_stream(r.bytes_stream()))
-                    .unwrap_or_else(|e| upstream_problem(StatusCode::BAD_GATEWAY, e.to_string()))
+                    .unwrap_or_else(|e| {
+                        upstream_problem(StatusCode::BAD_GATEWAY, "upstream-failed", e.to_string())
+                    })
             }
+            // Nothing reached the upstream: nothing ran.
+            Err(e) if e.is_connect() => upstream_problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream-unreachable",
+                format!("the upstream could not be reached: {e}"),
+            ),
+            // Sent, then no byte for the time limit: the upstream may be acting on it.
             Err(e) if e.is_timeout() => upstream_problem(
                 StatusCode::GATEWAY_TIMEOUT,
-                format!("the upstream did not answer in time: {e}"),
+                "upstream-timeout",
+                format!(
+                    "the upstream did not answer in time; it may have acted on the request: {e}"
+                ),
             ),
+            // Sent, then the connection failed: the upstream may have acted on it.
             Err(e) => upstream_problem(
                 StatusCode::BAD_GATEWAY,
-                format!("the upstream could not be reached: {e}"),
+                "upstream-failed",
+                format!(
+                    "the upstream failed after the request was sent; it may have acted on it: {e}"
+                ),
             ),
         }
     }
 }
 
-fn upstream_problem(status: StatusCode, detail: String) -> Response<Body> {
-    let kind = if status == StatusCode::GATEWAY_TIMEOUT {
-        "upstream-timeout"
-    } else {
-        "upstream-unreachable"
-    };
-    Problem::new(status, kind, "Upstream failed", detail).into_response()
+/// Headers a `Connection` header names: they belong to this hop only (RFC 9110 §7.6.1).
+fn connection_tokens(headers: &axum::http::HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| t.trim().parse::<HeaderName>().ok())
+        .collect()
+}
+
+/// Whether a request path is normal: no `.` or `..` segment (plain or percent-encoded) and no
+/// empty segment. Anything else is refused, so that the path the layer checks is the path the
+/// upstream serves.
+fn normal_path(path: &str) -> bool {
+    path.starts_with('/')
+        && path[1..].split('/').enumerate().all(|(i, seg)| {
+            let decoded = seg.to_ascii_lowercase().replace("%2e", ".");
+            let last = i == path[1..].split('/').count() - 1;
+            decoded != "." && decoded != ".." && (!seg.is_empty() || last)
+        })
+}
+
+fn upstream_problem(status: StatusCode, kind: &str, detail: String) -> Response<Body> {
+    let mut p = Problem::new(status, kind, "Upstream failed", detail);
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        p.retry_after_seconds = Some(1);
+    }
+    p.into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_normal_paths_pass() {
+        for ok in ["/", "/charges", "/charges/", "/a/b.c/d", "/a/..b", "/%2fx"] {
+            assert!(normal_path(ok), "{ok}");
+        }
+        for odd in [
+            "/x/../charges",
+            "/x/%2e%2e/charges",
+            "/x/%2E./charges",
+            "/./charges",
+            "//charges",
+            "/a//b",
+            "/..",
+        ] {
+            assert!(!normal_path(odd), "{odd}");
+        }
+    }
+
+    #[test]
+    fn headers_named_by_connection_are_this_hops_only() {
+        let mut h = axum::http::HeaderMap::new();
+        h.append(header::CONNECTION, "keep-alive, X-Secret".parse().unwrap());
+        h.append(header::CONNECTION, "x-other".parse().unwrap());
+        let t = connection_tokens(&h);
+        assert!(t.contains(&HeaderName::from_static("x-secret")));
+        assert!(t.contains(&HeaderName::from_static("x-other")));
+        assert!(t.contains(&HeaderName::from_static("keep-alive")));
+    }
+
+    #[test]
+    fn untrusted_peers_lose_their_principal_and_forwarding_headers() {
+        let strip = StripUntrusted {
+            header: Some(HeaderName::from_static("x-principal")),
+            trusted: vec!["10.0.0.0/8".parse().unwrap()],
+        };
+        let req = |peer: &str| {
+            let mut r = Request::builder()
+                .header("x-principal", "acct_1")
+                .header("x-forwarded-for", "1.2.3.4")
+                .body(Body::empty())
+                .unwrap();
+            r.extensions_mut()
+                .insert(ConnectInfo(peer.parse::<SocketAddr>().unwrap()));
+            r
+        };
+        let kept = strip.apply(req("10.1.2.3:5000"));
+        assert_eq!(kept.headers()["x-principal"], "acct_1");
+        assert_eq!(kept.headers()["x-forwarded-for"], "1.2.3.4");
+        // An IPv4 peer seen through an IPv6 listener is the same peer.
+        let mapped = strip.apply(req("[::ffff:10.1.2.3]:5000"));
+        assert_eq!(mapped.headers()["x-principal"], "acct_1");
+        let stripped = strip.apply(req("192.168.1.9:5000"));
+        assert!(stripped.headers().get("x-principal").is_none());
+        assert!(stripped.headers().get("x-forwarded-for").is_none());
+    }
 }
