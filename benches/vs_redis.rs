@@ -520,6 +520,26 @@ fn process_cpu_secs(pid: u32) -> f64 {
     ticks / hz.max(1.0)
 }
 
+/// Measures one server (process `pid`) and prints the run with the CPU it and the generator
+/// used.
+fn measure_server<C, Fut>(
+    (local, rt): (&tokio::task::LocalSet, &tokio::runtime::Runtime),
+    (name, server_name): (&str, &str),
+    pid: u32,
+    (connections, secs): (usize, u64),
+    connect: C,
+) -> Run
+where
+    C: Fn() -> Fut + Clone + 'static,
+    Fut: std::future::Future<Output = Box<dyn PairRunner>> + 'static,
+{
+    let cpu = CpuWatch::start(pid);
+    let run = local.block_on(rt, measure(name, connections, secs, connect));
+    run.print();
+    cpu.print(server_name, &run, secs);
+    run
+}
+
 /// CPU used by a server process and by this process (the load generator) over a run.
 struct CpuWatch {
     server: u32,
@@ -602,18 +622,13 @@ fn main() {
     for mode in modes {
         let redis = Redis::start(&redis_bin, &dir.path().join(format!("redis-{mode}")), mode);
         let addr = redis.addr;
-        let cpu = CpuWatch::start(redis.child.id());
-        let run = local.block_on(
-            &rt,
-            measure(
-                &format!("redis appendfsync {mode}"),
-                connections,
-                secs,
-                move || RedisConn::connect(addr),
-            ),
+        let run = measure_server(
+            (&local, &rt),
+            (&format!("redis appendfsync {mode}"), "redis-server"),
+            redis.child.id(),
+            (connections, secs),
+            move || RedisConn::connect(addr),
         );
-        run.print();
-        cpu.print("redis-server", &run, secs);
         runs.push(run);
         drop(redis);
     }
@@ -625,18 +640,13 @@ fn main() {
         .filter(|k| !k.is_empty())
     {
         let (mut child, addr) = spawn_floor(kind);
-        let cpu = CpuWatch::start(child.id());
-        let run = local.block_on(
-            &rt,
-            measure(
-                &format!("floor: {kind} HTTP, no work"),
-                connections,
-                secs,
-                move || IdemConn::connect(addr),
-            ),
+        measure_server(
+            (&local, &rt),
+            (&format!("floor: {kind} HTTP, no work"), "server"),
+            child.id(),
+            (connections, secs),
+            move || IdemConn::connect(addr),
         );
-        run.print();
-        cpu.print("server", &run, secs);
         let _ = child.kill();
         let _ = child.wait();
     }

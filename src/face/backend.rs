@@ -1,5 +1,5 @@
-//! Where the layer's keys live: a store embedded in this process ([`EmbeddedStore`]), or (next)
-//! a region daemon shared by every replica of an API. Both answer with the store's decisions
+//! Where the layer's keys live: a store embedded in this process ([`EmbeddedStore`]), or a
+//! region daemon shared by every replica of an API ([`RemoteStore`]). Both answer with the store's decisions
 //! and with RFC 9457 problems for errors, so the layer treats them alike.
 
 use std::future::Future;

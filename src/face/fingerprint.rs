@@ -383,6 +383,32 @@ mod tests {
         assert_eq!(broken.1, BodyForm::Raw);
     }
 
+    proptest::proptest! {
+        /// Untrusted bodies, queries and media types never panic, near-multipart bodies
+        /// included (pieces of a real one glued at random).
+        #[test]
+        fn any_request_gets_a_fingerprint(
+            pieces in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::strategy::Just(b"--b".to_vec()),
+                    proptest::strategy::Just(b"\r\n".to_vec()),
+                    proptest::strategy::Just(b"--".to_vec()),
+                    proptest::strategy::Just(b"Content-Type: x\r\n".to_vec()),
+                    proptest::strategy::Just(b"%ZZ&=+%4".to_vec()),
+                    proptest::collection::vec(proptest::prelude::any::<u8>(), 0..8),
+                ],
+                0..24,
+            ),
+            ct in "(multipart/form-data; boundary=\"?b\"?|application/json|application/x-www-form-urlencoded|text/plain|)",
+            q in "[a-z=&%+0-9]{0,20}",
+        ) {
+            let body = pieces.concat();
+            let (a, _) = fingerprint(&Method::POST, "/x", Some(&q), Some(&ct), &body);
+            let (b, _) = fingerprint(&Method::POST, "/x", Some(&q), Some(&ct), &body);
+            proptest::prop_assert_eq!(a, b);
+        }
+    }
+
     #[test]
     fn other_bodies_and_broken_json_count_as_raw_bytes() {
         let a = fp("POST", "/x", None, Some("text/plain"), "hello");

@@ -1,5 +1,6 @@
 //! `IdempotencyLayer`: a tower layer that gives any axum or hyper service exact
-//! `Idempotency-Key` semantics, backed by an embedded store or (next) a region daemon.
+//! `Idempotency-Key` semantics, backed by an embedded store ([`EmbeddedStore`](super::EmbeddedStore)) or a region daemon
+//! ([`RemoteStore`](super::RemoteStore)).
 //!
 //! For a request with a key on a method the layer guards (POST and PATCH by default):
 //!
