@@ -57,7 +57,7 @@ use serde::Serialize;
 use crate::clock::{RegionId, Stamp};
 use crate::http::api::{
     format_attempt, hex, ClaimAnswer, ClaimBody, CompleteBody, ExtendAnswer, ExtendBody,
-    FinishAnswer, OutcomeInput, OutcomeJson, ReadAnswer, ReadBody, ReleaseBody,
+    FinishAnswer, OutcomeInput, OutcomeJson, ReadAnswer, ReadBody, ReleaseBody, StoreAs,
     PRIOR_REGION_HEADER,
 };
 use crate::http::problem::Problem;
@@ -295,8 +295,9 @@ async fn ok_body<T: DeserializeOwned, U>(
 /// Where retries of a call may go.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Route {
-    /// Fail over across the endpoints (claims, reads).
-    Failover,
+    /// Fail over across the endpoints (claims, reads); the first attempt names this prior
+    /// region, if any.
+    Failover(Option<RegionId>),
     /// Only the endpoint of this region (its own claims).
     Pinned(RegionId),
 }
@@ -336,10 +337,24 @@ impl Client {
         key: &str,
         fingerprint: Fingerprint,
     ) -> Result<ClaimOutcome, ClientError> {
+        self.claim_after(principal, key, fingerprint, None).await
+    }
+
+    /// [`claim`](Self::claim) for a request that failed over from another region: the first
+    /// region asked is told `prior_region` (`Idem-Prior-Region`), so that it asks that region
+    /// about the key before granting it. For a caller that learns of the failover from its own
+    /// client (an HTTP layer forwarding the header); failovers of this client set it themselves.
+    pub async fn claim_after(
+        &self,
+        principal: &str,
+        key: &str,
+        fingerprint: Fingerprint,
+        prior_region: Option<RegionId>,
+    ) -> Result<ClaimOutcome, ClientError> {
         let mut attempt_token = self.fresh_token();
         let path = self.path("claim");
         self.run(
-            Route::Failover,
+            Route::Failover(prior_region),
             |endpoint, prior, answered_before, timeout| {
                 if answered_before {
                     // An answer came back for the last token: never re-send it.
@@ -416,11 +431,25 @@ impl Client {
         claim: &str,
         outcome: OutcomeInput,
     ) -> Result<FinishAnswer, ClientError> {
+        self.complete_as(principal, key, claim, outcome, None).await
+    }
+
+    /// [`complete`](Self::complete), saying what the outcome is stored as (`Some`) instead of
+    /// the namespace's status table (`None`).
+    pub async fn complete_as(
+        &self,
+        principal: &str,
+        key: &str,
+        claim: &str,
+        outcome: OutcomeInput,
+        store_as: Option<StoreAs>,
+    ) -> Result<FinishAnswer, ClientError> {
         let body = CompleteBody {
             principal: principal.to_owned(),
             key: key.to_owned(),
             claim: claim.to_owned(),
             outcome,
+            store_as,
         };
         self.pinned_call("complete", claim, &body).await
     }
@@ -464,7 +493,7 @@ impl Client {
             key: key.to_owned(),
         };
         let path = self.path("read");
-        self.run(Route::Failover, |endpoint, _, _, timeout| {
+        self.run(Route::Failover(None), |endpoint, _, _, timeout| {
             let request = self.post(endpoint, &path, &body, None, timeout);
             async move { json_attempt(request).await }
         })
@@ -542,21 +571,23 @@ impl Client {
     {
         let c = &self.config;
         let started = Instant::now();
-        let pinned = match route {
-            Route::Failover => None,
-            Route::Pinned(region) => Some(
-                c.endpoints
-                    .iter()
-                    .position(|e| e.region == region)
-                    .ok_or_else(|| {
-                        ClientError::Config(format!(
-                            "no endpoint for region {region}, which owns the claim"
-                        ))
-                    })?,
+        let (pinned, mut prior) = match route {
+            Route::Failover(prior) => (None, prior),
+            Route::Pinned(region) => (
+                Some(
+                    c.endpoints
+                        .iter()
+                        .position(|e| e.region == region)
+                        .ok_or_else(|| {
+                            ClientError::Config(format!(
+                                "no endpoint for region {region}, which owns the claim"
+                            ))
+                        })?,
+                ),
+                None,
             ),
         };
         let mut at = pinned.unwrap_or(0);
-        let mut prior: Option<RegionId> = None;
         let mut answered_before = false;
         let mut last = String::from("no attempt made");
         let mut last_problem = None;

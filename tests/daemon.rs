@@ -86,6 +86,58 @@ async fn complete_then_claim_replays_the_stored_bytes() {
 }
 
 #[tokio::test]
+async fn a_completion_may_say_what_its_outcome_is_stored_as() {
+    let dir = tempdir();
+    let d = Daemon::start(dir.path(), &config("eu1", "")).await;
+    let complete = |key: &'static str, claim: Value, status: u16, store_as: Option<&str>| {
+        let mut body = json!({"principal": "acct_1", "key": key, "claim": claim,
+                              "outcome": {"status": status, "body": "x"}});
+        if let Some(a) = store_as {
+            body["store_as"] = json!(a);
+        }
+        body
+    };
+    // 503 is released by the default table; stored as indeterminate when the caller says so.
+    let (_, exec) = d.claim("as-1", &fp(11), "b1").await;
+    let (status, done) = d
+        .post(
+            "/v1/ns/payments/complete",
+            PAYMENTS_TOKEN,
+            &complete("as-1", exec["claim"].clone(), 503, Some("indeterminate")),
+        )
+        .await;
+    assert_eq!(
+        (status, &done["terminal"]),
+        (200, &json!("indeterminate")),
+        "{done}"
+    );
+    let (_, replay) = d.claim("as-1", &fp(11), "b2").await;
+    assert_eq!(replay["decision"], "replay");
+    assert_eq!(replay["indeterminate"], true);
+    // 409 stored as completed.
+    let (_, exec) = d.claim("as-2", &fp(12), "b3").await;
+    let (_, done) = d
+        .post(
+            "/v1/ns/payments/complete",
+            PAYMENTS_TOKEN,
+            &complete("as-2", exec["claim"].clone(), 409, Some("completed")),
+        )
+        .await;
+    assert_eq!(done["terminal"], "completed", "{done}");
+    // Anything else is refused, naming the field.
+    let (_, exec) = d.claim("as-3", &fp(13), "b4").await;
+    let (status, p) = d
+        .post(
+            "/v1/ns/payments/complete",
+            PAYMENTS_TOKEN,
+            &complete("as-3", exec["claim"].clone(), 200, Some("released")),
+        )
+        .await;
+    assert_eq!(status, 422, "{p}");
+    assert!(p["detail"].as_str().unwrap().contains("store_as"), "{p}");
+}
+
+#[tokio::test]
 async fn a_different_fingerprint_is_a_mismatch() {
     let dir = tempdir();
     let d = Daemon::start(dir.path(), &config("eu1", "")).await;

@@ -12,7 +12,9 @@ use axum::routing::post;
 use axum::Router;
 use common::{endless_events, first_chunk, http, post_keyed, Answer};
 use idem::clock::RegionId;
-use idem::face::{EmbeddedStore, IdempotencyLayer, LayerConfig, PrincipalFrom};
+use idem::face::{
+    AnswerTemplate, EmbeddedStore, IdempotencyLayer, LayerConfig, PrincipalFrom, RoutePolicy,
+};
 use idem::store::policy::{NamespaceConfig, StatusRange};
 use idem::store::StoreConfig;
 use serde_json::{json, Value};
@@ -32,6 +34,7 @@ struct Counts {
 /// A running app: the layer around the handlers, its embedded store, its counters.
 struct App {
     url: String,
+    layer: IdempotencyLayer,
     counts: Arc<Counts>,
     _dir: tempfile::TempDir,
     server: tokio::task::JoinHandle<()>,
@@ -109,7 +112,27 @@ async fn stream(axum::extract::State(c): axum::extract::State<Arc<Counts>>) -> i
     endless_events()
 }
 
+/// A large JSON answer (worth compressing) saying which `Accept-Encoding` the handler saw.
+async fn big(headers: HeaderMap) -> impl IntoResponse {
+    let seen = headers
+        .get("accept-encoding")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (
+        StatusCode::CREATED,
+        [("content-type", "application/json")],
+        json!({"accept_encoding_seen": seen, "pad": "abc".repeat(3000)}).to_string(),
+    )
+}
+
 async fn app(config: impl FnOnce(LayerConfig) -> LayerConfig) -> App {
+    app_with(|_| {}, config).await
+}
+
+/// [`app`], with the namespace's config changed by `namespace` first.
+async fn app_with(
+    namespace: impl FnOnce(&mut NamespaceConfig),
+    config: impl FnOnce(LayerConfig) -> LayerConfig,
+) -> App {
     let dir = tempfile::tempdir().unwrap();
     // Stores 2xx and 402; allows Set-Cookie and a rate-limit header, which the layer must
     // still never replay.
@@ -117,6 +140,7 @@ async fn app(config: impl FnOnce(LayerConfig) -> LayerConfig) -> App {
     ns.stored_statuses = vec![StatusRange::new(200, 299), StatusRange::new(402, 402)];
     ns.headers_allowed
         .extend(["set-cookie".into(), "x-ratelimit-remaining".into()]);
+    namespace(&mut ns);
     let store = EmbeddedStore::open(
         &dir.path().join("data"),
         StoreConfig {
@@ -142,8 +166,10 @@ async fn app(config: impl FnOnce(LayerConfig) -> LayerConfig) -> App {
         .route("/open", post(open))
         .route("/status", post(status))
         .route("/panics", post(panics))
+        .route("/paid/status", post(status))
+        .route("/big", post(big))
         .with_state(counts.clone())
-        .layer(layer);
+        .layer(layer.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let server = tokio::spawn(async move {
@@ -151,6 +177,7 @@ async fn app(config: impl FnOnce(LayerConfig) -> LayerConfig) -> App {
     });
     App {
         url,
+        layer,
         counts,
         _dir: dir,
         server,
@@ -457,4 +484,225 @@ async fn repeated_keys_and_oversized_bodies_are_refused_with_the_key_echoed() {
     assert_eq!(bad.status, 400);
     assert_eq!(bad.header("idempotency-key"), Some("\"unterminated"));
     assert_eq!(app.counts.charges.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn route_rules_decide_what_is_stored_on_their_routes() {
+    // The namespace stores 2xx and 402. Under /paid a rule stores 201 and 409 only, and keeps
+    // 5xx as indeterminate.
+    let app = app(|c| {
+        c.route(RoutePolicy::parse("POST /paid store=201,409 indeterminate=500-599").unwrap())
+    })
+    .await;
+    let mut n = 0;
+    for (path, code, key, runs, indeterminate) in [
+        // A status the rule stores though the namespace would not.
+        ("/paid/status", 409, "r-409", 1, None),
+        // A status the namespace stores but the rule does not: released, runs again.
+        ("/paid/status", 402, "r-402", 2, None),
+        ("/paid/status", 200, "r-200", 2, None),
+        // Indeterminate: replayed with the flag.
+        ("/paid/status", 503, "r-503", 1, Some("true")),
+        // No rule covers /status: the namespace's table (402 stored, 409 not).
+        ("/status", 402, "n-402", 1, None),
+        ("/status", 409, "n-409", 2, None),
+    ] {
+        let code_text = code.to_string();
+        let mut answers = Vec::new();
+        for _ in 0..2 {
+            answers.push(
+                app.post_with(path, Some(key), "{}", &[("x-status", &code_text)])
+                    .await,
+            );
+        }
+        n += runs;
+        assert!(answers.iter().all(|a| a.status == code), "{path} {code}");
+        assert_eq!(app.counts.status.load(Ordering::SeqCst), n, "{path} {code}");
+        assert_eq!(
+            answers[1].header("idempotent-replayed"),
+            Some(if runs == 1 { "true" } else { "false" }),
+            "{path} {code}"
+        );
+        assert_eq!(
+            answers[1].header("idempotency-indeterminate"),
+            indeterminate,
+            "{path} {code}"
+        );
+    }
+    // 401 stays unstored whatever a rule says.
+    let all = self::app(|c| c.route(RoutePolicy::under("/paid").store(100, 599))).await;
+    for _ in 0..2 {
+        let a = all
+            .post_with("/paid/status", Some("r-401"), "{}", &[("x-status", "401")])
+            .await;
+        assert_eq!(a.status, 401);
+    }
+    assert_eq!(all.counts.status.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn the_mismatch_answer_takes_the_configured_status_and_body() {
+    let app = app(|mut c| {
+        c.mismatch_status = StatusCode::CONFLICT;
+        c.mismatch_body = Some(AnswerTemplate {
+            content_type: "application/json".parse().unwrap(),
+            body: r#"{"error":{"type":"idempotency_error","key":"{key}","claim":"{claim}","status":{status}}}"#.into(),
+        });
+        c
+    })
+    .await;
+    let key = r#"k"with\quotes"#;
+    let quoted = r#""k\"with\\quotes""#;
+    let first = app.post("/charges", Some(quoted), BODY).await;
+    assert_eq!(first.status, 201, "{}", first.body);
+    let other = app.post("/charges", Some(quoted), r#"{"amount": 1}"#).await;
+    assert_eq!(other.status, 409);
+    assert_eq!(other.header("content-type"), Some("application/json"));
+    assert_eq!(other.header("idempotency-key"), Some(quoted));
+    let v: Value = serde_json::from_str(&other.body).expect("the template stays valid JSON");
+    assert_eq!(v["error"]["type"], "idempotency_error");
+    assert_eq!(v["error"]["key"], key, "the key is filled in, escaped");
+    assert_eq!(v["error"]["status"], 409);
+    assert!(!v["error"]["claim"].as_str().unwrap().is_empty());
+    assert_eq!(app.counts.charges.load(Ordering::SeqCst), 1);
+}
+
+/// POSTs to `/big` with `accept-encoding` (if any) and returns status, headers and the raw
+/// (undecoded) body.
+async fn post_big(
+    app: &App,
+    key: &str,
+    accept: Option<&str>,
+) -> (u16, reqwest::header::HeaderMap, Vec<u8>) {
+    let mut r = http()
+        .post(format!("{}/big", app.url))
+        .header("x-principal", "acct_1")
+        .header("idempotency-key", key)
+        .body("{}");
+    if let Some(a) = accept {
+        r = r.header("accept-encoding", a);
+    }
+    let r = r.send().await.unwrap();
+    let (status, headers) = (r.status().as_u16(), r.headers().clone());
+    (status, headers, r.bytes().await.unwrap().to_vec())
+}
+
+fn gunzip(b: &[u8]) -> Vec<u8> {
+    use std::io::Read as _;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(b)
+        .read_to_end(&mut out)
+        .unwrap();
+    out
+}
+
+#[tokio::test]
+async fn answers_are_stored_in_identity_encoding_and_compressed_for_clients_that_ask() {
+    let app = app(|c| c).await;
+    let (status, h, first) = post_big(&app, "z-1", Some("br, gzip")).await;
+    assert_eq!(status, 201);
+    assert_eq!(h["content-encoding"], "gzip");
+    assert_eq!(h["vary"], "accept-encoding");
+    let plain = gunzip(&first);
+    let v: Value = serde_json::from_slice(&plain).unwrap();
+    assert_eq!(
+        v["accept_encoding_seen"],
+        Value::Null,
+        "the handler is asked for identity"
+    );
+    // A replay to a client without Accept-Encoding: identity, the same bytes.
+    let (status, h, replay) = post_big(&app, "z-1", None).await;
+    assert_eq!(status, 201);
+    assert_eq!(h["idempotent-replayed"], "true");
+    assert!(h.get("content-encoding").is_none());
+    assert_eq!(replay, plain);
+    // A replay to a client that asks: gzip again, decoding to the same bytes.
+    let (_, h, again) = post_big(&app, "z-1", Some("gzip;q=0.8")).await;
+    assert_eq!(h["content-encoding"], "gzip");
+    assert_eq!(gunzip(&again), plain);
+    // gzip refused: identity.
+    let (_, h, _) = post_big(&app, "z-1", Some("gzip;q=0, br")).await;
+    assert!(h.get("content-encoding").is_none());
+    // Compression off: identity even when asked.
+    let plain_app = self::app(|mut c| {
+        c.compress = false;
+        c
+    })
+    .await;
+    let (_, h, _) = post_big(&plain_app, "z-2", Some("gzip")).await;
+    assert!(h.get("content-encoding").is_none());
+}
+
+#[tokio::test]
+async fn the_prior_region_reaches_the_store() {
+    // A namespace that refuses to grant a failed-over claim whose prior region cannot be asked.
+    let app = app_with(
+        |ns| ns.lookup_unanswered = idem::store::LookupUnanswered::Unavailable,
+        |c| c,
+    )
+    .await;
+    let a = app
+        .post_with(
+            "/charges",
+            Some("p-1"),
+            BODY,
+            &[("idem-prior-region", "us1")],
+        )
+        .await;
+    assert_eq!(a.status, 503, "{}", a.body);
+    let v: Value = serde_json::from_str(&a.body).unwrap();
+    assert_eq!(v["state"], "lookup_unanswered", "{v}");
+    assert!(a.header("retry-after").is_some());
+    assert_eq!(a.header("idempotency-key"), Some("p-1"));
+    // Not a region id: 400.
+    let a = app
+        .post_with(
+            "/charges",
+            Some("p-1"),
+            BODY,
+            &[("idem-prior-region", "Not A Region")],
+        )
+        .await;
+    assert_eq!(a.status, 400, "{}", a.body);
+    // Its own region, or none: granted.
+    let a = app
+        .post_with(
+            "/charges",
+            Some("p-1"),
+            BODY,
+            &[("idem-prior-region", "eu1")],
+        )
+        .await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    assert_eq!(app.counts.charges.load(Ordering::SeqCst), 1);
+    // The default policy grants.
+    let granting = self::app(|c| c).await;
+    let a = granting
+        .post_with(
+            "/charges",
+            Some("p-2"),
+            BODY,
+            &[("idem-prior-region", "us1")],
+        )
+        .await;
+    assert_eq!(a.status, 201, "{}", a.body);
+}
+
+#[tokio::test]
+async fn the_layer_reports_its_verdicts_as_metrics() {
+    let app = app(|c| c).await;
+    app.post("/charges", Some("m-1"), BODY).await;
+    app.post("/charges", Some("m-1"), BODY).await;
+    app.post("/charges", Some("m-1"), "{}").await;
+    let text = app.layer.metrics_text();
+    for line in [
+        r#"idem_layer_verdicts_total{verdict="executed"} 1"#,
+        r#"idem_layer_verdicts_total{verdict="replayed"} 1"#,
+        r#"idem_layer_verdicts_total{verdict="mismatch"} 1"#,
+        r#"idem_layer_verdicts_total{verdict="completed"} 1"#,
+        "idem_layer_running 0",
+        "idem_layer_shadow 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line:?} in\n{text}");
+    }
 }

@@ -91,6 +91,8 @@ async fn upstream() -> Upstream {
 struct Proxy {
     child: Child,
     url: String,
+    /// Where its metrics are served, with `--metrics-listen`.
+    metrics: Option<String>,
 }
 
 impl Drop for Proxy {
@@ -130,7 +132,15 @@ impl Proxy {
             .and_then(|r| r.split(' ').next())
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_owned();
-        Proxy { child, url: addr }
+        let metrics = line
+            .split("(metrics at ")
+            .nth(1)
+            .map(|r| r.trim().trim_end_matches(')').to_owned());
+        Proxy {
+            child,
+            url: addr,
+            metrics,
+        }
     }
 
     fn port(&self) -> u16 {
@@ -302,7 +312,13 @@ async fn shadow_mode_never_blocks() {
         &up.url,
         dir.path(),
         None,
-        &["--shadow", "--require-key", "/charges"],
+        &[
+            "--shadow",
+            "--require-key",
+            "/charges",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
     );
     // A duplicate, a mismatch and a missing key all reach the upstream.
     let a = proxy.post("/charges", Some("k-shadow"), BODY, &[]).await;
@@ -319,6 +335,91 @@ async fn shadow_mode_never_blocks() {
         "the duplicate ran again instead of replaying"
     );
     assert_eq!(up.runs.load(Ordering::SeqCst), 4);
+    // What it would have done is reported as metrics.
+    let text = common::http()
+        .get(proxy.metrics.as_deref().expect("a metrics address"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        r#"idem_layer_verdicts_total{verdict="executed"} 1"#,
+        r#"idem_layer_verdicts_total{verdict="replayed"} 1"#,
+        r#"idem_layer_verdicts_total{verdict="mismatch"} 1"#,
+        r#"idem_layer_verdicts_total{verdict="missing_key"} 1"#,
+        "idem_layer_shadow 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line:?} in\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn route_rules_and_the_mismatch_template_apply_behind_the_proxy() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let template = dir.path().join("mismatch.json");
+    std::fs::write(
+        &template,
+        r#"{"error":"key {key} reused","status":{status}}"#,
+    )
+    .unwrap();
+    let proxy = Proxy::start(
+        &up.url,
+        dir.path(),
+        None,
+        &[
+            "--route",
+            "POST /charges store=200",
+            "--upstream-timeout-ms",
+            "400",
+            "--mismatch-status",
+            "409",
+            "--mismatch-body",
+            template.to_str().unwrap(),
+        ],
+    );
+    // The rule stores 200 only: the upstream's 201 releases the key, and a retry runs again.
+    for _ in 0..2 {
+        let a = proxy.post("/charges", Some("k-r"), BODY, &[]).await;
+        assert_eq!(a.status, 201, "{}", a.body);
+    }
+    assert_eq!(up.runs.load(Ordering::SeqCst), 2);
+    // A timeout is still kept as indeterminate (the proxy adds 502 and 504 to its rules).
+    let slow = proxy
+        .post("/charges", Some("k-t"), BODY, &[("x-sleep-ms", "1500")])
+        .await;
+    assert_eq!(slow.status, 504, "{}", slow.body);
+    let retry = proxy.post("/charges", Some("k-t"), BODY, &[]).await;
+    assert_eq!(retry.status, 504);
+    assert_eq!(retry.header("idempotency-indeterminate"), Some("true"));
+    assert_eq!(up.runs.load(Ordering::SeqCst), 3);
+    // The mismatch answer from the template.
+    let other = proxy
+        .post("/charges", Some("k-t"), r#"{"amount": 5}"#, &[])
+        .await;
+    assert_eq!(other.status, 409);
+    assert_eq!(other.header("content-type"), Some("application/json"));
+    let v: Value = serde_json::from_str(&other.body).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"error": "key k-t reused", "status": 409})
+    );
+    assert_eq!(up.runs.load(Ordering::SeqCst), 3);
+    // A bad rule stops the proxy at start, saying why.
+    let out = Command::new(env!("CARGO_BIN_EXE_idem"))
+        .args(["proxy", "--listen", "127.0.0.1:0", "--upstream", &up.url])
+        .args(["--data-dir", dir.path().join("other").to_str().unwrap()])
+        .args(["--route", "POST /charges store=299-200"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--route") && err.contains("backwards"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -419,7 +520,12 @@ async fn the_principal_header_counts_only_from_trusted_peers_and_an_upstream_tim
 async fn proxies_sharing_a_region_daemon_share_their_keys() {
     let up = upstream().await;
     let dir = tempfile::tempdir().unwrap();
-    let daemon = common::Daemon::start(dir.path(), &common::config("eu1", "")).await;
+    // `orders` refuses failed-over claims whose prior region cannot be asked.
+    let daemon = common::Daemon::start(
+        dir.path(),
+        &common::config("eu1", r#"policy = { lookup_unanswered = "unavailable" }"#),
+    )
+    .await;
     let store = format!("eu1={}", daemon.url);
     let args = [
         "--store",
@@ -483,4 +589,32 @@ async fn proxies_sharing_a_region_daemon_share_their_keys() {
     let p: Value = serde_json::from_str(&retry.body).unwrap();
     assert_eq!(p["type"], "urn:idem:problem:outcome-not-stored");
     assert_eq!(up.runs.load(Ordering::SeqCst), 3);
+    // A request a gateway failed over from another region says so: the daemon is told, and
+    // `orders` refuses to grant it unasked.
+    let orders = Proxy::spawn(
+        &up.url,
+        None,
+        &[
+            "--store",
+            &store,
+            "--store-namespace",
+            "orders",
+            "--store-token",
+            common::ORDERS_TOKEN,
+        ],
+    );
+    let failed_over = orders
+        .post(
+            "/charges",
+            Some("k-f"),
+            BODY,
+            &[("idem-prior-region", "us1")],
+        )
+        .await;
+    assert_eq!(failed_over.status, 503, "{}", failed_over.body);
+    let p: Value = serde_json::from_str(&failed_over.body).unwrap();
+    assert_eq!(p["state"], "lookup_unanswered", "{p}");
+    assert_eq!(up.runs.load(Ordering::SeqCst), 3);
+    let home = orders.post("/charges", Some("k-f"), BODY, &[]).await;
+    assert_eq!(home.status, 201, "{}", home.body);
 }

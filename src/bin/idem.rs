@@ -39,50 +39,7 @@ enum Command {
     /// Put the idempotency layer in front of any HTTP API as a reverse proxy (a sidecar):
     /// POST and PATCH requests with an Idempotency-Key run once, retries get the stored
     /// response. Keys are kept in an embedded store under --data-dir.
-    Proxy {
-        /// Listen here (e.g. 127.0.0.1:8080; 127.0.0.1:0 for any free port).
-        #[arg(long)]
-        listen: std::net::SocketAddr,
-        /// The API behind the proxy, e.g. http://127.0.0.1:3000.
-        #[arg(long)]
-        upstream: String,
-        /// Keep keys in an embedded store here (default ./idem-proxy-data). Only this proxy
-        /// process deduplicates with it.
-        #[arg(long, conflicts_with = "store")]
-        data_dir: Option<PathBuf>,
-        /// Keep keys in a region daemon shared by every replica of the API: REGION=URL, e.g.
-        /// eu1=https://idem.eu1.internal:7070 (repeat for other regions, for failover).
-        #[arg(long)]
-        store: Vec<String>,
-        /// The daemon's namespace for this API.
-        #[arg(long, default_value = "default", requires = "store")]
-        store_namespace: String,
-        /// The namespace's token (default: the IDEM_STORE_TOKEN environment variable, which
-        /// keeps it out of process listings).
-        #[arg(long, requires = "store")]
-        store_token: Option<String>,
-        /// Take the principal (whose keys these are) from this request header; without it
-        /// every request has one principal.
-        #[arg(long)]
-        principal_header: Option<String>,
-        /// Peers (CIDR) whose principal header is believed; from others it is stripped.
-        /// Repeatable. Default: loopback only.
-        #[arg(long = "trusted-peer")]
-        trusted_peers: Vec<String>,
-        /// Require a key on POST and PATCH under this path prefix (400 without). Repeatable.
-        #[arg(long = "require-key")]
-        require_key: Vec<String>,
-        /// Wait up to this many ms for a request in flight instead of answering 409.
-        #[arg(long)]
-        wait_ms: Option<u64>,
-        /// How long the upstream may take to begin its answer (and to pause within it) before
-        /// 504, which is stored as indeterminate.
-        #[arg(long, default_value_t = 60_000)]
-        upstream_timeout_ms: u64,
-        /// Decide and report (logs) what the proxy would do, but never block a request.
-        #[arg(long)]
-        shadow: bool,
-    },
+    Proxy(Box<ProxyArgs>),
     /// Print a starter config with fresh random tokens.
     Init {
         /// The region id.
@@ -111,6 +68,74 @@ enum Command {
     },
 }
 
+/// `idem proxy`'s flags.
+#[derive(clap::Args)]
+struct ProxyArgs {
+    /// Listen here (e.g. 127.0.0.1:8080; 127.0.0.1:0 for any free port).
+    #[arg(long)]
+    listen: std::net::SocketAddr,
+    /// The API behind the proxy, e.g. http://127.0.0.1:3000.
+    #[arg(long)]
+    upstream: String,
+    /// Keep keys in an embedded store here (default ./idem-proxy-data). Only this proxy
+    /// process deduplicates with it.
+    #[arg(long, conflicts_with = "store")]
+    data_dir: Option<PathBuf>,
+    /// Keep keys in a region daemon shared by every replica of the API: REGION=URL, e.g.
+    /// eu1=https://idem.eu1.internal:7070 (repeat for other regions, for failover).
+    #[arg(long)]
+    store: Vec<String>,
+    /// The daemon's namespace for this API.
+    #[arg(long, default_value = "default", requires = "store")]
+    store_namespace: String,
+    /// The namespace's token (default: the IDEM_STORE_TOKEN environment variable, which
+    /// keeps it out of process listings).
+    #[arg(long, requires = "store")]
+    store_token: Option<String>,
+    /// Take the principal (whose keys these are) from this request header; without it
+    /// every request has one principal.
+    #[arg(long)]
+    principal_header: Option<String>,
+    /// Peers (CIDR) whose principal header is believed; from others it is stripped.
+    /// Repeatable. Default: loopback only.
+    #[arg(long = "trusted-peer")]
+    trusted_peers: Vec<String>,
+    /// Require a key on POST and PATCH under this path prefix (400 without). Repeatable.
+    #[arg(long = "require-key")]
+    require_key: Vec<String>,
+    /// Wait up to this many ms for a request in flight instead of answering 409.
+    #[arg(long)]
+    wait_ms: Option<u64>,
+    /// How long the upstream may take to begin its answer (and to pause within it) before
+    /// 504, which is stored as indeterminate.
+    #[arg(long, default_value_t = 60_000)]
+    upstream_timeout_ms: u64,
+    /// Decide and report (logs, metrics) what the proxy would do, but never block a
+    /// request.
+    #[arg(long)]
+    shadow: bool,
+    /// What is stored on a route, by status, instead of the default (2xx stored; 502 and
+    /// 504 indeterminate; others release the key): "[METHOD] PREFIX store=RANGES
+    /// [indeterminate=RANGES]", e.g. "POST /charges store=200-299,402
+    /// indeterminate=500-599". The most specific rule decides. Repeatable.
+    #[arg(long = "route")]
+    routes: Vec<String>,
+    /// Status of the answer to a key reused with another request.
+    #[arg(long, default_value_t = 422)]
+    mismatch_status: u16,
+    /// Body of that answer, from this file, instead of problem+json; {key}, {claim} and
+    /// {status} in it are filled in.
+    #[arg(long)]
+    mismatch_body: Option<PathBuf>,
+    /// Content-Type of --mismatch-body.
+    #[arg(long, default_value = "application/json", requires = "mismatch_body")]
+    mismatch_content_type: String,
+    /// Serve the proxy's metrics (what it decided, or in shadow mode would have decided)
+    /// at GET /metrics on this address.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
+}
+
 fn main() {
     if let Err(e) = run(Cli::parse().command) {
         // One line with the chain of causes; no backtrace: errors here are the user's to fix.
@@ -126,20 +151,26 @@ fn run(command: Command) -> Result<()> {
             listen,
             data_dir,
         } => serve(config, listen, data_dir),
-        Command::Proxy {
-            listen,
-            upstream,
-            data_dir,
-            store,
-            store_namespace,
-            store_token,
-            principal_header,
-            trusted_peers,
-            require_key,
-            wait_ms,
-            upstream_timeout_ms,
-            shadow,
-        } => {
+        Command::Proxy(args) => {
+            let ProxyArgs {
+                listen,
+                upstream,
+                data_dir,
+                store,
+                store_namespace,
+                store_token,
+                principal_header,
+                trusted_peers,
+                require_key,
+                wait_ms,
+                upstream_timeout_ms,
+                shadow,
+                routes,
+                mismatch_status,
+                mismatch_body,
+                mismatch_content_type,
+                metrics_listen,
+            } = *args;
             use idem::face::proxy::{self, ProxyConfig};
             let upstream: reqwest::Url = upstream
                 .parse()
@@ -195,6 +226,27 @@ fn run(command: Command) -> Result<()> {
             config.in_flight_wait = wait_ms.map(std::time::Duration::from_millis);
             config.upstream_timeout = std::time::Duration::from_millis(upstream_timeout_ms);
             config.shadow = shadow;
+            config.routes = routes
+                .iter()
+                .map(|r| {
+                    idem::face::RoutePolicy::parse(r).with_context(|| format!("--route {r:?}"))
+                })
+                .collect::<Result<_>>()?;
+            config.mismatch_status = axum::http::StatusCode::from_u16(mismatch_status)
+                .ok()
+                .filter(|s| (400..=599).contains(&s.as_u16()))
+                .with_context(|| {
+                    format!("--mismatch-status {mismatch_status}: an error status (400 to 599)")
+                })?;
+            if let Some(path) = mismatch_body {
+                let body = std::fs::read_to_string(&path)
+                    .with_context(|| format!("--mismatch-body {}", path.display()))?;
+                let content_type = mismatch_content_type.parse().with_context(|| {
+                    format!("--mismatch-content-type {mismatch_content_type:?}")
+                })?;
+                config.mismatch_body = Some(idem::face::AnswerTemplate { content_type, body });
+            }
+            config.metrics_listen = metrics_listen;
             init_logging(&Default::default());
             if let (true, proxy::ProxyStore::Embedded(dir)) = (embedded, &config.store) {
                 tracing::warn!(

@@ -9,8 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::clock::{wall_clock_ms, Stamp};
+use crate::clock::{wall_clock_ms, RegionId, Stamp};
 use crate::durable::{DurablePublisher, DurableWaiter, Flusher, NotDurable};
+use crate::http::api::StoreAs;
 use crate::http::problem::{ApiError, Problem};
 use crate::record::{ClaimStatus, Outcome, RecordKey};
 use crate::store::storage::FsStorage;
@@ -22,15 +23,22 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// The store calls the layer makes; every answer is durable when it returns. Errors are RFC
 /// 9457 problems (boxed), answered to the client as they are.
 pub trait Backend: Send + Sync + 'static {
-    /// Claims a key.
-    fn claim(&self, req: ClaimRequest) -> BoxFuture<'_, Result<Decision, ApiError>>;
-    /// Stores an outcome (the namespace's policy decides by status how it is kept); `true`
-    /// when it is kept (completed or indeterminate), `false` when the policy released the key.
+    /// Claims a key. `prior` names the region the request failed over from
+    /// (`Idem-Prior-Region`), which the store asks about the key before granting it.
+    fn claim(
+        &self,
+        req: ClaimRequest,
+        prior: Option<RegionId>,
+    ) -> BoxFuture<'_, Result<Decision, ApiError>>;
+    /// Stores an outcome as `store_as` says, or, when `None`, as the namespace's policy says by
+    /// status; `true` when it is kept (completed or indeterminate), `false` when the policy
+    /// released the key.
     fn complete(
         &self,
         key: RecordKey,
         claim: Stamp,
         outcome: Outcome,
+        store_as: Option<StoreAs>,
     ) -> BoxFuture<'_, Result<bool, ApiError>>;
     /// Releases a claim: nothing was executed, or nothing is to be kept.
     fn release(&self, key: RecordKey, claim: Stamp) -> BoxFuture<'_, Result<(), ApiError>>;
@@ -167,9 +175,21 @@ fn housekeeping(store: &Store<FsStorage>, stop: &AtomicBool) {
 }
 
 impl Backend for EmbeddedStore {
-    fn claim(&self, req: ClaimRequest) -> BoxFuture<'_, Result<Decision, ApiError>> {
+    fn claim(
+        &self,
+        req: ClaimRequest,
+        prior: Option<RegionId>,
+    ) -> BoxFuture<'_, Result<Decision, ApiError>> {
         Box::pin(async move {
-            let pending = self.store().claim(wall_clock_ms(), &req)?;
+            let store = self.store();
+            if let Some(prior) = prior.filter(|p| *p != store.region()) {
+                let ns = req.key.namespace();
+                let policy = store.namespace(ns).ok_or_else(|| {
+                    ApiError::from(crate::store::StoreError::UnknownNamespace(ns.to_owned()))
+                })?;
+                crate::http::unanswered_lookup(policy, prior)?;
+            }
+            let pending = store.claim(wall_clock_ms(), &req)?;
             self.durable(pending).await
         })
     }
@@ -179,11 +199,16 @@ impl Backend for EmbeddedStore {
         key: RecordKey,
         claim: Stamp,
         outcome: Outcome,
+        store_as: Option<StoreAs>,
     ) -> BoxFuture<'_, Result<bool, ApiError>> {
         Box::pin(async move {
-            let pending = self
-                .store()
-                .complete(wall_clock_ms(), &key, claim, outcome)?;
+            let pending = self.store().complete_as(
+                wall_clock_ms(),
+                &key,
+                claim,
+                outcome,
+                store_as.map(Into::into),
+            )?;
             let done = self.durable(pending).await?;
             if done.superseded {
                 tracing::warn!(%claim, "a completed claim no longer wins its key: the execution is flagged for compensation");
@@ -309,13 +334,17 @@ fn stamp(s: &str) -> Result<Stamp, ApiError> {
 }
 
 impl Backend for RemoteStore {
-    fn claim(&self, req: ClaimRequest) -> BoxFuture<'_, Result<Decision, ApiError>> {
+    fn claim(
+        &self,
+        req: ClaimRequest,
+        prior: Option<RegionId>,
+    ) -> BoxFuture<'_, Result<Decision, ApiError>> {
         use crate::client::ClaimOutcome;
         Box::pin(async move {
             let k = &req.key;
             let got = self
                 .client
-                .claim(k.principal(), k.key(), req.fingerprint)
+                .claim_after(k.principal(), k.key(), req.fingerprint, prior)
                 .await
                 .map_err(client_problem)?;
             Ok(match got {
@@ -380,15 +409,17 @@ impl Backend for RemoteStore {
         key: RecordKey,
         claim: Stamp,
         outcome: Outcome,
+        store_as: Option<StoreAs>,
     ) -> BoxFuture<'_, Result<bool, ApiError>> {
         Box::pin(async move {
             let done = self
                 .client
-                .complete(
+                .complete_as(
                     key.principal(),
                     key.key(),
                     &claim.to_string(),
                     crate::http::api::OutcomeInput::from_outcome(&outcome),
+                    store_as,
                 )
                 .await
                 .map_err(client_problem)?;

@@ -44,9 +44,11 @@ use http_body_util::BodyExt as _;
 use tower::{Layer, Service, ServiceExt as _};
 
 use super::backend::{Backend, NamespaceLimits};
+use super::encoding::{accepts_gzip, encode_for_client};
 use super::fingerprint::fingerprint;
 use super::key::{request_key, KeyError, IDEMPOTENCY_KEY};
-use crate::clock::Stamp;
+use super::route::{rule_for, under, RoutePolicy};
+use crate::clock::{RegionId, Stamp};
 use crate::http::problem::Problem;
 use crate::record::{AttemptToken, Body as StoredBody, Outcome, RecordKey};
 use crate::store::{ClaimRequest, Decision};
@@ -83,6 +85,46 @@ pub enum PrincipalFrom {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerIdentity(pub String);
 
+/// A configured answer in place of the layer's problem+json: `{key}`, `{claim}` and
+/// `{status}` in `body` are replaced by the request's key, the claim that holds it and the
+/// answer's status (JSON-escaped when the content type is JSON, so a template stays valid).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnswerTemplate {
+    /// The answer's `Content-Type`.
+    pub content_type: HeaderValue,
+    /// The body, with its placeholders.
+    pub body: String,
+}
+
+impl AnswerTemplate {
+    /// The answer for `key` held by `claim`, with `status`.
+    pub fn render(&self, status: StatusCode, key: &str, claim: &str) -> Response<Body> {
+        let json = self
+            .content_type
+            .to_str()
+            .is_ok_and(|c| c.to_ascii_lowercase().contains("json"));
+        let fill = |v: &str| {
+            if json {
+                // A JSON string's inside: escaped, without its quotes.
+                let quoted = serde_json::Value::from(v).to_string();
+                quoted[1..quoted.len() - 1].to_owned()
+            } else {
+                v.to_owned()
+            }
+        };
+        let body = self
+            .body
+            .replace("{key}", &fill(key))
+            .replace("{claim}", &fill(claim))
+            .replace("{status}", status.as_str());
+        let mut r = Response::new(Body::from(body));
+        *r.status_mut() = status;
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, self.content_type.clone());
+        r
+    }
+}
+
 /// The layer's settings.
 #[derive(Debug, Clone)]
 pub struct LayerConfig {
@@ -108,6 +150,15 @@ pub struct LayerConfig {
     pub execution_max: Duration,
     /// Status of the answer to a key reused with another request. Default 422.
     pub mismatch_status: StatusCode,
+    /// Body of that answer. Default (`None`): an RFC 9457 problem (`application/problem+json`).
+    pub mismatch_body: Option<AnswerTemplate>,
+    /// What is stored, by route and status, for the routes these rules cover (the most
+    /// specific rule decides; see [`RoutePolicy`]). Requests no rule covers are stored as the
+    /// namespace's status table says. Default: no rules.
+    pub routes: Vec<RoutePolicy>,
+    /// Compress keyed answers (first executions and replays alike) with gzip for clients
+    /// whose `Accept-Encoding` takes it; stored outcomes stay in identity encoding. Default on.
+    pub compress: bool,
     /// Shadow mode, for putting the layer in front of a live API: every request runs as if
     /// the layer were not there; what the layer would have answered instead (a replay, 409,
     /// 422, 400, 413, 503) is counted in [`LayerStats`] and logged. Executions are still
@@ -128,8 +179,17 @@ impl LayerConfig {
             response_bytes_max: 16 << 20,
             execution_max: Duration::from_secs(600),
             mismatch_status: StatusCode::UNPROCESSABLE_ENTITY,
+            mismatch_body: None,
+            routes: Vec::new(),
+            compress: true,
             shadow: false,
         }
+    }
+
+    /// Adds a route's storage rule.
+    pub fn route(mut self, rule: RoutePolicy) -> Self {
+        self.routes.push(rule);
+        self
     }
 
     /// Requires a key on paths starting with `prefix`.
@@ -206,6 +266,8 @@ pub enum Verdict {
     TooLarge,
     /// 400: the request body broke off.
     BadBody,
+    /// 400: `Idem-Prior-Region` is not a region id.
+    BadPriorRegion,
     /// After running: the response was stored (the namespace's policy may still have
     /// released it by status).
     Completed,
@@ -215,7 +277,7 @@ pub enum Verdict {
 
 impl Verdict {
     /// Every verdict, in order.
-    pub const ALL: [Verdict; 13] = [
+    pub const ALL: [Verdict; 14] = [
         Verdict::PassedThrough,
         Verdict::Executed,
         Verdict::Replayed,
@@ -227,6 +289,7 @@ impl Verdict {
         Verdict::MissingPrincipal,
         Verdict::TooLarge,
         Verdict::BadBody,
+        Verdict::BadPriorRegion,
         Verdict::Completed,
         Verdict::NotStored,
     ];
@@ -245,6 +308,7 @@ impl Verdict {
             Verdict::MissingPrincipal => "missing_principal",
             Verdict::TooLarge => "too_large",
             Verdict::BadBody => "bad_body",
+            Verdict::BadPriorRegion => "bad_prior_region",
             Verdict::Completed => "completed",
             Verdict::NotStored => "not_stored",
         }
@@ -254,7 +318,7 @@ impl Verdict {
 /// Counts of the layer's verdicts (in shadow mode: what it would have done).
 #[derive(Debug, Default)]
 pub struct LayerStats {
-    counts: [std::sync::atomic::AtomicU64; 13],
+    counts: [std::sync::atomic::AtomicU64; Verdict::ALL.len()],
 }
 
 impl LayerStats {
@@ -321,6 +385,55 @@ impl IdempotencyLayer {
     /// The layer's counts (shared by every service it made).
     pub fn stats(&self) -> Arc<LayerStats> {
         self.shared.stats.clone()
+    }
+
+    /// Keyed requests running now.
+    pub fn running(&self) -> usize {
+        self.shared
+            .running
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether the layer only reports (shadow mode).
+    pub fn is_shadow(&self) -> bool {
+        self.shared.config.shadow
+    }
+
+    /// The layer's counts in the Prometheus text format: `idem_layer_verdicts_total` by
+    /// verdict (in shadow mode: what the layer would have done), `idem_layer_running` and
+    /// `idem_layer_shadow` (1 in shadow mode).
+    pub fn metrics_text(&self) -> String {
+        use prometheus_client::encoding::EncodeLabelSet;
+        use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
+
+        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+        struct VerdictLabels {
+            verdict: &'static str,
+        }
+        let mut registry = prometheus_client::registry::Registry::with_prefix("idem_layer");
+        let verdicts = Family::<VerdictLabels, Counter>::default();
+        for (verdict, n) in self.shared.stats.snapshot() {
+            verdicts.get_or_create(&VerdictLabels { verdict }).inc_by(n);
+        }
+        registry.register(
+            "verdicts",
+            "Requests by what the layer decided (in shadow mode: would have decided)",
+            verdicts,
+        );
+        let running = Gauge::<i64>::default();
+        running.set(self.running() as i64);
+        registry.register("running", "Keyed requests running now", running);
+        let shadow = Gauge::<i64>::default();
+        shadow.set(i64::from(self.is_shadow()));
+        registry.register(
+            "shadow",
+            "1 when the layer only reports (shadow mode)",
+            shadow,
+        );
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+        text
     }
 }
 
@@ -429,13 +542,33 @@ where
             return refuse(&shared, inner, req, Verdict::MissingPrincipal, answer).await;
         }
     };
+    // A request a gateway failed over from another region says so; the store asks that region
+    // about the key before granting it.
+    let prior = match crate::http::prior_region(req.headers()) {
+        Ok(p) => p,
+        Err(e) => {
+            let answer = echo(e.into_response());
+            return refuse(&shared, inner, req, Verdict::BadPriorRegion, answer).await;
+        }
+    };
     // From here on nothing is cancelled by the client going away: a claim granted while it
     // waits for durability is run (and stored) rather than left in flight until its lease ends.
     let task = tokio::spawn({
         let shared = shared.clone();
         async move {
             let _running = Running::new(&shared.running);
-            keyed(shared.clone(), inner, req, key, principal, raw_key).await
+            keyed(
+                shared.clone(),
+                inner,
+                req,
+                Scope {
+                    key,
+                    principal,
+                    prior,
+                },
+                raw_key,
+            )
+            .await
         }
     });
     match task.await {
@@ -453,14 +586,21 @@ where
     }
 }
 
+/// Whose key a request claims, and where it failed over from.
+struct Scope {
+    key: String,
+    principal: String,
+    /// `Idem-Prior-Region`, if the request names one.
+    prior: Option<RegionId>,
+}
+
 /// The part of [`serve`] after the key and principal: buffering, fingerprint, claim, and
 /// running or answering.
 async fn keyed<S, RB>(
     shared: Arc<Shared>,
     inner: S,
     req: Request<Body>,
-    key: String,
-    principal: String,
+    scope: Scope,
     raw_key: Option<HeaderValue>,
 ) -> Response<Body>
 where
@@ -514,7 +654,9 @@ where
             .and_then(|v| v.to_str().ok()),
         &bytes,
     );
-    let record_key = RecordKey::new(&cfg.namespace, &principal, &key);
+    let record_key = RecordKey::new(&cfg.namespace, &scope.principal, &scope.key);
+    let gzip = cfg.compress.then(|| accepts_gzip(&parts.headers));
+    let rule = rule_for(&cfg.routes, &parts.method, parts.uri.path()).cloned();
     let claimed_at = Instant::now();
     let deadline = cfg.in_flight_wait.map(|w| claimed_at + w);
     let mut pause = Duration::from_millis(20);
@@ -524,7 +666,7 @@ where
             fingerprint: fp,
             attempt: AttemptToken(rand::random::<u128>() | 1),
         };
-        let decision = match shared.backend.claim(claim).await {
+        let decision = match shared.backend.claim(claim, scope.prior).await {
             Ok(d) => d,
             Err(p) => {
                 let req = Request::from_parts(parts, Body::from(bytes));
@@ -550,7 +692,14 @@ where
                 let lease_ms = lease_until_ms
                     .saturating_sub(crate::clock::wall_clock_ms())
                     .clamp(100, shared.limits.lease_ms.max(100));
-                let done = execute(&shared, inner, req, record_key, claim, lease_ms).await;
+                let run = Run {
+                    key: record_key,
+                    claim,
+                    lease_ms,
+                    rule,
+                    gzip,
+                };
+                let done = execute(&shared, inner, req, run).await;
                 let expires = done.kept.then_some(expires_at_ms);
                 return echo(marked(done.response, false, expires));
             }
@@ -561,7 +710,7 @@ where
                 ..
             } => {
                 let req = Request::from_parts(parts, Body::from(bytes));
-                let mut answer = echo(marked(replay(outcome), true, Some(expires_at_ms)));
+                let mut answer = echo(marked(replay(outcome, gzip), true, Some(expires_at_ms)));
                 if indeterminate {
                     answer
                         .headers_mut()
@@ -601,6 +750,12 @@ where
                 return refuse(&shared, inner, req, Verdict::InFlight, answer).await;
             }
             Decision::Mismatch { claim } => {
+                let req = Request::from_parts(parts, Body::from(bytes));
+                if let Some(t) = &cfg.mismatch_body {
+                    let answer =
+                        echo(t.render(cfg.mismatch_status, &scope.key, &claim.to_string()));
+                    return refuse(&shared, inner, req, Verdict::Mismatch, answer).await;
+                }
                 let p = Problem {
                     decision: Some("mismatch".into()),
                     claim: Some(claim.to_string()),
@@ -611,7 +766,6 @@ where
                         "this idempotency key was used with a different request (method, route, query or body)",
                     )
                 };
-                let req = Request::from_parts(parts, Body::from(bytes));
                 let answer = echo(p.into_response());
                 return refuse(&shared, inner, req, Verdict::Mismatch, answer).await;
             }
@@ -724,14 +878,6 @@ fn jwt_claim(headers: &HeaderMap, claim: &str) -> Option<String> {
     }
 }
 
-/// Whether `path` is `prefix` or below it (`/charges` covers `/charges/1`, not `/chargesx`).
-fn under(path: &str, prefix: &str) -> bool {
-    match path.strip_prefix(prefix) {
-        Some(rest) => rest.is_empty() || rest.starts_with('/') || prefix.ends_with('/'),
-        None => false,
-    }
-}
-
 /// What running a claimed request came to.
 struct Executed {
     response: Response<Body>,
@@ -761,16 +907,21 @@ impl Drop for Heartbeat {
     }
 }
 
-/// Runs the inner service for a claimed key and records what it answered. The outcome is
-/// durable before this returns.
-async fn execute<S, RB>(
-    shared: &Shared,
-    inner: S,
-    req: Request<Body>,
+/// A claimed key's run: what [`execute`] needs besides the request.
+struct Run {
     key: RecordKey,
     claim: Stamp,
+    /// The lease the claim was granted, ms (heartbeats renew that much).
     lease_ms: u64,
-) -> Executed
+    /// The route's storage rule, if one covers the request.
+    rule: Option<RoutePolicy>,
+    /// Compression: `None` off, else whether the client takes gzip.
+    gzip: Option<bool>,
+}
+
+/// Runs the inner service for a claimed key and records what it answered. The outcome is
+/// durable before this returns.
+async fn execute<S, RB>(shared: &Shared, inner: S, req: Request<Body>, run: Run) -> Executed
 where
     S: Service<Request<Body>, Response = Response<RB>, Error = Infallible> + Send + 'static,
     S::Future: Send,
@@ -778,6 +929,13 @@ where
     RB::Error: Into<BoxError>,
 {
     use futures_util::FutureExt as _;
+    let Run {
+        key,
+        claim,
+        lease_ms,
+        rule,
+        gzip,
+    } = run;
     let backend = &shared.backend;
     let beat = Heartbeat(Some(tokio::spawn(heartbeat(
         backend.clone(),
@@ -854,12 +1012,25 @@ where
         let r = Response::from_parts(parts, Body::from(bytes));
         return not_kept(beat, "401 and 429 are never stored", r).await;
     }
+    let store_as = match &rule {
+        None => None,
+        Some(rule) => match rule.store_as(parts.status.as_u16()) {
+            Some(a) => Some(a),
+            None => {
+                let r = answer(parts, bytes, gzip);
+                return not_kept(beat, "the route's rule does not store this status", r).await;
+            }
+        },
+    };
     beat.stop().await;
     let mut outcome = outcome(&parts, &bytes, &shared.limits);
     let mut kept = false;
     let mut attempt = 0u32;
     loop {
-        match backend.complete(key.clone(), claim, outcome.clone()).await {
+        match backend
+            .complete(key.clone(), claim, outcome.clone(), store_as)
+            .await
+        {
             Ok(k) => {
                 kept = k;
                 break;
@@ -892,9 +1063,23 @@ where
         Verdict::NotStored
     });
     Executed {
-        response: Response::from_parts(parts, Body::from(bytes)),
+        response: answer(parts, bytes, gzip),
         kept,
     }
+}
+
+/// A buffered response for the client, compressed when it asks (`gzip`: `None` off, else
+/// whether the client takes gzip).
+fn answer(
+    mut parts: axum::http::response::Parts,
+    bytes: Bytes,
+    gzip: Option<bool>,
+) -> Response<Body> {
+    let bytes = match gzip {
+        Some(accepts) => encode_for_client(parts.status, &mut parts.headers, bytes, accepts),
+        None => bytes,
+    };
+    Response::from_parts(parts, Body::from(bytes))
 }
 
 /// Extends the claim's lease every third of it while the handler runs, for at most `max`;
@@ -1001,8 +1186,8 @@ fn outcome(
     o
 }
 
-/// The response a stored outcome replays as.
-fn replay(outcome: Outcome) -> Response<Body> {
+/// The response a stored outcome replays as (`gzip` as for [`answer`]).
+fn replay(outcome: Outcome, gzip: Option<bool>) -> Response<Body> {
     let status = StatusCode::from_u16(outcome.status).unwrap_or(StatusCode::OK);
     let body = match outcome.body {
         StoredBody::Full(b) | StoredBody::Redacted(b) => b,
@@ -1018,19 +1203,19 @@ fn replay(outcome: Outcome) -> Response<Body> {
             .into_response();
         }
     };
-    let mut r = Response::new(Body::from(body));
-    *r.status_mut() = status;
+    let (mut parts, ()) = Response::new(()).into_parts();
+    parts.status = status;
     for (n, v) in outcome.headers {
         if let (Ok(n), Ok(v)) = (
             HeaderName::from_bytes(n.as_bytes()),
             HeaderValue::from_str(&v),
         ) {
             if !never_replayed(&n) {
-                r.headers_mut().append(n, v);
+                parts.headers.append(n, v);
             }
         }
     }
-    r
+    answer(parts, Bytes::from(body), gzip)
 }
 
 /// Adds `Idempotent-Replayed` and, when the key holds an outcome, `Idempotency-Expires`.

@@ -5,17 +5,22 @@
 //! * [`key`]: the `Idempotency-Key` header, quoted or bare.
 //! * [`fingerprint`]: what makes two requests with one key the same request.
 //! * [`layer`]: [`IdempotencyLayer`], the tower layer.
+//! * [`route`]: what is stored, by route and status.
+//! * [`encoding`]: gzip for clients that ask (outcomes are stored in identity encoding).
 //! * [`backend`]: where keys live: [`EmbeddedStore`] in this process, or a region daemon.
 //! * [`proxy`]: `idem proxy`, the layer as a sidecar reverse proxy.
 
 pub mod backend;
+pub mod encoding;
 pub mod fingerprint;
 pub mod key;
 pub mod layer;
 pub mod proxy;
+pub mod route;
 
 pub use backend::{Backend, EmbeddedStore, NamespaceLimits, RemoteStore};
 pub use layer::{
-    IdempotencyLayer, IdempotencyService, LayerConfig, LayerStats, PeerIdentity, PrincipalFrom,
-    Verdict,
+    AnswerTemplate, IdempotencyLayer, IdempotencyService, LayerConfig, LayerStats, PeerIdentity,
+    PrincipalFrom, Verdict,
 };
+pub use route::RoutePolicy;

@@ -27,7 +27,8 @@ use axum::response::IntoResponse;
 use axum::Router;
 
 use super::{
-    EmbeddedStore, IdempotencyLayer, LayerConfig, NamespaceLimits, PrincipalFrom, RemoteStore,
+    AnswerTemplate, EmbeddedStore, IdempotencyLayer, LayerConfig, NamespaceLimits, PrincipalFrom,
+    RemoteStore, RoutePolicy,
 };
 use crate::clock::RegionId;
 use crate::http::problem::Problem;
@@ -64,6 +65,16 @@ pub struct ProxyConfig {
     pub upstream_timeout: Duration,
     /// Decide and report, never block.
     pub shadow: bool,
+    /// What is stored by route and status (see [`RoutePolicy`]); the proxy adds 502 and 504 as
+    /// indeterminate to a rule that lists neither (see [`route_rules`]).
+    pub routes: Vec<RoutePolicy>,
+    /// Status of the answer to a key reused with another request.
+    pub mismatch_status: StatusCode,
+    /// Body of that answer, instead of problem+json.
+    pub mismatch_body: Option<AnswerTemplate>,
+    /// Serve `GET /metrics` (the layer's verdict counts, shadow reports included) on this
+    /// address, apart from the proxied API so that no upstream path is shadowed.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ProxyConfig {
@@ -83,6 +94,10 @@ impl ProxyConfig {
             in_flight_wait: None,
             upstream_timeout: Duration::from_secs(60),
             shadow: false,
+            routes: Vec::new(),
+            mismatch_status: StatusCode::UNPROCESSABLE_ENTITY,
+            mismatch_body: None,
+            metrics_listen: None,
         }
     }
 }
@@ -156,6 +171,10 @@ pub async fn run(
         }
     };
     let draining = layer.clone();
+    let metrics = match config.metrics_listen {
+        Some(addr) => Some(serve_metrics(addr, layer.clone()).await?),
+        None => None,
+    };
     let upstream = Upstream::new(config.upstream.clone(), config.upstream_timeout)?;
     let strip = StripUntrusted {
         header: config.principal_header.clone(),
@@ -175,8 +194,12 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
+    // One line (a reader may stop after it): where the proxy listens, then where its metrics are.
+    let metrics_note = metrics
+        .map(|a| format!(" (metrics at http://{a}/metrics)"))
+        .unwrap_or_default();
     println!(
-        "idem: proxying http://{} to {}",
+        "idem: proxying http://{} to {}{metrics_note}",
         listener.local_addr()?,
         config.upstream
     );
@@ -237,7 +260,66 @@ fn layer_config(config: &ProxyConfig, namespace: &str, principal: PrincipalFrom)
     c.required = config.required.clone();
     c.in_flight_wait = config.in_flight_wait;
     c.shadow = config.shadow;
+    c.routes = route_rules(&config.routes);
+    c.mismatch_status = config.mismatch_status;
+    c.mismatch_body = config.mismatch_body.clone();
     c
+}
+
+/// The proxy's route rules: as given, except that a rule listing neither 502 nor 504 stores
+/// them as indeterminate. The proxy answers 502 and 504 itself when the upstream failed or
+/// timed out after the request was sent (it may have acted): releasing the key then would let
+/// a retry run the request twice.
+pub fn route_rules(rules: &[RoutePolicy]) -> Vec<RoutePolicy> {
+    rules
+        .iter()
+        .cloned()
+        .map(|mut r| {
+            for status in [502, 504] {
+                let listed = r
+                    .stored
+                    .iter()
+                    .chain(&r.indeterminate)
+                    .any(|range| range.contains(status));
+                if !listed {
+                    r.indeterminate.push(StatusRange::new(status, status));
+                }
+            }
+            r
+        })
+        .collect()
+}
+
+/// Serves the layer's metrics on `addr` (`GET /metrics`, `GET /healthz`) until the process
+/// ends; returns the bound address.
+async fn serve_metrics(addr: SocketAddr, layer: IdempotencyLayer) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening for metrics on {addr}"))?;
+    let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let text = layer.metrics_text();
+                async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        text,
+                    )
+                }
+            }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok" }));
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the metrics listener failed");
+        }
+    });
+    Ok(bound)
 }
 
 /// What only a trusted peer may say about a request: its principal header and its

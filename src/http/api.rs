@@ -43,6 +43,31 @@ pub struct CompleteBody {
     pub claim: String,
     /// The response to store.
     pub outcome: OutcomeInput,
+    /// What the outcome becomes, instead of what the namespace's status table says: for
+    /// callers whose policy is finer (an HTTP layer storing by route). Absent: the namespace's
+    /// table decides. To keep nothing, release the claim instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_as: Option<StoreAs>,
+}
+
+/// What a completion's outcome is stored as, when the caller decides (`CompleteBody::store_as`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreAs {
+    /// Stored and replayed.
+    Completed,
+    /// Stored as indeterminate: replayed with a flag saying the request may or may not have
+    /// taken effect.
+    Indeterminate,
+}
+
+impl From<StoreAs> for crate::store::Disposition {
+    fn from(s: StoreAs) -> Self {
+        match s {
+            StoreAs::Completed => Self::Store,
+            StoreAs::Indeterminate => Self::Indeterminate,
+        }
+    }
 }
 
 /// `POST /v1/ns/{namespace}/release` (and the key part of other bodies).

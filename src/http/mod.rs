@@ -574,6 +574,47 @@ async fn claim(
     claim_call(&s, &ns, &headers, body(b)?).await
 }
 
+/// The region a claim failed over from (`Idem-Prior-Region`), if the request names one; 400
+/// when the header is not a region id.
+pub(crate) fn prior_region(headers: &HeaderMap) -> Result<Option<RegionId>, ApiError> {
+    match headers.get(PRIOR_REGION_HEADER) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|v| RegionId::new(v).ok())
+            .map(Some)
+            .ok_or_else(|| {
+                Problem::bad_field(
+                    PRIOR_REGION_HEADER,
+                    "not a region id (a-z0-9-_, 1 to 15 bytes)",
+                )
+                .into()
+            }),
+    }
+}
+
+/// A claim that failed over from region `prior`: that region is to be asked about the key
+/// before granting it (design §4). No daemon is connected to other regions yet (the transport
+/// comes with the multi-region issue), so the lookup goes unanswered and the namespace's
+/// `lookup_unanswered` decides: grant, or 503 `lookup_unanswered`.
+pub(crate) fn unanswered_lookup(
+    policy: &crate::store::NamespacePolicy,
+    prior: RegionId,
+) -> Result<(), ApiError> {
+    match policy.config().lookup_unanswered {
+        LookupUnanswered::Grant => {
+            tracing::debug!(%prior, "failover claim: prior region not reachable; granting");
+            Ok(())
+        }
+        LookupUnanswered::Unavailable => Err(ApiError::from(Problem::unavailable(
+            "lookup_unanswered",
+            format!("region {prior} could not be asked about the key, and this namespace refuses to grant without an answer"),
+            1_000,
+        ))),
+    }
+}
+
 /// A claim, once its body is parsed (the router's handler and the direct path).
 async fn claim_call(
     s: &ApiState,
@@ -586,49 +627,26 @@ async fn claim_call(
         .ok_or_else(|| Problem::bad_field("fingerprint", "64 hex digits"))?;
     let attempt = parse_attempt(&b.attempt)
         .ok_or_else(|| Problem::bad_field("attempt", "exactly 32 hex digits (128 random bits)"))?;
-    let prior = match headers.get(PRIOR_REGION_HEADER) {
-        None => None,
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .and_then(|v| RegionId::new(v).ok())
-                .ok_or_else(|| {
-                    Problem::bad_field(
-                        PRIOR_REGION_HEADER,
-                        "not a region id (a-z0-9-_, 1 to 15 bytes)",
-                    )
-                })?,
-        ),
-    };
+    let prior = prior_region(headers)?;
     let store = s.store()?;
     let policy = store
         .namespace(ns)
         .ok_or_else(|| Problem::from(crate::store::StoreError::UnknownNamespace(ns.to_owned())))?;
     if let Some(prior) = prior.filter(|p| *p != s.region) {
-        // The region tried before is asked about the key before granting (design §4). This
-        // daemon has no connection to other regions yet (the transport comes with the
-        // multi-region issue), so the lookup goes unanswered and the namespace decides.
-        match policy.config().lookup_unanswered {
-            LookupUnanswered::Grant => {
-                s.metrics
-                    .failover_lookups
-                    .get_or_create(&s.metrics.lookup_labels(prior, "granted_unanswered"))
-                    .inc();
-                tracing::debug!(%prior, "failover claim: prior region not reachable; granting");
-            }
-            LookupUnanswered::Unavailable => {
-                s.metrics
-                    .failover_lookups
-                    .get_or_create(&s.metrics.lookup_labels(prior, "refused_unanswered"))
-                    .inc();
-                s.metrics.claim("unavailable");
-                return Err(ApiError::from(Problem::unavailable(
-                    "lookup_unanswered",
-                    format!("region {prior} could not be asked about the key, and this namespace refuses to grant without an answer"),
-                    1_000,
-                )));
-            }
+        let refused = unanswered_lookup(policy, prior);
+        let outcome = if refused.is_ok() {
+            "granted_unanswered"
+        } else {
+            "refused_unanswered"
+        };
+        s.metrics
+            .failover_lookups
+            .get_or_create(&s.metrics.lookup_labels(prior, outcome))
+            .inc();
+        if refused.is_err() {
+            s.metrics.claim("unavailable");
         }
+        refused?;
     }
     let req = ClaimRequest {
         key: RecordKey::new(ns, &b.principal, &b.key),
@@ -749,7 +767,7 @@ async fn complete_call(
     let (store, key, claim) = s.claim_target(ns, &b.principal, &b.key, &b.claim)?;
     let now = wall_clock_ms();
     let done = s
-        .durable(store.complete(now, &key, claim, outcome)?)
+        .durable(store.complete_as(now, &key, claim, outcome, b.store_as.map(Into::into))?)
         .await?;
     if claim.region == s.region && done.terminal != ClaimStatus::Released {
         let took = now.saturating_sub(claim.physical_ms());

@@ -57,6 +57,21 @@ impl<S: Storage> Store<S> {
         claim: Stamp,
         outcome: Outcome,
     ) -> Result<Pending<Completion>, StoreError> {
+        self.complete_as(now_ms, key, claim, outcome, None)
+    }
+
+    /// [`complete`](Self::complete), with the caller deciding what the outcome becomes
+    /// (`Some`) instead of the namespace's status table (`None`): for callers whose policy is
+    /// finer than the namespace's, such as an HTTP layer storing by route. Headers and body are
+    /// still kept as the namespace says.
+    pub fn complete_as(
+        &self,
+        now_ms: u64,
+        key: &RecordKey,
+        claim: Stamp,
+        outcome: Outcome,
+        disposition: Option<Disposition>,
+    ) -> Result<Pending<Completion>, StoreError> {
         let policy = self.policy(key)?;
         let max = policy.config().outcome_bytes_max;
         if outcome.size_bytes() > max {
@@ -74,7 +89,8 @@ impl<S: Storage> Store<S> {
             }
             o
         };
-        let terminal = match policy.disposition(outcome.status) {
+        let disposition = disposition.unwrap_or_else(|| policy.disposition(outcome.status));
+        let terminal = match disposition {
             Disposition::Store => Terminal::Completed(shaped(outcome)),
             Disposition::Indeterminate => Terminal::Indeterminate(shaped(outcome)),
             Disposition::Release => Terminal::Released,

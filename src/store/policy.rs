@@ -44,7 +44,8 @@ impl StatusRange {
         Self { from, to }
     }
 
-    fn contains(&self, status: u16) -> bool {
+    /// Whether `status` is in the range.
+    pub fn contains(&self, status: u16) -> bool {
         (self.from..=self.to).contains(&status)
     }
 }

@@ -270,6 +270,42 @@ fn indeterminate_outcomes_replay_as_such() {
 }
 
 #[test]
+fn a_caller_may_decide_what_an_outcome_becomes() {
+    // Default table: 2xx stored, everything else released.
+    let s = open(&MemStorage::new(), T0);
+    let finish = |k: &str, status: u16, d: Option<Disposition>| {
+        let c = execute(&s, T0, &req(k, "b", 1));
+        let done = s
+            .wait(
+                s.complete_as(T0 + 1, &key(k), c, Outcome::new(status, "x"), d)
+                    .unwrap(),
+            )
+            .unwrap();
+        (done.terminal, claim(&s, T0 + 2, &req(k, "b", 2)))
+    };
+    let (t, next) = finish("402", 402, Some(Disposition::Store));
+    assert_eq!(t, ClaimStatus::Completed);
+    assert!(
+        matches!(next, Decision::Replay { outcome, indeterminate: false, .. } if outcome.status == 402)
+    );
+    let (t, next) = finish("503", 503, Some(Disposition::Indeterminate));
+    assert_eq!(t, ClaimStatus::Indeterminate);
+    assert!(matches!(
+        next,
+        Decision::Replay {
+            indeterminate: true,
+            ..
+        }
+    ));
+    let (t, next) = finish("200", 200, Some(Disposition::Release));
+    assert_eq!(t, ClaimStatus::Released);
+    assert!(matches!(next, Decision::Execute { .. }));
+    // `None` is the namespace's table.
+    let (t, _) = finish("404", 404, None);
+    assert_eq!(t, ClaimStatus::Released);
+}
+
+#[test]
 fn a_claim_after_expiry_opens_a_new_generation() {
     let mut cfg = config("a");
     cfg.namespaces[0].ttl_ms = 60_000;
