@@ -630,6 +630,16 @@ impl Client {
                 break;
             }
             let moved = failover && pinned.is_none() && c.endpoints.len() > 1;
+            if !moved
+                && last_problem
+                    .as_ref()
+                    .is_some_and(|p| p.state.as_deref() == Some("lookup_unanswered"))
+            {
+                // The region refuses to grant a failed-over claim whose prior region it could
+                // not ask, and there is no other region to try: asking it again at once gets
+                // the same answer. The caller decides when to retry.
+                break;
+            }
             if moved {
                 // The next region is told which region was tried just before it, also when
                 // the list wraps around to the home region.

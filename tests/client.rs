@@ -114,6 +114,39 @@ async fn a_503_is_failed_over_at_once_and_the_next_region_told() {
 }
 
 #[tokio::test]
+async fn a_caller_named_prior_region_reaches_the_daemon_and_its_refusal_is_not_retried_in_vain() {
+    let dir = tempdir();
+    // us1 refuses claims whose prior region it cannot ask; it is the only region.
+    let us1 = Daemon::start(dir.path(), &failover_policy()).await;
+    let c = Client::new(client(&[("us1", &us1.url)])).unwrap();
+    let eu1 = idem::clock::RegionId::new("eu1").unwrap();
+    let got = c
+        .claim_after("acct_1", "k-prior", Fingerprint::of(b"a"), Some(eu1))
+        .await;
+    let Err(ClientError::GaveUp {
+        attempts,
+        problem: Some(p),
+        ..
+    }) = got
+    else {
+        panic!("{got:?}")
+    };
+    assert_eq!(p.state.as_deref(), Some("lookup_unanswered"));
+    assert_eq!(attempts, 1, "the same answer is not asked for again");
+    let m = us1.metrics().await;
+    assert!(
+        m.contains("idem_failover_lookups_total{prior=\"eu1\",result=\"refused_unanswered\"} 1"),
+        "{m}"
+    );
+    // Without a prior region the claim is granted.
+    let got = c
+        .claim("acct_1", "k-prior", Fingerprint::of(b"a"))
+        .await
+        .unwrap();
+    assert!(matches!(got, ClaimOutcome::Execute { .. }), "{got:?}");
+}
+
+#[tokio::test]
 async fn a_503_from_the_only_region_is_retried_after_its_retry_after() {
     let dir = tempdir();
     // A region rebuilding its index answers 503 `recovering` with Retry-After: 1.

@@ -112,6 +112,16 @@ async fn stream(axum::extract::State(c): axum::extract::State<Arc<Counts>>) -> i
     endless_events()
 }
 
+/// A body that breaks off after its first bytes; counted in `status`.
+async fn broken(axum::extract::State(c): axum::extract::State<Arc<Counts>>) -> impl IntoResponse {
+    c.status.fetch_add(1, Ordering::SeqCst);
+    let chunks = futures_util::stream::iter([
+        Ok(axum::body::Bytes::from_static(b"{\"partial\":")),
+        Err(std::io::Error::other("the handler's body failed")),
+    ]);
+    (StatusCode::CREATED, axum::body::Body::from_stream(chunks))
+}
+
 /// A large JSON answer (worth compressing) saying which `Accept-Encoding` the handler saw.
 async fn big(headers: HeaderMap) -> impl IntoResponse {
     let seen = headers
@@ -167,6 +177,7 @@ async fn app_with(
         .route("/status", post(status))
         .route("/panics", post(panics))
         .route("/paid/status", post(status))
+        .route("/paid/broken", post(broken))
         .route("/big", post(big))
         .with_state(counts.clone())
         .layer(layer.clone());
@@ -538,6 +549,17 @@ async fn route_rules_decide_what_is_stored_on_their_routes() {
         assert_eq!(a.status, 401);
     }
     assert_eq!(all.counts.status.load(Ordering::SeqCst), 2);
+    // The layer's own 502 (the handler's body broke off: it may have acted) is the namespace's
+    // to decide, not a rule's: this namespace releases 502, so the retry runs again although
+    // the rule would store it.
+    for _ in 0..2 {
+        let a = all
+            .post_with("/paid/broken", Some("r-broken"), "{}", &[])
+            .await;
+        assert_eq!(a.status, 502, "{}", a.body);
+        assert_eq!(a.header("idempotent-replayed"), Some("false"));
+    }
+    assert_eq!(all.counts.status.load(Ordering::SeqCst), 4);
 }
 
 #[tokio::test]

@@ -78,6 +78,7 @@ async fn upstream() -> Upstream {
     let router = Router::new()
         .route("/charges", post(charge))
         .route("/stream", post(stream))
+        .route("/echo", axum::routing::get(echo_upgrade))
         .with_state(runs.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -85,6 +86,32 @@ async fn upstream() -> Upstream {
         axum::serve(listener, router).await.unwrap();
     });
     Upstream { url, runs, server }
+}
+
+/// Switches to a made-up `echo` protocol (any upgrade is bytes both ways once switched) and
+/// sends back every byte it gets.
+async fn echo_upgrade(mut req: axum::extract::Request) -> axum::response::Response {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    if req.headers().get("upgrade").map(|v| v.as_bytes()) != Some(b"echo") {
+        return StatusCode::UPGRADE_REQUIRED.into_response();
+    }
+    let switched = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let mut io = hyper_util::rt::TokioIo::new(switched.await.unwrap());
+        let mut buf = [0u8; 1024];
+        loop {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => io.write_all(&buf[..n]).await.unwrap(),
+            }
+        }
+    });
+    axum::response::Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header("connection", "upgrade")
+        .header("upgrade", "echo")
+        .body(axum::body::Body::empty())
+        .unwrap()
 }
 
 /// A running `idem proxy`; killed (SIGKILL) on drop.
@@ -617,4 +644,186 @@ async fn proxies_sharing_a_region_daemon_share_their_keys() {
     assert_eq!(up.runs.load(Ordering::SeqCst), 3);
     let home = orders.post("/charges", Some("k-f"), BODY, &[]).await;
     assert_eq!(home.status, 201, "{}", home.body);
+}
+
+#[tokio::test]
+async fn protocol_upgrades_pass_through_the_proxy() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&up.url, dir.path(), None, &["--upstream-timeout-ms", "300"]);
+    let addr = proxy.url.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(
+        b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    // The head, up to its blank line.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        assert_eq!(
+            conn.read(&mut b).await.unwrap(),
+            1,
+            "closed in the head: {head:?}"
+        );
+        head.push(b[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    async fn echo(conn: &mut tokio::net::TcpStream, msg: &[u8]) {
+        conn.write_all(msg).await.unwrap();
+        let mut got = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut got))
+            .await
+            .expect("the echo comes back")
+            .unwrap();
+        assert_eq!(got, msg);
+    }
+    echo(&mut conn, b"hello").await;
+    // Idle for longer than the upstream time limit, which bounds answers, not a switched
+    // connection.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    echo(&mut conn, b"still here").await;
+}
+
+/// A certificate for `sans` (DNS names, or URIs when they contain "://"), signed by `ca`:
+/// its PEM and its key's PEM.
+fn issue(ca: &rcgen::Issuer<'_, rcgen::KeyPair>, sans: &[&str]) -> (String, String) {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = sans
+        .iter()
+        .map(|s| {
+            if s.contains("://") {
+                rcgen::SanType::URI((*s).try_into().unwrap())
+            } else {
+                rcgen::SanType::DnsName((*s).try_into().unwrap())
+            }
+        })
+        .collect();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, ca).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+/// An HTTPS client trusting `ca_pem`, presenting `identity` (certificate and key PEM) if any.
+fn tls_client(ca_pem: &str, identity: Option<&(String, String)>) -> reqwest::Client {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+    };
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(config)
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn under_mutual_tls_the_client_certificate_is_the_principal() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let ca_pem = ca.as_ref().pem();
+    let server = issue(&ca, &["localhost"]);
+    let billing = issue(&ca, &["spiffe://example.org/billing", "billing.internal"]);
+    let orders = issue(&ca, &["orders.internal"]);
+    let nameless = issue(&ca, &[]);
+    let files = |name: &str, pem: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, pem).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let (cert, key, ca_file) = (
+        files("server.pem", &server.0),
+        files("server.key", &server.1),
+        files("ca.pem", &ca_pem),
+    );
+    let proxy = Proxy::start(
+        &up.url,
+        &dir.path().join("data"),
+        None,
+        &[
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--tls-client-ca",
+            &ca_file,
+            "--principal-from-cert",
+        ],
+    );
+    assert!(proxy.url.starts_with("https://"), "{}", proxy.url);
+    let url = format!("{}/charges", proxy.url.replace("127.0.0.1", "localhost"));
+    let post = |client: reqwest::Client, key: &'static str| {
+        let url = url.clone();
+        async move {
+            let r = client
+                .post(url)
+                .header("content-type", "application/json")
+                .header("idempotency-key", key)
+                .body(BODY)
+                .send()
+                .await?;
+            let replayed = r
+                .headers()
+                .get("idempotent-replayed")
+                .map(|v| v.to_str().unwrap().to_owned());
+            Ok::<_, reqwest::Error>((r.status().as_u16(), replayed))
+        }
+    };
+    // One key, two identities: two principals, two runs; the same identity again replays.
+    let a = post(tls_client(&ca_pem, Some(&billing)), "k-m")
+        .await
+        .unwrap();
+    let b = post(tls_client(&ca_pem, Some(&orders)), "k-m")
+        .await
+        .unwrap();
+    let again = post(tls_client(&ca_pem, Some(&billing)), "k-m")
+        .await
+        .unwrap();
+    assert_eq!(a, (201, Some("false".into())));
+    assert_eq!(b, (201, Some("false".into())));
+    assert_eq!(again, (201, Some("true".into())));
+    assert_eq!(up.runs.load(Ordering::SeqCst), 2);
+    // A certificate without a name gives no principal: a keyed request is refused.
+    let c = post(tls_client(&ca_pem, Some(&nameless)), "k-m")
+        .await
+        .unwrap();
+    assert_eq!(c.0, 400);
+    // No certificate: no connection.
+    assert!(post(tls_client(&ca_pem, None), "k-m").await.is_err());
+    // A certificate from another CA: no connection either.
+    let mut other_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    other_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let other =
+        rcgen::CertifiedIssuer::self_signed(other_params, rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+    let stranger = issue(&other, &["billing.internal"]);
+    assert!(post(tls_client(&ca_pem, Some(&stranger)), "k-m")
+        .await
+        .is_err());
+    assert_eq!(up.runs.load(Ordering::SeqCst), 2);
 }

@@ -134,6 +134,19 @@ struct ProxyArgs {
     /// at GET /metrics on this address.
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Serve HTTPS with this certificate chain (PEM, leaf first).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: clients must present a certificate from one of these CAs (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Take the principal from the client certificate: its first URI name (a SPIFFE id), else
+    /// its first DNS name. Needs --tls-client-ca; not with --principal-header.
+    #[arg(long, requires = "tls_client_ca", conflicts_with = "principal_header")]
+    principal_from_cert: bool,
 }
 
 fn main() {
@@ -170,6 +183,10 @@ fn run(command: Command) -> Result<()> {
                 mismatch_body,
                 mismatch_content_type,
                 metrics_listen,
+                tls_cert,
+                tls_key,
+                tls_client_ca,
+                principal_from_cert,
             } = *args;
             use idem::face::proxy::{self, ProxyConfig};
             let upstream: reqwest::Url = upstream
@@ -247,6 +264,14 @@ fn run(command: Command) -> Result<()> {
                 config.mismatch_body = Some(idem::face::AnswerTemplate { content_type, body });
             }
             config.metrics_listen = metrics_listen;
+            if let (Some(cert), Some(key)) = (tls_cert, tls_key) {
+                config.tls = Some(idem::face::listener::TlsFiles {
+                    cert,
+                    key,
+                    client_ca: tls_client_ca,
+                });
+            }
+            config.principal_from_cert = principal_from_cert;
             init_logging(&Default::default());
             if let (true, proxy::ProxyStore::Embedded(dir)) = (embedded, &config.store) {
                 tracing::warn!(

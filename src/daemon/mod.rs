@@ -8,7 +8,7 @@
 
 pub mod config;
 pub mod metrics;
-mod tls;
+pub(crate) mod tls;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,8 +31,6 @@ use metrics::Metrics;
 /// How long a client may take to send a request's headers, and how long an idle keep-alive
 /// connection is kept.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a TLS handshake may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the housekeeping task runs (stability, hint files, garbage collection timer).
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 /// How often hint files for newly sealed segments are written.
@@ -268,15 +266,7 @@ async fn accept_loop(
             _ = stop.changed() => break,
         };
         let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(c) => c,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving the rest.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = tls::accept(&listener) => accepted,
             _ = stop.changed() => break,
         };
         let _ = stream.set_nodelay(true);
@@ -291,20 +281,11 @@ async fn accept_loop(
                     watcher.watch(conn).await
                 }
                 Some(acceptor) => {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => {
-                            let conn = http1().serve_connection(TokioIo::new(stream), service);
-                            watcher.watch(conn).await
-                        }
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    }
+                    let Some(stream) = tls::handshake(&acceptor, stream, peer).await else {
+                        return;
+                    };
+                    let conn = http1().serve_connection(TokioIo::new(stream), service);
+                    watcher.watch(conn).await
                 }
             };
             if let Err(e) = served {

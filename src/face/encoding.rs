@@ -41,7 +41,14 @@ pub fn accepts_gzip(headers: &HeaderMap) -> bool {
 /// type, no coding of its own, a body of at least [`COMPRESS_BYTES_MIN`], and a status that
 /// carries a whole representation.
 pub fn compressible(status: StatusCode, headers: &HeaderMap, len: usize) -> bool {
+    let no_transform = headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|d| d.trim().eq_ignore_ascii_case("no-transform"));
     if len < COMPRESS_BYTES_MIN
+        || no_transform
         || matches!(
             status,
             StatusCode::NO_CONTENT | StatusCode::PARTIAL_CONTENT | StatusCode::NOT_MODIFIED
@@ -71,9 +78,12 @@ pub fn compressible(status: StatusCode, headers: &HeaderMap, len: usize) -> bool
 }
 
 /// Compresses `body` for the client when it asks for gzip and the response is
-/// [`compressible`]: sets `Content-Encoding: gzip` and drops `Content-Length` (the server
-/// sets it anew). Always adds `Vary: Accept-Encoding` to a compressible response, so caches
-/// keep the two codings apart.
+/// [`compressible`] (not marked `Cache-Control: no-transform`): sets `Content-Encoding: gzip`,
+/// drops `Content-Length` (the server sets it anew) and digests of the identity bytes
+/// (`Content-Digest`, `Repr-Digest`, `Content-MD5`), and weakens a strong `ETag` (the two
+/// codings are not byte-equal). Always adds `Vary: Accept-Encoding` to a compressible
+/// response, so caches keep the two codings apart. Blocking: call it off the async threads
+/// for large bodies.
 pub fn encode_for_client(
     status: StatusCode,
     headers: &mut HeaderMap,
@@ -106,6 +116,17 @@ pub fn encode_for_client(
         Ok(zipped) => {
             headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
             headers.remove(header::CONTENT_LENGTH);
+            for digest in ["content-digest", "repr-digest", "content-md5"] {
+                headers.remove(digest);
+            }
+            let weak = headers
+                .get(header::ETAG)
+                .and_then(|v| v.to_str().ok())
+                .filter(|e| !e.starts_with("W/"))
+                .and_then(|e| HeaderValue::from_str(&format!("W/{e}")).ok());
+            if let Some(weak) = weak {
+                headers.insert(header::ETAG, weak);
+            }
             Bytes::from(zipped)
         }
         Err(_) => body,
@@ -208,5 +229,38 @@ mod tests {
         h.insert(header::VARY, HeaderValue::from_static("Accept-Encoding"));
         encode_for_client(StatusCode::OK, &mut h, big.clone(), true);
         assert_eq!(h.get_all(header::VARY).iter().count(), 1);
+
+        let mut h = json_headers();
+        h.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("max-age=60, No-Transform"),
+        );
+        assert_eq!(
+            encode_for_client(StatusCode::OK, &mut h, big.clone(), true),
+            big
+        );
+        assert!(!h.contains_key(header::CONTENT_ENCODING));
+    }
+
+    #[test]
+    fn validators_of_the_identity_bytes_do_not_go_out_with_the_gzipped_ones() {
+        let big = Bytes::from(vec![b'a'; 4096]);
+        let mut h = json_headers();
+        h.insert(header::ETAG, HeaderValue::from_static("\"v1\""));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("4096"));
+        h.insert("content-digest", HeaderValue::from_static("sha-256=:abc=:"));
+        encode_for_client(StatusCode::OK, &mut h, big.clone(), true);
+        assert_eq!(h[header::ETAG], "W/\"v1\"");
+        assert!(!h.contains_key(header::CONTENT_LENGTH));
+        assert!(!h.contains_key("content-digest"));
+        // Already weak: unchanged. Identity: untouched.
+        let mut h = json_headers();
+        h.insert(header::ETAG, HeaderValue::from_static("W/\"v2\""));
+        encode_for_client(StatusCode::OK, &mut h, big.clone(), true);
+        assert_eq!(h[header::ETAG], "W/\"v2\"");
+        let mut h = json_headers();
+        h.insert(header::ETAG, HeaderValue::from_static("\"v3\""));
+        encode_for_client(StatusCode::OK, &mut h, big, false);
+        assert_eq!(h[header::ETAG], "\"v3\"");
     }
 }

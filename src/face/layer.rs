@@ -86,8 +86,10 @@ pub enum PrincipalFrom {
 pub struct PeerIdentity(pub String);
 
 /// A configured answer in place of the layer's problem+json: `{key}`, `{claim}` and
-/// `{status}` in `body` are replaced by the request's key, the claim that holds it and the
-/// answer's status (JSON-escaped when the content type is JSON, so a template stays valid).
+/// `{status}` in `body` are replaced, in one pass, by the request's key, the claim that holds
+/// it and the answer's status. Values are escaped for the content type: JSON string escapes
+/// for a JSON type (so a template stays valid), HTML entities for an HTML or XML type (a key is
+/// the client's text: it must not become markup).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AnswerTemplate {
     /// The answer's `Content-Type`.
@@ -99,24 +101,54 @@ pub struct AnswerTemplate {
 impl AnswerTemplate {
     /// The answer for `key` held by `claim`, with `status`.
     pub fn render(&self, status: StatusCode, key: &str, claim: &str) -> Response<Body> {
-        let json = self
+        let ct = self
             .content_type
             .to_str()
-            .is_ok_and(|c| c.to_ascii_lowercase().contains("json"));
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        let (json, markup) = (
+            ct.contains("json"),
+            ct.contains("html") || ct.contains("xml"),
+        );
         let fill = |v: &str| {
             if json {
                 // A JSON string's inside: escaped, without its quotes.
                 let quoted = serde_json::Value::from(v).to_string();
                 quoted[1..quoted.len() - 1].to_owned()
+            } else if markup {
+                v.chars()
+                    .map(|c| match c {
+                        '&' => "&amp;".to_owned(),
+                        '<' => "&lt;".to_owned(),
+                        '>' => "&gt;".to_owned(),
+                        '"' => "&quot;".to_owned(),
+                        '\'' => "&#39;".to_owned(),
+                        c => c.to_string(),
+                    })
+                    .collect()
             } else {
                 v.to_owned()
             }
         };
-        let body = self
-            .body
-            .replace("{key}", &fill(key))
-            .replace("{claim}", &fill(claim))
-            .replace("{status}", status.as_str());
+        // One pass: a value that looks like a placeholder stays as it is.
+        let mut body = String::with_capacity(self.body.len() + key.len());
+        let mut rest = self.body.as_str();
+        while let Some(at) = rest.find('{') {
+            body.push_str(&rest[..at]);
+            rest = &rest[at..];
+            let (value, len) = if rest.starts_with("{key}") {
+                (fill(key), 5)
+            } else if rest.starts_with("{claim}") {
+                (fill(claim), 7)
+            } else if rest.starts_with("{status}") {
+                (status.as_str().to_owned(), 8)
+            } else {
+                ("{".to_owned(), 1)
+            };
+            body.push_str(&value);
+            rest = &rest[len..];
+        }
+        body.push_str(rest);
         let mut r = Response::new(Body::from(body));
         *r.status_mut() = status;
         r.headers_mut()
@@ -346,6 +378,16 @@ pub enum LayerError {
     /// The store does not serve the namespace.
     #[error("the store has no namespace {0:?}")]
     UnknownNamespace(String),
+    /// A route rule names a method the layer does not guard: it would never apply.
+    #[error("the route rule for {prefix:?} names {method}, which the layer does not guard (it guards {guarded})")]
+    RouteMethodNotGuarded {
+        /// The rule's prefix.
+        prefix: String,
+        /// The method it names.
+        method: Method,
+        /// The methods the layer guards.
+        guarded: String,
+    },
 }
 
 impl IdempotencyLayer {
@@ -354,6 +396,20 @@ impl IdempotencyLayer {
         let limits = backend
             .limits(&config.namespace)
             .ok_or_else(|| LayerError::UnknownNamespace(config.namespace.clone()))?;
+        for rule in &config.routes {
+            if let Some(m) = rule.method.as_ref().filter(|m| !config.methods.contains(m)) {
+                return Err(LayerError::RouteMethodNotGuarded {
+                    prefix: rule.prefix.clone(),
+                    method: m.clone(),
+                    guarded: config
+                        .methods
+                        .iter()
+                        .map(Method::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            }
+        }
         Ok(Self {
             shared: Arc::new(Shared {
                 backend: Arc::new(backend),
@@ -710,7 +766,11 @@ where
                 ..
             } => {
                 let req = Request::from_parts(parts, Body::from(bytes));
-                let mut answer = echo(marked(replay(outcome, gzip), true, Some(expires_at_ms)));
+                let mut answer = echo(marked(
+                    replay(outcome, gzip).await,
+                    true,
+                    Some(expires_at_ms),
+                ));
                 if indeterminate {
                     answer
                         .headers_mut()
@@ -984,6 +1044,7 @@ where
         return not_kept(beat, "a streaming response", response).await;
     }
     let (parts, body) = response.into_parts();
+    let mut rule = rule;
     let (parts, bytes) = match buffer(body, shared.config.response_bytes_max).await {
         Ok(b) => (parts, b),
         Err(Buffered::TooLarge(whole)) => {
@@ -993,7 +1054,9 @@ where
         Err(Buffered::Failed(e)) => {
             // The handler ran but its answer broke off: it may have acted. Answer 502 and let
             // the namespace's policy decide by that status (stored as indeterminate where 502
-            // is listed, as `idem proxy` does; released by default).
+            // is listed, as `idem proxy` does; released by default), not a route rule written
+            // for the handler's own answers.
+            rule = None;
             let p = Problem::new(
                 StatusCode::BAD_GATEWAY,
                 "response-failed",
@@ -1017,7 +1080,7 @@ where
         Some(rule) => match rule.store_as(parts.status.as_u16()) {
             Some(a) => Some(a),
             None => {
-                let r = answer(parts, bytes, gzip);
+                let r = answer(parts, bytes, gzip).await;
                 return not_kept(beat, "the route's rule does not store this status", r).await;
             }
         },
@@ -1026,6 +1089,7 @@ where
     let mut outcome = outcome(&parts, &bytes, &shared.limits);
     let mut kept = false;
     let mut attempt = 0u32;
+    let mut store_as = store_as;
     loop {
         match backend
             .complete(key.clone(), claim, outcome.clone(), store_as)
@@ -1048,6 +1112,19 @@ where
                 outcome.body = StoredBody::digest_of(&outcome.body);
                 outcome.headers.clear();
             }
+            Err(p)
+                if store_as.is_some()
+                    && p.0.status == 422
+                    && p.0
+                        .detail
+                        .as_deref()
+                        .is_some_and(|d| d.contains("store_as")) =>
+            {
+                // A daemon older than `store_as`: its namespace's table decides instead, which
+                // beats leaving the key in flight. Upgrade daemons before their clients.
+                tracing::warn!("the store does not take store_as (an older daemon): the namespace's status table decides this outcome");
+                store_as = None;
+            }
             Err(p) => {
                 // The handler ran and its answer is here: give it to the client rather than
                 // an error that invites running it again. A retry finds the key in flight
@@ -1063,23 +1140,53 @@ where
         Verdict::NotStored
     });
     Executed {
-        response: answer(parts, bytes, gzip),
+        response: answer(parts, bytes, gzip).await,
         kept,
     }
 }
 
+/// Bodies at least this large are compressed on a blocking thread, off the async workers.
+const COMPRESS_INLINE_MAX: usize = 64 << 10;
+
 /// A buffered response for the client, compressed when it asks (`gzip`: `None` off, else
 /// whether the client takes gzip).
-fn answer(
+async fn answer(
     mut parts: axum::http::response::Parts,
     bytes: Bytes,
     gzip: Option<bool>,
 ) -> Response<Body> {
-    let bytes = match gzip {
-        Some(accepts) => encode_for_client(parts.status, &mut parts.headers, bytes, accepts),
-        None => bytes,
+    let Some(accepts) = gzip else {
+        return Response::from_parts(parts, Body::from(bytes));
     };
-    Response::from_parts(parts, Body::from(bytes))
+    if !accepts || bytes.len() < COMPRESS_INLINE_MAX {
+        let bytes = encode_for_client(parts.status, &mut parts.headers, bytes, accepts);
+        return Response::from_parts(parts, Body::from(bytes));
+    }
+    let (status, mut headers) = (parts.status, std::mem::take(&mut parts.headers));
+    let len = bytes.len();
+    match tokio::task::spawn_blocking(move || {
+        let b = encode_for_client(status, &mut headers, bytes, true);
+        (headers, b)
+    })
+    .await
+    {
+        Ok((headers, b)) => {
+            parts.headers = headers;
+            Response::from_parts(parts, Body::from(b))
+        }
+        // The compressing thread failed: the headers went with it, so answer a problem rather
+        // than bytes without their headers.
+        Err(e) => {
+            tracing::error!(error = %e, len, "compressing an answer failed");
+            Problem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "encoding-failed",
+                "Encoding failed",
+                "compressing the answer failed; retry without Accept-Encoding: gzip",
+            )
+            .into_response()
+        }
+    }
 }
 
 /// Extends the claim's lease every third of it while the handler runs, for at most `max`;
@@ -1187,7 +1294,7 @@ fn outcome(
 }
 
 /// The response a stored outcome replays as (`gzip` as for [`answer`]).
-fn replay(outcome: Outcome, gzip: Option<bool>) -> Response<Body> {
+async fn replay(outcome: Outcome, gzip: Option<bool>) -> Response<Body> {
     let status = StatusCode::from_u16(outcome.status).unwrap_or(StatusCode::OK);
     let body = match outcome.body {
         StoredBody::Full(b) | StoredBody::Redacted(b) => b,
@@ -1215,7 +1322,7 @@ fn replay(outcome: Outcome, gzip: Option<bool>) -> Response<Body> {
             }
         }
     }
-    answer(parts, Bytes::from(body), gzip)
+    answer(parts, Bytes::from(body), gzip).await
 }
 
 /// Adds `Idempotent-Replayed` and, when the key holds an outcome, `Idempotency-Expires`.
@@ -1233,4 +1340,97 @@ fn marked(mut r: Response<Body>, replayed: bool, expires_at_ms: Option<u64>) -> 
         }
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn rendered(content_type: &'static str, body: &str, key: &str) -> String {
+        let t = AnswerTemplate {
+            content_type: HeaderValue::from_static(content_type),
+            body: body.into(),
+        };
+        let r = t.render(StatusCode::CONFLICT, key, "17.0@eu1");
+        assert_eq!(r.status(), StatusCode::CONFLICT);
+        assert_eq!(r.headers()[header::CONTENT_TYPE], content_type);
+        let b = buffer(r.into_body(), usize::MAX).await.ok().unwrap();
+        String::from_utf8(b.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn templates_fill_placeholders_once_escaped_for_their_type() {
+        let body = "{key}|{claim}|{status}|{other}|{";
+        // A key that looks like a placeholder stays as it is.
+        assert_eq!(
+            rendered("text/plain", body, "{status}").await,
+            "{status}|17.0@eu1|409|{other}|{"
+        );
+        assert_eq!(
+            rendered("text/html; charset=utf-8", body, "<b>&'\"").await,
+            "&lt;b&gt;&amp;&#39;&quot;|17.0@eu1|409|{other}|{"
+        );
+        assert_eq!(
+            rendered("application/json", r#"{"key":"{key}"}"#, "a\"b\\c").await,
+            r#"{"key":"a\"b\\c"}"#
+        );
+    }
+
+    #[test]
+    fn a_route_rule_for_a_method_the_layer_leaves_alone_is_refused() {
+        struct NoStore;
+        impl Backend for NoStore {
+            fn claim(
+                &self,
+                _: ClaimRequest,
+                _: Option<RegionId>,
+            ) -> super::super::backend::BoxFuture<
+                '_,
+                Result<Decision, crate::http::problem::ApiError>,
+            > {
+                unreachable!("never called")
+            }
+            fn complete(
+                &self,
+                _: RecordKey,
+                _: Stamp,
+                _: Outcome,
+                _: Option<crate::http::api::StoreAs>,
+            ) -> super::super::backend::BoxFuture<'_, Result<bool, crate::http::problem::ApiError>>
+            {
+                unreachable!("never called")
+            }
+            fn release(
+                &self,
+                _: RecordKey,
+                _: Stamp,
+            ) -> super::super::backend::BoxFuture<'_, Result<(), crate::http::problem::ApiError>>
+            {
+                unreachable!("never called")
+            }
+            fn extend(
+                &self,
+                _: RecordKey,
+                _: Stamp,
+                _: u64,
+            ) -> super::super::backend::BoxFuture<'_, Result<(), crate::http::problem::ApiError>>
+            {
+                unreachable!("never called")
+            }
+            fn limits(&self, _: &str) -> Option<NamespaceLimits> {
+                Some(NamespaceLimits::daemon_defaults())
+            }
+        }
+        let config = LayerConfig::new("ns", PrincipalFrom::Fixed("p".into()))
+            .route(RoutePolicy::under("/x").method(Method::PUT).store(200, 299));
+        let e = IdempotencyLayer::new(NoStore, config).err().unwrap();
+        assert!(matches!(e, LayerError::RouteMethodNotGuarded { .. }), "{e}");
+        assert!(e.to_string().contains("PUT"), "{e}");
+        let config = LayerConfig::new("ns", PrincipalFrom::Fixed("p".into())).route(
+            RoutePolicy::under("/x")
+                .method(Method::PATCH)
+                .store(200, 299),
+        );
+        assert!(IdempotencyLayer::new(NoStore, config).is_ok());
+    }
 }

@@ -9,12 +9,15 @@
 //! * [`encoding`]: gzip for clients that ask (outcomes are stored in identity encoding).
 //! * [`backend`]: where keys live: [`EmbeddedStore`] in this process, or a region daemon.
 //! * [`proxy`]: `idem proxy`, the layer as a sidecar reverse proxy.
+//! * [`listener`]: serving it: plain, TLS or mutual TLS (the client certificate's identity as
+//!   the principal), with protocol upgrades.
 
 pub mod backend;
 pub mod encoding;
 pub mod fingerprint;
 pub mod key;
 pub mod layer;
+pub mod listener;
 pub mod proxy;
 pub mod route;
 

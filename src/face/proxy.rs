@@ -13,7 +13,11 @@
 //!
 //! The principal comes from `--principal-header` when set, honoured only from trusted peers
 //! (loopback by default): from anyone else the header is stripped before anything reads it,
-//! so a client cannot claim another principal's keys.
+//! so a client cannot claim another principal's keys. Under mutual TLS it can come from the
+//! client certificate instead (`--principal-from-cert`).
+//!
+//! Protocol upgrades (websockets) are forwarded, and once the upstream switches, bytes are
+//! copied both ways.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -26,6 +30,7 @@ use axum::http::{header, HeaderName, Request, Response, StatusCode};
 use axum::response::IntoResponse;
 use axum::Router;
 
+use super::listener::TlsFiles;
 use super::{
     AnswerTemplate, EmbeddedStore, IdempotencyLayer, LayerConfig, NamespaceLimits, PrincipalFrom,
     RemoteStore, RoutePolicy,
@@ -66,7 +71,7 @@ pub struct ProxyConfig {
     /// Decide and report, never block.
     pub shadow: bool,
     /// What is stored by route and status (see [`RoutePolicy`]); the proxy adds 502 and 504 as
-    /// indeterminate to a rule that lists neither (see [`route_rules`]).
+    /// indeterminate to each rule, unless the rule lists them (see [`route_rules`]).
     pub routes: Vec<RoutePolicy>,
     /// Status of the answer to a key reused with another request.
     pub mismatch_status: StatusCode,
@@ -75,6 +80,11 @@ pub struct ProxyConfig {
     /// Serve `GET /metrics` (the layer's verdict counts, shadow reports included) on this
     /// address, apart from the proxied API so that no upstream path is shadowed.
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve HTTPS (with `client_ca`: mutual TLS) instead of plain HTTP.
+    pub tls: Option<TlsFiles>,
+    /// Take the principal from the client certificate's identity (needs mutual TLS); takes
+    /// precedence over `principal_header`.
+    pub principal_from_cert: bool,
 }
 
 impl ProxyConfig {
@@ -98,6 +108,8 @@ impl ProxyConfig {
             mismatch_status: StatusCode::UNPROCESSABLE_ENTITY,
             mismatch_body: None,
             metrics_listen: None,
+            tls: None,
+            principal_from_cert: false,
         }
     }
 }
@@ -139,9 +151,17 @@ pub async fn run(
     config: ProxyConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let principal = match &config.principal_header {
-        Some(h) => PrincipalFrom::Header(h.clone()),
-        None => PrincipalFrom::Fixed(DEFAULT_PRINCIPAL.into()),
+    let tls = config.tls.as_ref().map(TlsFiles::acceptor).transpose()?;
+    let principal = if config.principal_from_cert {
+        if config.tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
+            anyhow::bail!("the principal can come from client certificates only under mutual TLS: --tls-cert, --tls-key and --tls-client-ca");
+        }
+        PrincipalFrom::PeerIdentity
+    } else {
+        match &config.principal_header {
+            Some(h) => PrincipalFrom::Header(h.clone()),
+            None => PrincipalFrom::Fixed(DEFAULT_PRINCIPAL.into()),
+        }
     };
     let (layer, embedded) = match &config.store {
         ProxyStore::Embedded(dir) => {
@@ -198,18 +218,13 @@ pub async fn run(
     let metrics_note = metrics
         .map(|a| format!(" (metrics at http://{a}/metrics)"))
         .unwrap_or_default();
+    let scheme = if tls.is_some() { "https" } else { "http" };
     println!(
-        "idem: proxying http://{} to {}{metrics_note}",
+        "idem: proxying {scheme}://{} to {}{metrics_note}",
         listener.local_addr()?,
         config.upstream
     );
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
-    .context("serving")?;
+    super::listener::serve(listener, tls, app, shutdown, DRAIN_MAX).await;
     // Keyed requests whose clients left run on: let them finish and store their outcomes.
     let left = draining.drain(DRAIN_MAX).await;
     if left > 0 {
@@ -266,8 +281,8 @@ fn layer_config(config: &ProxyConfig, namespace: &str, principal: PrincipalFrom)
     c
 }
 
-/// The proxy's route rules: as given, except that a rule listing neither 502 nor 504 stores
-/// them as indeterminate. The proxy answers 502 and 504 itself when the upstream failed or
+/// The proxy's route rules: as given, except that each of 502 and 504 is stored as
+/// indeterminate unless the rule lists it. The proxy answers 502 and 504 itself when the upstream failed or
 /// timed out after the request was sent (it may have acted): releasing the key then would let
 /// a retry run the request twice.
 pub fn route_rules(rules: &[RoutePolicy]) -> Vec<RoutePolicy> {
@@ -322,8 +337,9 @@ async fn serve_metrics(addr: SocketAddr, layer: IdempotencyLayer) -> anyhow::Res
     Ok(bound)
 }
 
-/// What only a trusted peer may say about a request: its principal header and its
-/// forwarding headers (`X-Forwarded-For`, `Forwarded`). From anyone else they are removed.
+/// What only a trusted peer may say about a request: its principal header, its forwarding
+/// headers (`X-Forwarded-For`, `Forwarded`) and the region it failed over from
+/// (`Idem-Prior-Region`). From anyone else they are removed.
 #[derive(Clone)]
 struct StripUntrusted {
     header: Option<HeaderName>,
@@ -344,6 +360,8 @@ impl StripUntrusted {
             }
             h.remove("x-forwarded-for");
             h.remove(header::FORWARDED);
+            // Which region a request failed over from is the gateway's to say.
+            h.remove(crate::http::api::PRIOR_REGION_HEADER);
         }
         req
     }
@@ -407,7 +425,13 @@ impl Upstream {
     }
 
     async fn forward(&self, req: Request<Body>) -> Response<Body> {
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        // A protocol upgrade (websockets): forwarded with its `Upgrade` header, and once the
+        // upstream switches, bytes are copied both ways until either side closes.
+        let upgrade = upgrade_asked(&parts.headers);
+        let client_side = upgrade
+            .as_ref()
+            .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
         let mut url = self.base.clone();
         let base_path = url.path().trim_end_matches('/').to_owned();
         url.set_path(&format!("{base_path}{}", parts.uri.path()));
@@ -435,6 +459,11 @@ impl Upstream {
             };
             out = out.header("x-forwarded-for", chain);
         }
+        if let (Some(protocol), Some(_)) = (&upgrade, &client_side) {
+            out = out
+                .header(header::CONNECTION, "upgrade")
+                .header(header::UPGRADE, protocol);
+        }
         let out = out.body(reqwest::Body::wrap_stream(body.into_data_stream()));
         // The time limit is on the answer's head; its body may stream for as long as it keeps
         // moving (the client's read timeout bounds each pause).
@@ -452,6 +481,25 @@ impl Upstream {
             }
         };
         match sent {
+            Ok(r) if r.status() == StatusCode::SWITCHING_PROTOCOLS && client_side.is_some() => {
+                let client_side = client_side.expect("checked above");
+                let mut answer = Response::builder().status(StatusCode::SWITCHING_PROTOCOLS);
+                let dropped = connection_tokens(r.headers());
+                for (name, value) in r.headers() {
+                    if !hop_by_hop(name) && !dropped.contains(name) {
+                        answer = answer.header(name, value);
+                    }
+                }
+                if let Some(protocol) = r.headers().get(header::UPGRADE) {
+                    answer = answer
+                        .header(header::CONNECTION, "upgrade")
+                        .header(header::UPGRADE, protocol);
+                }
+                tokio::spawn(splice(client_side, r));
+                answer.body(Body::empty()).unwrap_or_else(|e| {
+                    upstream_problem(StatusCode::BAD_GATEWAY, "upstream-failed", e.to_string())
+                })
+            }
             Ok(r) => {
                 let dropped = connection_tokens(r.headers());
                 let mut answer = Response::builder().status(r.status());
@@ -492,6 +540,35 @@ impl Upstream {
                 ),
             ),
         }
+    }
+}
+
+/// The protocol a request asks to switch to: its `Upgrade` header, when `Connection` names it.
+fn upgrade_asked(headers: &axum::http::HeaderMap) -> Option<axum::http::HeaderValue> {
+    connection_tokens(headers)
+        .contains(&header::UPGRADE)
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Copies bytes both ways between a client and the upstream once both switched protocols,
+/// until either side closes.
+async fn splice(client: hyper::upgrade::OnUpgrade, upstream: reqwest::Response) {
+    let (client, upstream) = match (client.await, upstream.upgrade().await) {
+        (Ok(c), Ok(u)) => (c, u),
+        (Err(e), _) => {
+            tracing::debug!(error = %e, "the client did not switch protocols");
+            return;
+        }
+        (_, Err(e)) => {
+            tracing::warn!(error = %e, "the upstream did not switch protocols");
+            return;
+        }
+    };
+    let mut client = hyper_util::rt::TokioIo::new(client);
+    let mut upstream = upstream;
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(error = %e, "an upgraded connection ended");
     }
 }
 
@@ -569,6 +646,7 @@ mod tests {
             let mut r = Request::builder()
                 .header("x-principal", "acct_1")
                 .header("x-forwarded-for", "1.2.3.4")
+                .header("idem-prior-region", "us1")
                 .body(Body::empty())
                 .unwrap();
             r.extensions_mut()
@@ -578,11 +656,13 @@ mod tests {
         let kept = strip.apply(req("10.1.2.3:5000"));
         assert_eq!(kept.headers()["x-principal"], "acct_1");
         assert_eq!(kept.headers()["x-forwarded-for"], "1.2.3.4");
+        assert_eq!(kept.headers()["idem-prior-region"], "us1");
         // An IPv4 peer seen through an IPv6 listener is the same peer.
         let mapped = strip.apply(req("[::ffff:10.1.2.3]:5000"));
         assert_eq!(mapped.headers()["x-principal"], "acct_1");
         let stripped = strip.apply(req("192.168.1.9:5000"));
         assert!(stripped.headers().get("x-principal").is_none());
         assert!(stripped.headers().get("x-forwarded-for").is_none());
+        assert!(stripped.headers().get("idem-prior-region").is_none());
     }
 }

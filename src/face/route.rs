@@ -73,7 +73,7 @@ impl RoutePolicy {
         let mut words = rule.split_whitespace().peekable();
         let method = match words.peek() {
             Some(w) if !w.starts_with('/') => {
-                let m = Method::from_bytes(w.as_bytes())
+                let m = Method::from_bytes(w.to_ascii_uppercase().as_bytes())
                     .map_err(|_| err(format!("{w:?} is not a method")))?;
                 words.next();
                 Some(m)
@@ -178,6 +178,11 @@ mod tests {
         );
         assert_eq!(r.indeterminate, vec![StatusRange::new(500, 599)]);
         assert_eq!(RoutePolicy::parse("/x").unwrap(), RoutePolicy::under("/x"));
+        assert_eq!(
+            RoutePolicy::parse("patch /x").unwrap().method,
+            Some(Method::PATCH),
+            "methods are matched as written in upper case"
+        );
         for (bad, why) in [
             ("", "no path prefix"),
             ("POST", "no path prefix"),
