@@ -122,6 +122,25 @@ async fn broken(axum::extract::State(c): axum::extract::State<Arc<Counts>>) -> i
     (StatusCode::CREATED, axum::body::Body::from_stream(chunks))
 }
 
+/// Plain text that never ends (not a media type the layer knows as a stream); counted in
+/// `stream`.
+async fn trickle(axum::extract::State(c): axum::extract::State<Arc<Counts>>) -> impl IntoResponse {
+    c.stream.fetch_add(1, Ordering::SeqCst);
+    let lines = futures_util::stream::unfold(0u64, |i| async move {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Some((
+            Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(format!("line {i}\n"))),
+            i + 1,
+        ))
+    });
+    (
+        [("content-type", "text/plain")],
+        axum::body::Body::from_stream(lines),
+    )
+}
+
 /// A large JSON answer (worth compressing) saying which `Accept-Encoding` the handler saw.
 async fn big(headers: HeaderMap) -> impl IntoResponse {
     let seen = headers
@@ -179,6 +198,7 @@ async fn app_with(
         .route("/paid/status", post(status))
         .route("/paid/broken", post(broken))
         .route("/big", post(big))
+        .route("/trickle", post(trickle))
         .with_state(counts.clone())
         .layer(layer.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -727,4 +747,21 @@ async fn the_layer_reports_its_verdicts_as_metrics() {
     ] {
         assert!(text.lines().any(|l| l == line), "{line:?} in\n{text}");
     }
+}
+
+#[tokio::test]
+async fn a_body_still_going_after_stream_after_flows_through_unrecorded() {
+    let app = app(|mut c| {
+        c.stream_after = Duration::from_millis(300);
+        c
+    })
+    .await;
+    let url = format!("{}/trickle", app.url);
+    let headers = [("x-principal", "acct_1"), ("idempotency-key", "t-1")];
+    for _ in 0..2 {
+        let chunk = first_chunk(&url, &headers).await;
+        assert!(chunk.starts_with(b"line 0"), "{chunk:?}");
+    }
+    // Not recorded: the retry ran the handler again.
+    assert_eq!(app.counts.stream.load(Ordering::SeqCst), 2);
 }

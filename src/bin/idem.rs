@@ -134,6 +134,10 @@ struct ProxyArgs {
     /// at GET /metrics on this address.
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// An answer whose body is still going this many ms after its head is passed on as a
+    /// stream, unrecorded (the key is released).
+    #[arg(long, default_value_t = 10_000)]
+    stream_after_ms: u64,
     /// Serve HTTPS with this certificate chain (PEM, leaf first).
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -187,6 +191,7 @@ fn run(command: Command) -> Result<()> {
                 tls_key,
                 tls_client_ca,
                 principal_from_cert,
+                stream_after_ms,
             } = *args;
             use idem::face::proxy::{self, ProxyConfig};
             let upstream: reqwest::Url = upstream
@@ -272,6 +277,7 @@ fn run(command: Command) -> Result<()> {
                 });
             }
             config.principal_from_cert = principal_from_cert;
+            config.stream_after = std::time::Duration::from_millis(stream_after_ms);
             init_logging(&Default::default());
             if let (true, proxy::ProxyStore::Embedded(dir)) = (embedded, &config.store) {
                 tracing::warn!(

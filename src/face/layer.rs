@@ -180,6 +180,11 @@ pub struct LayerConfig {
     /// How long heartbeats keep a running handler's lease alive; after that the lease runs out
     /// and another request may take the key over. Default 10 minutes.
     pub execution_max: Duration,
+    /// A response body still going this long after its head is a stream (chunked without an
+    /// end, long polling): what was read and the rest flow to the client, unrecorded, and the
+    /// key is released. Default 10 s. Streams that say so (`text/event-stream`, gRPC,
+    /// `Idempotency-Store: skip`) pass at once; this catches the others.
+    pub stream_after: Duration,
     /// Status of the answer to a key reused with another request. Default 422.
     pub mismatch_status: StatusCode,
     /// Body of that answer. Default (`None`): an RFC 9457 problem (`application/problem+json`).
@@ -210,6 +215,7 @@ impl LayerConfig {
             request_bytes_max: 1 << 20,
             response_bytes_max: 16 << 20,
             execution_max: Duration::from_secs(600),
+            stream_after: Duration::from_secs(10),
             mismatch_status: StatusCode::UNPROCESSABLE_ENTITY,
             mismatch_body: None,
             routes: Vec::new(),
@@ -673,9 +679,9 @@ where
         r
     };
     let (parts, body) = req.into_parts();
-    let bytes = match buffer(body, cfg.request_bytes_max).await {
+    let bytes = match buffer(body, cfg.request_bytes_max, None).await {
         Ok(b) => b,
-        Err(Buffered::TooLarge(whole)) => {
+        Err(Buffered::TooLarge(whole) | Buffered::Streaming(whole)) => {
             let answer = echo(
                 Problem::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -880,29 +886,44 @@ where
 enum Buffered {
     /// Over the limit: the whole body, what was read and the rest, to pass on unchanged.
     TooLarge(Body),
+    /// Still going at the deadline (a stream): the whole body, to pass on unchanged.
+    Streaming(Body),
     /// The body broke off.
     Failed(BoxError),
 }
 
-/// Reads `body` whole, up to `max` bytes.
-async fn buffer(mut body: Body, max: usize) -> Result<Bytes, Buffered> {
+/// Reads `body` whole, up to `max` bytes and, if given, until `deadline`.
+async fn buffer(mut body: Body, max: usize, deadline: Option<Instant>) -> Result<Bytes, Buffered> {
     let mut buf = bytes::BytesMut::new();
-    while let Some(frame) = body.frame().await {
+    loop {
+        let next = match deadline {
+            None => body.frame().await,
+            Some(at) => match tokio::time::timeout_at(at.into(), body.frame()).await {
+                Ok(f) => f,
+                Err(_) => return Err(Buffered::Streaming(rejoin(buf, body))),
+            },
+        };
+        let Some(frame) = next else {
+            return Ok(buf.freeze());
+        };
         let frame = frame.map_err(|e| Buffered::Failed(e.into()))?;
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        if buf.len() + data.len() > max {
-            buf.extend_from_slice(&data);
-            let read = buf.freeze();
-            let rest = body.into_data_stream();
-            let whole =
-                futures_util::stream::once(async move { Ok::<_, axum::Error>(read) }).chain(rest);
-            return Err(Buffered::TooLarge(Body::from_stream(whole)));
-        }
         buf.extend_from_slice(&data);
+        if buf.len() > max {
+            return Err(Buffered::TooLarge(rejoin(buf, body)));
+        }
     }
-    Ok(buf.freeze())
+}
+
+/// What was read of a body, followed by the rest of it.
+fn rejoin(read: bytes::BytesMut, rest: Body) -> Body {
+    let read = read.freeze();
+    let rest = rest.into_data_stream();
+    Body::from_stream(
+        futures_util::stream::once(async move { Ok::<_, axum::Error>(read) }).chain(rest),
+    )
 }
 
 /// The principal of `req`, if its source has one.
@@ -1045,11 +1066,17 @@ where
     }
     let (parts, body) = response.into_parts();
     let mut rule = rule;
-    let (parts, bytes) = match buffer(body, shared.config.response_bytes_max).await {
+    let deadline = Instant::now() + shared.config.stream_after;
+    let (parts, bytes) = match buffer(body, shared.config.response_bytes_max, Some(deadline)).await
+    {
         Ok(b) => (parts, b),
         Err(Buffered::TooLarge(whole)) => {
             let r = Response::from_parts(parts, whole);
             return not_kept(beat, "a response over response_bytes_max", r).await;
+        }
+        Err(Buffered::Streaming(whole)) => {
+            let r = Response::from_parts(parts, whole);
+            return not_kept(beat, "a response body still going after stream_after", r).await;
         }
         Err(Buffered::Failed(e)) => {
             // The handler ran but its answer broke off: it may have acted. Answer 502 and let
@@ -1064,7 +1091,7 @@ where
                 format!("the handler's response body failed; it may have acted: {e}"),
             );
             let (parts, body) = p.into_response().into_parts();
-            let bytes = buffer(body, usize::MAX).await.unwrap_or_default();
+            let bytes = buffer(body, usize::MAX, None).await.unwrap_or_default();
             (parts, bytes)
         }
     };
@@ -1354,7 +1381,7 @@ mod tests {
         let r = t.render(StatusCode::CONFLICT, key, "17.0@eu1");
         assert_eq!(r.status(), StatusCode::CONFLICT);
         assert_eq!(r.headers()[header::CONTENT_TYPE], content_type);
-        let b = buffer(r.into_body(), usize::MAX).await.ok().unwrap();
+        let b = buffer(r.into_body(), usize::MAX, None).await.ok().unwrap();
         String::from_utf8(b.to_vec()).unwrap()
     }
 

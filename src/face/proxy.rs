@@ -85,6 +85,9 @@ pub struct ProxyConfig {
     /// Take the principal from the client certificate's identity (needs mutual TLS); takes
     /// precedence over `principal_header`.
     pub principal_from_cert: bool,
+    /// An answer's body still going this long after its head is passed on as a stream,
+    /// unrecorded (see [`LayerConfig::stream_after`]).
+    pub stream_after: Duration,
 }
 
 impl ProxyConfig {
@@ -110,6 +113,7 @@ impl ProxyConfig {
             metrics_listen: None,
             tls: None,
             principal_from_cert: false,
+            stream_after: LayerConfig::new("", PrincipalFrom::Fixed(String::new())).stream_after,
         }
     }
 }
@@ -278,6 +282,7 @@ fn layer_config(config: &ProxyConfig, namespace: &str, principal: PrincipalFrom)
     c.routes = route_rules(&config.routes);
     c.mismatch_status = config.mismatch_status;
     c.mismatch_body = config.mismatch_body.clone();
+    c.stream_after = config.stream_after;
     c
 }
 

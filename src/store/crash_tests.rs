@@ -98,7 +98,7 @@ fn terminal_bytes(t: &Terminal) -> Vec<u8> {
 /// and no retention, so segments are deleted (records copied forward) between crashes.
 fn seed_config(seed: u64, broken: bool) -> StoreConfig {
     let mut c = config("a", broken);
-    if seed % 3 == 0 {
+    if seed.is_multiple_of(3) {
         c.log.segment_bytes = 2 << 10;
         c.log.max_payload_bytes = 1 << 10;
         c.log.reserve_bytes = 512;
@@ -143,7 +143,7 @@ fn run(seed: u64, broken: bool) -> Result<Exercised, String> {
         verify(&store, &ex, round, now)?;
         now = now.max(store.clock().restart_fence_ms() + 1);
         let mut waiting: Vec<Waiting> = Vec::new();
-        let ops = if seed % 3 == 0 { 150 } else { 20 };
+        let ops = if seed.is_multiple_of(3) { 150 } else { 20 };
         for _ in 0..(ops + rng.below(60)) {
             now += rng.below(3) * rng.below(900);
             if rng.below(40) == 0 {
@@ -260,7 +260,7 @@ fn run(seed: u64, broken: bool) -> Result<Exercised, String> {
                         }
                     }
                 }
-                8 if seed % 3 == 0 => {
+                8 if seed.is_multiple_of(3) => {
                     // Garbage collection: records copied forward, the oldest segment deleted.
                     match store.collect_garbage(now) {
                         Ok(Collected::Deleted { .. }) => seen.segments_deleted += 1,

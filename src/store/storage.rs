@@ -32,6 +32,8 @@ pub const SEGMENT_SUFFIX: &str = ".seg";
 
 /// File-name suffix of hint files in an [`FsStorage`] directory.
 pub const HINT_SUFFIX: &str = ".hint";
+/// The file an [`FsStorage`] locks in its directory.
+pub const LOCK_FILE: &str = "LOCK";
 
 /// Where log segments live. Object-safe and shareable so the log can hand reads to many threads.
 ///
@@ -164,10 +166,16 @@ fn not_found(id: SegmentId) -> io::Error {
 ///
 /// File handles stay open in a map so reads are a single `pread` on a shared handle: readers never
 /// wait for the log's writer, only for the map lock held for a lookup.
+///
+/// One process at a time: opening takes an exclusive lock on the directory's [`LOCK_FILE`],
+/// held while the storage lives (the system drops it when the process dies, even by kill -9).
+/// Two writers appending to one log would interleave their frames.
 #[derive(Debug)]
 pub struct FsStorage {
     dir: PathBuf,
     dir_file: File,
+    /// Holds the directory's lock.
+    _lock: File,
     files: Mutex<HashMap<SegmentId, Arc<File>>>,
     zero_ahead: u64,
 }
@@ -176,14 +184,34 @@ impl FsStorage {
     /// Default for [`FsStorage::with_zero_ahead`].
     pub const ZERO_AHEAD_BYTES: u64 = 4 << 20;
 
-    /// Opens (creating if missing) the segment directory.
+    /// Opens (creating if missing) the segment directory and locks it; an error of kind
+    /// `WouldBlock` when another process (or another `FsStorage` in this one) has it open.
     pub fn open(dir: impl AsRef<Path>) -> io::Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir)?;
         let dir_file = File::open(&dir)?;
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(LOCK_FILE))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!(
+                        "{} is in use by another process (it holds the lock on {LOCK_FILE}); one directory serves one process at a time",
+                        dir.display()
+                    ),
+                ))
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(e),
+        }
         Ok(FsStorage {
             dir,
             dir_file,
+            _lock: lock,
             files: Mutex::new(HashMap::new()),
             zero_ahead: Self::ZERO_AHEAD_BYTES,
         })
@@ -1089,6 +1117,20 @@ mod tests {
         fs::write(dir.path().join("zz.seg"), b"x").unwrap();
         let err = s.list().unwrap_err();
         assert!(err.to_string().contains("zz.seg"), "{err}");
+    }
+
+    #[test]
+    fn a_directory_serves_one_storage_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = FsStorage::open(dir.path()).unwrap();
+        let err = FsStorage::open(dir.path()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        assert!(
+            err.to_string().contains("in use by another process"),
+            "{err}"
+        );
+        drop(first);
+        FsStorage::open(dir.path()).expect("free again once the first is gone");
     }
 
     #[test]
