@@ -126,19 +126,7 @@ async fn broken(axum::extract::State(c): axum::extract::State<Arc<Counts>>) -> i
 /// `stream`.
 async fn trickle(axum::extract::State(c): axum::extract::State<Arc<Counts>>) -> impl IntoResponse {
     c.stream.fetch_add(1, Ordering::SeqCst);
-    let lines = futures_util::stream::unfold(0u64, |i| async move {
-        if i > 0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Some((
-            Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(format!("line {i}\n"))),
-            i + 1,
-        ))
-    });
-    (
-        [("content-type", "text/plain")],
-        axum::body::Body::from_stream(lines),
-    )
+    common::endless("text/plain")
 }
 
 /// A large JSON answer (worth compressing) saying which `Accept-Encoding` the handler saw.
@@ -760,7 +748,7 @@ async fn a_body_still_going_after_stream_after_flows_through_unrecorded() {
     let headers = [("x-principal", "acct_1"), ("idempotency-key", "t-1")];
     for _ in 0..2 {
         let chunk = first_chunk(&url, &headers).await;
-        assert!(chunk.starts_with(b"line 0"), "{chunk:?}");
+        assert!(chunk.starts_with(b"data: 0"), "{chunk:?}");
     }
     // Not recorded: the retry ran the handler again.
     assert_eq!(app.counts.stream.load(Ordering::SeqCst), 2);

@@ -407,6 +407,11 @@ pub async fn post_keyed(
 
 /// Server-sent events that never end, one every 50 ms: `data: 0`, `data: 1`, ...
 pub fn endless_events() -> axum::response::Response {
+    endless("text/event-stream")
+}
+
+/// A body that never ends, `data: 0\n\n`, `data: 1\n\n`, ... every 50 ms, as `content_type`.
+pub fn endless(content_type: &'static str) -> axum::response::Response {
     use axum::response::IntoResponse as _;
     let events = futures_util::stream::unfold(0u64, |i| async move {
         if i > 0 {
@@ -418,7 +423,7 @@ pub fn endless_events() -> axum::response::Response {
         ))
     });
     (
-        [("content-type", "text/event-stream")],
+        [("content-type", content_type)],
         axum::body::Body::from_stream(events),
     )
         .into_response()
