@@ -651,8 +651,27 @@ async fn protocol_upgrades_pass_through_the_proxy() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let up = upstream().await;
     let dir = tempfile::tempdir().unwrap();
-    let proxy = Proxy::start(&up.url, dir.path(), None, &["--upstream-timeout-ms", "300"]);
+    let proxy = Proxy::start(
+        &up.url,
+        dir.path(),
+        None,
+        &["--upstream-timeout-ms", "300", "--allow-upgrade", "echo"],
+    );
     let addr = proxy.url.trim_start_matches("http://");
+    // h2c is never let through: the upstream gets a plain GET without the upgrade (426).
+    let mut plain = tokio::net::TcpStream::connect(addr).await.unwrap();
+    plain
+        .write_all(b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    plain.read_exact(&mut head).await.unwrap();
+    assert_eq!(
+        &head,
+        b"HTTP/1.1 426",
+        "{:?}",
+        String::from_utf8_lossy(&head)
+    );
     let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
     conn.write_all(
         b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",

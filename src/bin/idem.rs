@@ -138,6 +138,10 @@ struct ProxyArgs {
     /// stream, unrecorded (the key is released).
     #[arg(long, default_value_t = 10_000)]
     stream_after_ms: u64,
+    /// Let clients upgrade GET requests to this protocol (repeatable; default websocket). h2c
+    /// is always refused.
+    #[arg(long = "allow-upgrade")]
+    allow_upgrade: Vec<String>,
     /// Serve HTTPS with this certificate chain (PEM, leaf first).
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -147,8 +151,9 @@ struct ProxyArgs {
     /// Mutual TLS: clients must present a certificate from one of these CAs (PEM).
     #[arg(long, requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
-    /// Take the principal from the client certificate: its first URI name (a SPIFFE id), else
-    /// its first DNS name. Needs --tls-client-ca; not with --principal-header.
+    /// Take the principal from the client certificate: "uri:" and its first URI name (a SPIFFE
+    /// id), else "dns:" and its first non-wildcard DNS name. Needs --tls-client-ca; not with
+    /// --principal-header.
     #[arg(long, requires = "tls_client_ca", conflicts_with = "principal_header")]
     principal_from_cert: bool,
 }
@@ -192,6 +197,7 @@ fn run(command: Command) -> Result<()> {
                 tls_client_ca,
                 principal_from_cert,
                 stream_after_ms,
+                allow_upgrade,
             } = *args;
             use idem::face::proxy::{self, ProxyConfig};
             let upstream: reqwest::Url = upstream
@@ -278,6 +284,16 @@ fn run(command: Command) -> Result<()> {
             }
             config.principal_from_cert = principal_from_cert;
             config.stream_after = std::time::Duration::from_millis(stream_after_ms);
+            if let Some(p) = allow_upgrade.iter().find(|p| {
+                idem::face::upgrade::NEVER_UPGRADED
+                    .iter()
+                    .any(|n| n.eq_ignore_ascii_case(p))
+            }) {
+                bail!("--allow-upgrade {p}: an HTTP/2 upgrade would let requests bypass the proxy's checks");
+            }
+            if !allow_upgrade.is_empty() {
+                config.upgrades = allow_upgrade;
+            }
             init_logging(&Default::default());
             if let (true, proxy::ProxyStore::Embedded(dir)) = (embedded, &config.store) {
                 tracing::warn!(

@@ -49,6 +49,7 @@ use super::fingerprint::fingerprint;
 use super::key::{request_key, KeyError, IDEMPOTENCY_KEY};
 use super::route::{rule_for, under, RoutePolicy};
 use crate::clock::{RegionId, Stamp};
+use crate::http::api::StoreAs;
 use crate::http::problem::Problem;
 use crate::record::{AttemptToken, Body as StoredBody, Outcome, RecordKey};
 use crate::store::{ClaimRequest, Decision};
@@ -180,9 +181,9 @@ pub struct LayerConfig {
     /// How long heartbeats keep a running handler's lease alive; after that the lease runs out
     /// and another request may take the key over. Default 10 minutes.
     pub execution_max: Duration,
-    /// A response body still going this long after its head is a stream (chunked without an
-    /// end, long polling): what was read and the rest flow to the client, unrecorded, and the
-    /// key is released. Default 10 s. Streams that say so (`text/event-stream`, gRPC,
+    /// A response body without a `Content-Length` still going this long after its head is a
+    /// stream (chunked without an end, long polling): what was read and the rest flow to the
+    /// client, unrecorded, and the key is released. Default 10 s. Streams that say so (`text/event-stream`, gRPC,
     /// `Idempotency-Store: skip`) pass at once; this catches the others.
     pub stream_after: Duration,
     /// Status of the answer to a key reused with another request. Default 422.
@@ -1065,10 +1066,12 @@ where
         return not_kept(beat, "a streaming response", response).await;
     }
     let (parts, body) = response.into_parts();
-    let mut rule = rule;
-    let deadline = Instant::now() + shared.config.stream_after;
-    let (parts, bytes) = match buffer(body, shared.config.response_bytes_max, Some(deadline)).await
-    {
+    // The layer's own verdict on the outcome, before any rule or table.
+    let mut forced: Option<StoreAs> = None;
+    // A body of known length is finite: only one without (chunked) can be a stream.
+    let deadline = (!parts.headers.contains_key(header::CONTENT_LENGTH))
+        .then(|| Instant::now() + shared.config.stream_after);
+    let (parts, bytes) = match buffer(body, shared.config.response_bytes_max, deadline).await {
         Ok(b) => (parts, b),
         Err(Buffered::TooLarge(whole)) => {
             let r = Response::from_parts(parts, whole);
@@ -1079,11 +1082,10 @@ where
             return not_kept(beat, "a response body still going after stream_after", r).await;
         }
         Err(Buffered::Failed(e)) => {
-            // The handler ran but its answer broke off: it may have acted. Answer 502 and let
-            // the namespace's policy decide by that status (stored as indeterminate where 502
-            // is listed, as `idem proxy` does; released by default), not a route rule written
-            // for the handler's own answers.
-            rule = None;
+            // The handler ran but its answer broke off: it may have acted. Answer 502 and keep
+            // it as indeterminate, whatever a rule or the namespace's table says of 502
+            // (written for the handler's own answers): a retry must not run it again unasked.
+            forced = Some(StoreAs::Indeterminate);
             let p = Problem::new(
                 StatusCode::BAD_GATEWAY,
                 "response-failed",
@@ -1102,9 +1104,10 @@ where
         let r = Response::from_parts(parts, Body::from(bytes));
         return not_kept(beat, "401 and 429 are never stored", r).await;
     }
-    let store_as = match &rule {
-        None => None,
-        Some(rule) => match rule.store_as(parts.status.as_u16()) {
+    let store_as = match (forced, &rule) {
+        (Some(forced), _) => Some(forced),
+        (None, None) => None,
+        (None, Some(rule)) => match rule.store_as(parts.status.as_u16()) {
             Some(a) => Some(a),
             None => {
                 let r = answer(parts, bytes, gzip).await;

@@ -49,17 +49,23 @@ impl TlsFiles {
 }
 
 /// A verified client certificate's identity: its first URI subject alternative name (a SPIFFE
-/// id such as `spiffe://example.org/billing`), else its first DNS name; `None` when it has
-/// neither (or does not parse).
+/// id such as `spiffe://example.org/billing`) as `uri:<name>`, else its first DNS name that is
+/// not a wildcard as `dns:<name>` (the prefixes keep a URI and a DNS name that read alike
+/// apart); `None` when it has neither (or does not parse).
 pub fn identity_of(cert: &CertificateDer<'_>) -> Option<PeerIdentity> {
     let cert = webpki::EndEntityCert::try_from(cert).ok()?;
-    let uri = cert.valid_uri_names().next().map(str::to_owned);
-    uri.or_else(|| cert.valid_dns_names().next().map(str::to_owned))
-        .map(PeerIdentity)
+    let uri = cert.valid_uri_names().next().map(|u| format!("uri:{u}"));
+    uri.or_else(|| {
+        cert.valid_dns_names()
+            .find(|d| !d.starts_with('*'))
+            .map(|d| format!("dns:{d}"))
+    })
+    .map(PeerIdentity)
 }
 
 /// Serves `app` on `listener` (through `tls` if given) until `shutdown` resolves, then waits
-/// for open connections to finish (upgraded ones included) for at most `drain`.
+/// for open connections to finish for at most `drain` (a connection that switched protocols
+/// is no longer the server's: whoever spliced it closes it).
 pub async fn serve(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -155,4 +161,47 @@ fn service(
             app.clone().oneshot(req)
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(sans: Vec<rcgen::SanType>) -> CertificateDer<'static> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = sans;
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    fn id(sans: Vec<rcgen::SanType>) -> Option<String> {
+        identity_of(&cert(sans)).map(|p| p.0)
+    }
+
+    #[test]
+    fn identities_are_a_uri_else_a_dns_name_and_say_which() {
+        use rcgen::SanType::{DnsName, URI};
+        let uri = |s: &str| URI(s.try_into().unwrap());
+        let dns = |s: &str| DnsName(s.try_into().unwrap());
+        assert_eq!(
+            id(vec![
+                dns("billing.internal"),
+                uri("spiffe://example.org/billing")
+            ])
+            .as_deref(),
+            Some("uri:spiffe://example.org/billing")
+        );
+        assert_eq!(
+            id(vec![dns("*.example.org"), dns("orders.internal")]).as_deref(),
+            Some("dns:orders.internal")
+        );
+        assert_ne!(id(vec![dns("billing")]), id(vec![uri("billing")]));
+        assert_eq!(
+            id(vec![dns("*.example.org")]),
+            None,
+            "a wildcard names no one"
+        );
+        assert_eq!(id(vec![]), None);
+        assert_eq!(identity_of(&CertificateDer::from(vec![1u8, 2, 3])), None);
+    }
 }

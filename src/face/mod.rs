@@ -9,6 +9,7 @@
 //! * [`encoding`]: gzip for clients that ask (outcomes are stored in identity encoding).
 //! * [`backend`]: where keys live: [`EmbeddedStore`] in this process, or a region daemon.
 //! * [`proxy`]: `idem proxy`, the layer as a sidecar reverse proxy.
+//! * [`upgrade`]: protocol upgrades (websockets) through the proxy.
 //! * [`listener`]: serving it: plain, TLS or mutual TLS (the client certificate's identity as
 //!   the principal), with protocol upgrades.
 
@@ -20,6 +21,7 @@ pub mod layer;
 pub mod listener;
 pub mod proxy;
 pub mod route;
+pub mod upgrade;
 
 pub use backend::{Backend, EmbeddedStore, NamespaceLimits, RemoteStore};
 pub use layer::{

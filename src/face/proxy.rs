@@ -21,6 +21,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -31,6 +32,7 @@ use axum::response::IntoResponse;
 use axum::Router;
 
 use super::listener::TlsFiles;
+use super::upgrade::{splice, switched_to, upgrade_asked, SPLICE_IDLE_MAX};
 use super::{
     AnswerTemplate, EmbeddedStore, IdempotencyLayer, LayerConfig, NamespaceLimits, PrincipalFrom,
     RemoteStore, RoutePolicy,
@@ -88,6 +90,9 @@ pub struct ProxyConfig {
     /// An answer's body still going this long after its head is passed on as a stream,
     /// unrecorded (see [`LayerConfig::stream_after`]).
     pub stream_after: Duration,
+    /// Protocols clients may upgrade to on GET (case-insensitive). Default `websocket`; `h2c`
+    /// is never let through (see [`super::upgrade::NEVER_UPGRADED`]).
+    pub upgrades: Vec<String>,
 }
 
 impl ProxyConfig {
@@ -114,6 +119,7 @@ impl ProxyConfig {
             tls: None,
             principal_from_cert: false,
             stream_after: LayerConfig::new("", PrincipalFrom::Fixed(String::new())).stream_after,
+            upgrades: vec!["websocket".into()],
         }
     }
 }
@@ -195,11 +201,17 @@ pub async fn run(
         }
     };
     let draining = layer.clone();
+    let (stop_splices, stopping) = tokio::sync::watch::channel(false);
     let metrics = match config.metrics_listen {
-        Some(addr) => Some(serve_metrics(addr, layer.clone()).await?),
+        Some(addr) => Some(serve_metrics(addr, layer.clone(), stopping.clone()).await?),
         None => None,
     };
-    let upstream = Upstream::new(config.upstream.clone(), config.upstream_timeout)?;
+    let upstream = Upstream::new(
+        config.upstream.clone(),
+        config.upstream_timeout,
+        config.upgrades.clone(),
+        stopping,
+    )?;
     let strip = StripUntrusted {
         header: config.principal_header.clone(),
         trusted: config.trusted.clone(),
@@ -229,13 +241,16 @@ pub async fn run(
         config.upstream
     );
     super::listener::serve(listener, tls, app, shutdown, DRAIN_MAX).await;
+    // Spliced connections and the metrics listener stop too.
+    let _ = stop_splices.send(true);
     // Keyed requests whose clients left run on: let them finish and store their outcomes.
     let left = draining.drain(DRAIN_MAX).await;
     if left > 0 {
         tracing::warn!(left, "stopping with keyed requests still running: their keys stay in flight until their leases end");
     }
-    // An embedded store flushes, writes its hint files and stops its threads when the last
-    // handle goes.
+    // An embedded store flushes, writes its hint files and stops its threads (and frees its
+    // directory) when the last handle goes: requests still open past the drains may hold one.
+    drop(draining);
     tokio::task::spawn_blocking(move || drop(embedded))
         .await
         .context("closing the store")?;
@@ -310,9 +325,13 @@ pub fn route_rules(rules: &[RoutePolicy]) -> Vec<RoutePolicy> {
         .collect()
 }
 
-/// Serves the layer's metrics on `addr` (`GET /metrics`, `GET /healthz`) until the process
-/// ends; returns the bound address.
-async fn serve_metrics(addr: SocketAddr, layer: IdempotencyLayer) -> anyhow::Result<SocketAddr> {
+/// Serves the layer's metrics on `addr` (`GET /metrics`, `GET /healthz`) until `stop` turns
+/// true; returns the bound address.
+async fn serve_metrics(
+    addr: SocketAddr,
+    layer: IdempotencyLayer,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("listening for metrics on {addr}"))?;
@@ -335,7 +354,13 @@ async fn serve_metrics(addr: SocketAddr, layer: IdempotencyLayer) -> anyhow::Res
         )
         .route("/healthz", axum::routing::get(|| async { "ok" }));
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        let stopped = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stopped)
+            .await
+        {
             tracing::error!(error = %e, "the metrics listener failed");
         }
     });
@@ -393,6 +418,10 @@ struct Upstream {
     base: reqwest::Url,
     http: reqwest::Client,
     timeout: Duration,
+    /// Protocols a client may upgrade to.
+    upgrades: Arc<Vec<String>>,
+    /// Turns true when the proxy stops: spliced connections close.
+    stop: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Headers that belong to one connection, not to the request (RFC 9110 §7.6.1).
@@ -413,7 +442,12 @@ fn hop_by_hop(name: &HeaderName) -> bool {
 }
 
 impl Upstream {
-    fn new(base: reqwest::Url, timeout: Duration) -> anyhow::Result<Self> {
+    fn new(
+        base: reqwest::Url,
+        timeout: Duration,
+        upgrades: Vec<String>,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> anyhow::Result<Self> {
         let tls = crate::client::tls_config(None).map_err(anyhow::Error::msg)?;
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
@@ -426,6 +460,8 @@ impl Upstream {
             base,
             http,
             timeout,
+            upgrades: Arc::new(upgrades),
+            stop,
         })
     }
 
@@ -433,7 +469,12 @@ impl Upstream {
         let (mut parts, body) = req.into_parts();
         // A protocol upgrade (websockets): forwarded with its `Upgrade` header, and once the
         // upstream switches, bytes are copied both ways until either side closes.
-        let upgrade = upgrade_asked(&parts.headers);
+        let upgrade = upgrade_asked(
+            &parts.method,
+            &parts.headers,
+            &self.upgrades,
+            &connection_tokens(&parts.headers),
+        );
         let client_side = upgrade
             .as_ref()
             .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
@@ -486,8 +527,21 @@ impl Upstream {
             }
         };
         match sent {
-            Ok(r) if r.status() == StatusCode::SWITCHING_PROTOCOLS && client_side.is_some() => {
-                let client_side = client_side.expect("checked above");
+            Ok(r) if r.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                let (Some(client_side), Some(asked)) = (client_side, upgrade) else {
+                    return upstream_problem(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream-failed",
+                        "the upstream switched protocols unasked".into(),
+                    );
+                };
+                if !switched_to(&asked, r.headers()) {
+                    return upstream_problem(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream-failed",
+                        "the upstream switched to another protocol than the one asked for".into(),
+                    );
+                }
                 let mut answer = Response::builder().status(StatusCode::SWITCHING_PROTOCOLS);
                 let dropped = connection_tokens(r.headers());
                 for (name, value) in r.headers() {
@@ -500,7 +554,7 @@ impl Upstream {
                         .header(header::CONNECTION, "upgrade")
                         .header(header::UPGRADE, protocol);
                 }
-                tokio::spawn(splice(client_side, r));
+                tokio::spawn(splice(client_side, r, SPLICE_IDLE_MAX, self.stop.clone()));
                 answer.body(Body::empty()).unwrap_or_else(|e| {
                     upstream_problem(StatusCode::BAD_GATEWAY, "upstream-failed", e.to_string())
                 })
@@ -545,35 +599,6 @@ impl Upstream {
                 ),
             ),
         }
-    }
-}
-
-/// The protocol a request asks to switch to: its `Upgrade` header, when `Connection` names it.
-fn upgrade_asked(headers: &axum::http::HeaderMap) -> Option<axum::http::HeaderValue> {
-    connection_tokens(headers)
-        .contains(&header::UPGRADE)
-        .then(|| headers.get(header::UPGRADE).cloned())
-        .flatten()
-}
-
-/// Copies bytes both ways between a client and the upstream once both switched protocols,
-/// until either side closes.
-async fn splice(client: hyper::upgrade::OnUpgrade, upstream: reqwest::Response) {
-    let (client, upstream) = match (client.await, upstream.upgrade().await) {
-        (Ok(c), Ok(u)) => (c, u),
-        (Err(e), _) => {
-            tracing::debug!(error = %e, "the client did not switch protocols");
-            return;
-        }
-        (_, Err(e)) => {
-            tracing::warn!(error = %e, "the upstream did not switch protocols");
-            return;
-        }
-    };
-    let mut client = hyper_util::rt::TokioIo::new(client);
-    let mut upstream = upstream;
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        tracing::debug!(error = %e, "an upgraded connection ended");
     }
 }
 
