@@ -51,6 +51,8 @@ async fn upstream() -> Upstream {
                 ("content-type", "application/json".to_owned()),
                 ("location", format!("/charges/ch_{n}")),
                 ("set-cookie", "session=secret".to_owned()),
+                ("x-charge-id", format!("ch_{n}")),
+                ("x-ratelimit-remaining", "9".to_owned()),
             ],
             format!(
                 "{{\"charge\":\"ch_{n}\",\"principal\":{:?},\"xff\":{:?},\"bytes\":{},\"pad\":\"{}\"}}",
@@ -218,7 +220,19 @@ async fn behind_the_proxy_a_hundred_identical_requests_run_the_upstream_once() {
 async fn behind_the_proxy_keys_bodies_and_headers_behave_as_the_draft_says() {
     let up = upstream().await;
     let dir = tempfile::tempdir().unwrap();
-    let proxy = Proxy::start(&up.url, dir.path(), None, &["--require-key", "/charges"]);
+    let proxy = Proxy::start(
+        &up.url,
+        dir.path(),
+        None,
+        &[
+            "--require-key",
+            "/charges",
+            "--replay-header",
+            "x-charge-id",
+            "--replay-header",
+            "x-ratelimit-remaining",
+        ],
+    );
     // Missing key on a required route: 400, the upstream never sees it.
     let a = proxy.post("/charges", None, BODY, &[]).await;
     assert_eq!(a.status, 400, "{}", a.body);
@@ -245,6 +259,10 @@ async fn behind_the_proxy_keys_bodies_and_headers_behave_as_the_draft_says() {
     assert_eq!(again.body, first.body);
     assert_eq!(again.header("location"), Some("/charges/ch_1"));
     assert_eq!(again.header("set-cookie"), None);
+    // A header listed with --replay-header is replayed; a rate-limit header never is.
+    assert_eq!(first.header("x-ratelimit-remaining"), Some("9"));
+    assert_eq!(again.header("x-charge-id"), Some("ch_1"));
+    assert_eq!(again.header("x-ratelimit-remaining"), None);
     // Another body: 422, never reaches the upstream.
     let other = proxy
         .post("/charges", Some("k-2"), r#"{"amount": 5}"#, &[])

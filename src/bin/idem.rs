@@ -138,6 +138,10 @@ struct ProxyArgs {
     /// stream, unrecorded (the key is released).
     #[arg(long, default_value_t = 10_000)]
     stream_after_ms: u64,
+    /// Replay this response header too (repeatable; besides Content-Type, Location, ETag).
+    /// Set-Cookie, Date, rate-limit and CORS headers are never replayed.
+    #[arg(long = "replay-header")]
+    replay_headers: Vec<String>,
     /// Let clients upgrade GET requests to this protocol (repeatable; default websocket). h2c
     /// is always refused.
     #[arg(long = "allow-upgrade")]
@@ -198,6 +202,7 @@ fn run(command: Command) -> Result<()> {
                 principal_from_cert,
                 stream_after_ms,
                 allow_upgrade,
+                replay_headers,
             } = *args;
             use idem::face::proxy::{self, ProxyConfig};
             let upstream: reqwest::Url = upstream
@@ -294,6 +299,11 @@ fn run(command: Command) -> Result<()> {
             if !allow_upgrade.is_empty() {
                 config.upgrades = allow_upgrade;
             }
+            for h in &replay_headers {
+                h.parse::<axum::http::HeaderName>()
+                    .with_context(|| format!("--replay-header {h:?} is not a header name"))?;
+            }
+            config.replay_headers = replay_headers;
             init_logging(&Default::default());
             if let (true, proxy::ProxyStore::Embedded(dir)) = (embedded, &config.store) {
                 tracing::warn!(

@@ -93,6 +93,11 @@ pub struct ProxyConfig {
     /// Protocols clients may upgrade to on GET (case-insensitive). Default `websocket`; `h2c`
     /// is never let through (see [`super::upgrade::NEVER_UPGRADED`]).
     pub upgrades: Vec<String>,
+    /// Response headers replayed besides the defaults (`Content-Type`, `Location`, `ETag`,
+    /// and with an embedded store `Content-Encoding`, `Vary`). Headers that must never be
+    /// replayed (`Set-Cookie`, `Date`, rate-limit, CORS) stay out whatever is listed. With
+    /// `--store`, the daemon's namespace must allow them too.
+    pub replay_headers: Vec<String>,
 }
 
 impl ProxyConfig {
@@ -120,6 +125,7 @@ impl ProxyConfig {
             principal_from_cert: false,
             stream_after: LayerConfig::new("", PrincipalFrom::Fixed(String::new())).stream_after,
             upgrades: vec!["websocket".into()],
+            replay_headers: Vec::new(),
         }
     }
 }
@@ -143,12 +149,13 @@ pub enum ProxyStore {
 
 /// The embedded store's config: one namespace, in which a failure after the request reached
 /// the upstream (502, 504: it may have acted) is stored as indeterminate, and replays keep
-/// `Content-Encoding` and `Vary` besides the default headers.
-pub fn store_config() -> StoreConfig {
+/// `Content-Encoding`, `Vary` and `replay_headers` besides the default headers.
+pub fn store_config(replay_headers: &[String]) -> StoreConfig {
     let mut ns = NamespaceConfig::named(PROXY_NAMESPACE);
     ns.indeterminate_statuses = vec![StatusRange::new(502, 502), StatusRange::new(504, 504)];
     ns.headers_allowed
         .extend(["Content-Encoding".to_owned(), "Vary".to_owned()]);
+    ns.headers_allowed.extend(replay_headers.iter().cloned());
     StoreConfig {
         namespaces: vec![ns],
         ..StoreConfig::new(RegionId::new("local").expect("a valid region id"), &[])
@@ -176,8 +183,8 @@ pub async fn run(
     let (layer, embedded) = match &config.store {
         ProxyStore::Embedded(dir) => {
             let store = tokio::task::spawn_blocking({
-                let dir = dir.clone();
-                move || EmbeddedStore::open(&dir, store_config())
+                let (dir, config) = (dir.clone(), store_config(&config.replay_headers));
+                move || EmbeddedStore::open(&dir, config)
             })
             .await
             .context("recovery thread")??;
@@ -194,8 +201,13 @@ pub async fn run(
         } => {
             check_regions(endpoints).await?;
             let client = crate::client::ClientConfig::new(endpoints.clone(), namespace, token);
-            let store = RemoteStore::new(client, NamespaceLimits::daemon_defaults())
-                .context("the store client")?;
+            // The daemon's namespace keeps what its allow-list says; the layer must not drop
+            // those headers first.
+            let mut limits = NamespaceLimits::daemon_defaults();
+            limits
+                .headers_allowed
+                .extend(config.replay_headers.iter().cloned());
+            let store = RemoteStore::new(client, limits).context("the store client")?;
             let layer = IdempotencyLayer::new(store, layer_config(&config, namespace, principal))?;
             (layer, None)
         }
