@@ -500,6 +500,21 @@ impl Client {
         .await
     }
 
+    /// The namespace's policy as the daemon applies it (limits, statuses kept, headers
+    /// replayed), from any region.
+    pub async fn policy(&self) -> Result<crate::store::NamespaceConfig, ClientError> {
+        let path = self.path("policy");
+        self.run(Route::Failover(None), |endpoint, _, _, timeout| {
+            let request = self
+                .http
+                .get(format!("{}{path}", endpoint.url))
+                .bearer_auth(&self.config.token)
+                .timeout(timeout);
+            async move { json_attempt(request).await }
+        })
+        .await
+    }
+
     async fn pinned_call<B: Serialize, T: DeserializeOwned>(
         &self,
         op: &str,

@@ -138,6 +138,50 @@ async fn a_completion_may_say_what_its_outcome_is_stored_as() {
 }
 
 #[tokio::test]
+async fn a_namespace_token_reads_its_namespace_policy() {
+    let dir = tempdir();
+    let d = Daemon::start(dir.path(), &config("eu1", "")).await;
+    let get = |ns: &str, token: &str| {
+        http()
+            .get(format!("{}/v1/ns/{ns}/policy", d.url))
+            .bearer_auth(token)
+            .send()
+    };
+    let r = get("payments", PAYMENTS_TOKEN).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let p: Value = r.json().await.unwrap();
+    assert_eq!(p["name"], "payments");
+    assert_eq!(p["lease_ms"], common::LEASE_MS);
+    assert_eq!(p["outcome_bytes_max"], common::OUTCOME_MAX);
+    // The client reads the same.
+    let client = idem::client::Client::new(idem::client::ClientConfig::new(
+        vec![idem::client::Endpoint::new("eu1", &d.url).unwrap()],
+        "payments",
+        PAYMENTS_TOKEN,
+    ))
+    .unwrap();
+    let policy = client.policy().await.unwrap();
+    assert_eq!(policy.lease_ms, common::LEASE_MS);
+    // And the HTTP face's remote store takes its limits from it.
+    use idem::face::Backend as _;
+    let remote = idem::face::RemoteStore::connect(idem::client::ClientConfig::new(
+        vec![idem::client::Endpoint::new("eu1", &d.url).unwrap()],
+        "payments",
+        PAYMENTS_TOKEN,
+    ))
+    .await
+    .unwrap();
+    let limits = remote.limits("payments").unwrap();
+    assert_eq!(
+        (limits.lease_ms, limits.outcome_bytes_max),
+        (common::LEASE_MS, common::OUTCOME_MAX)
+    );
+    // Another namespace's token: refused.
+    let r = get("payments", common::ORDERS_TOKEN).await.unwrap();
+    assert!(matches!(r.status().as_u16(), 401 | 403), "{}", r.status());
+}
+
+#[tokio::test]
 async fn a_different_fingerprint_is_a_mismatch() {
     let dir = tempdir();
     let d = Daemon::start(dir.path(), &config("eu1", "")).await;

@@ -622,8 +622,9 @@ async fn proxies_sharing_a_region_daemon_share_their_keys() {
     let replay = b.post("/charges", Some("k-long"), BODY, &[]).await;
     assert_eq!(replay.header("idempotent-replayed"), Some("true"));
     assert_eq!(up.runs.load(Ordering::SeqCst), 2);
-    // Over the namespace's outcome cap (4 KiB here, which the proxy is not told): the first
-    // caller gets the response, the key keeps its digest, a retry is told it cannot be replayed.
+    // Over the namespace's outcome cap (4 KiB here, which the proxy reads from the daemon): the
+    // first caller gets the response, the key keeps its digest, a retry is told it cannot be
+    // replayed.
     let big = a
         .post("/charges", Some("k-big"), BODY, &[("x-pad", "5000")])
         .await;

@@ -239,13 +239,9 @@ impl Backend for EmbeddedStore {
     }
 
     fn limits(&self, namespace: &str) -> Option<NamespaceLimits> {
-        let c = self.store().namespace(namespace)?.config();
-        Some(NamespaceLimits {
-            key_len_max: c.key_len_max,
-            lease_ms: c.lease_ms,
-            outcome_bytes_max: c.outcome_bytes_max,
-            headers_allowed: c.headers_allowed.clone(),
-        })
+        Some(NamespaceLimits::of(
+            self.store().namespace(namespace)?.config(),
+        ))
     }
 }
 
@@ -259,8 +255,22 @@ pub struct RemoteStore {
 }
 
 impl RemoteStore {
+    /// A backend calling the daemon(s) of `config`, with the namespace's limits read from the
+    /// daemon (`GET /v1/ns/{namespace}/policy`).
+    pub async fn connect(
+        config: crate::client::ClientConfig,
+    ) -> Result<Self, crate::client::ClientError> {
+        let client = crate::client::Client::new(config)?;
+        let policy = client.policy().await?;
+        Ok(Self {
+            client,
+            limits: NamespaceLimits::of(&policy),
+        })
+    }
+
     /// A backend calling the daemon(s) of `config`; `limits` must match the daemon's
-    /// namespace (its defaults: [`NamespaceLimits::daemon_defaults`]).
+    /// namespace (its defaults: [`NamespaceLimits::daemon_defaults`]; [`connect`](Self::connect)
+    /// reads them from the daemon).
     pub fn new(
         config: crate::client::ClientConfig,
         limits: NamespaceLimits,
@@ -275,12 +285,16 @@ impl RemoteStore {
 impl NamespaceLimits {
     /// A namespace's limits under the daemon's default policy.
     pub fn daemon_defaults() -> Self {
-        let c = crate::store::policy::NamespaceConfig::named("defaults");
+        Self::of(&crate::store::policy::NamespaceConfig::named("defaults"))
+    }
+
+    /// The limits of a namespace with this policy.
+    pub fn of(c: &crate::store::policy::NamespaceConfig) -> Self {
         Self {
             key_len_max: c.key_len_max,
             lease_ms: c.lease_ms,
             outcome_bytes_max: c.outcome_bytes_max,
-            headers_allowed: c.headers_allowed,
+            headers_allowed: c.headers_allowed.clone(),
         }
     }
 }

@@ -201,9 +201,22 @@ pub async fn run(
         } => {
             check_regions(endpoints).await?;
             let client = crate::client::ClientConfig::new(endpoints.clone(), namespace, token);
-            // The daemon's namespace keeps what its allow-list says; the layer must not drop
-            // those headers first.
-            let mut limits = NamespaceLimits::daemon_defaults();
+            // The layer must agree with the daemon's namespace (key length, lease, outcome cap,
+            // headers kept): read its policy; if no region answers now, start with the
+            // defaults and say so.
+            let mut probe = client.clone();
+            probe.max_total = Duration::from_secs(5);
+            let mut limits = match crate::client::Client::new(probe)
+                .context("the store client")?
+                .policy()
+                .await
+            {
+                Ok(p) => NamespaceLimits::of(&p),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the store's namespace policy could not be read: assuming the daemon's defaults");
+                    NamespaceLimits::daemon_defaults()
+                }
+            };
             limits
                 .headers_allowed
                 .extend(config.replay_headers.iter().cloned());

@@ -162,6 +162,7 @@ fn router(front: Front, limits: RouterLimits) -> Router {
         .route("/v1/ns/{namespace}/extend", post(extend).layer(small))
         .route("/v1/ns/{namespace}/read", post(read).layer(small))
         .route("/v1/ns/{namespace}/resolve", post(resolve))
+        .route("/v1/ns/{namespace}/policy", get(policy))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limits.request_bytes_max))
@@ -776,6 +777,22 @@ async fn complete_call(
             .observe(took as f64 / 1000.0);
     }
     Ok(finished(s, done))
+}
+
+/// `GET /v1/ns/{namespace}/policy`: the namespace's policy as this daemon applies it (limits,
+/// statuses kept, headers replayed), for callers that must agree with it, such as the HTTP
+/// face's remote store.
+async fn policy(
+    State(s): State<Arc<ApiState>>,
+    Path(ns): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    s.tokens.namespace(&headers, &ns)?;
+    let store = s.store()?;
+    let policy = store
+        .namespace(&ns)
+        .ok_or_else(|| Problem::from(crate::store::StoreError::UnknownNamespace(ns.clone())))?;
+    Ok(Json(policy.config()).into_response())
 }
 
 /// Counts a completion or release and answers it.
