@@ -865,3 +865,32 @@ async fn under_mutual_tls_the_client_certificate_is_the_principal() {
         .is_err());
     assert_eq!(up.runs.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test]
+async fn connections_over_the_cap_wait_for_one_to_close() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&up.url, dir.path(), None, &["--connections-max", "1"]);
+    let addr = proxy.url.trim_start_matches("http://").to_owned();
+    // The one connection allowed, open and idle.
+    let first = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut second = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    second
+        .write_all(b"GET /nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), second.read_exact(&mut head))
+            .await
+            .is_err(),
+        "served over the cap"
+    );
+    drop(first);
+    tokio::time::timeout(Duration::from_secs(5), second.read_exact(&mut head))
+        .await
+        .expect("served once the first closed")
+        .unwrap();
+    assert!(head.starts_with(b"HTTP/1.1 "), "{head:?}");
+}

@@ -138,6 +138,9 @@ struct ProxyArgs {
     /// stream, unrecorded (the key is released).
     #[arg(long, default_value_t = 10_000)]
     stream_after_ms: u64,
+    /// Connections served at once; more wait until one closes.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    connections_max: u32,
     /// Replay this response header too (repeatable; besides Content-Type, Location, ETag).
     /// Set-Cookie, Date, rate-limit and CORS headers are never replayed.
     #[arg(long = "replay-header")]
@@ -203,6 +206,7 @@ fn run(command: Command) -> Result<()> {
                 stream_after_ms,
                 allow_upgrade,
                 replay_headers,
+                connections_max,
             } = *args;
             use idem::face::proxy::{self, ProxyConfig};
             let upstream: reqwest::Url = upstream
@@ -304,6 +308,7 @@ fn run(command: Command) -> Result<()> {
                     .with_context(|| format!("--replay-header {h:?} is not a header name"))?;
             }
             config.replay_headers = replay_headers;
+            config.connections_max = connections_max as usize;
             init_logging(&Default::default());
             if let (true, proxy::ProxyStore::Embedded(dir)) = (embedded, &config.store) {
                 tracing::warn!(

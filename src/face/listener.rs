@@ -63,7 +63,8 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Option<PeerIdentity> {
     .map(PeerIdentity)
 }
 
-/// Serves `app` on `listener` (through `tls` if given) until `shutdown` resolves, then waits
+/// Serves `app` on `listener` (through `tls` if given), at most `connections_max` connections
+/// at once (more wait in the kernel's backlog), until `shutdown` resolves, then waits
 /// for open connections to finish for at most `drain` (a connection that switched protocols
 /// is no longer the server's: whoever spliced it closes it).
 pub async fn serve(
@@ -72,10 +73,19 @@ pub async fn serve(
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
     drain: Duration,
+    connections_max: usize,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let open = Arc::new(tokio::sync::Semaphore::new(connections_max.max(1)));
     tokio::pin!(shutdown);
     loop {
+        let permit = tokio::select! {
+            p = open.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = &mut shutdown => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = crate::daemon::tls::accept(&listener) => accepted,
             _ = &mut shutdown => break,
@@ -83,6 +93,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let (app, tls, watcher) = (app.clone(), tls.clone(), graceful.watcher());
         tokio::spawn(async move {
+            let _permit = permit;
             let served = match tls {
                 None => {
                     let http = builder();

@@ -98,6 +98,8 @@ pub struct ProxyConfig {
     /// replayed (`Set-Cookie`, `Date`, rate-limit, CORS) stay out whatever is listed. With
     /// `--store`, the daemon's namespace must allow them too.
     pub replay_headers: Vec<String>,
+    /// Connections served at once; more wait in the kernel's backlog.
+    pub connections_max: usize,
 }
 
 impl ProxyConfig {
@@ -126,6 +128,7 @@ impl ProxyConfig {
             stream_after: LayerConfig::new("", PrincipalFrom::Fixed(String::new())).stream_after,
             upgrades: vec!["websocket".into()],
             replay_headers: Vec::new(),
+            connections_max: 4096,
         }
     }
 }
@@ -265,7 +268,15 @@ pub async fn run(
         listener.local_addr()?,
         config.upstream
     );
-    super::listener::serve(listener, tls, app, shutdown, DRAIN_MAX).await;
+    super::listener::serve(
+        listener,
+        tls,
+        app,
+        shutdown,
+        DRAIN_MAX,
+        config.connections_max,
+    )
+    .await;
     // Spliced connections and the metrics listener stop too.
     let _ = stop_splices.send(true);
     // Keyed requests whose clients left run on: let them finish and store their outcomes.
