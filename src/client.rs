@@ -502,7 +502,7 @@ impl Client {
 
     /// The namespace's policy as the daemon applies it (limits, statuses kept, headers
     /// replayed), from any region.
-    pub async fn policy(&self) -> Result<crate::store::NamespaceConfig, ClientError> {
+    pub async fn policy(&self) -> Result<crate::http::api::PolicyAnswer, ClientError> {
         let path = self.path("policy");
         self.run(Route::Failover(None), |endpoint, _, _, timeout| {
             let request = self

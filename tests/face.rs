@@ -122,6 +122,21 @@ async fn broken(axum::extract::State(c): axum::extract::State<Arc<Counts>>) -> i
     (StatusCode::CREATED, axum::body::Body::from_stream(chunks))
 }
 
+/// A body that says it has 100 bytes, sends 11 and then stalls; counted in `status`.
+async fn stalled(axum::extract::State(c): axum::extract::State<Arc<Counts>>) -> impl IntoResponse {
+    use futures_util::StreamExt as _;
+    c.status.fetch_add(1, Ordering::SeqCst);
+    let chunks = futures_util::stream::once(async {
+        Ok::<_, std::convert::Infallible>(axum::body::Bytes::from_static(b"{\"partial\":"))
+    })
+    .chain(futures_util::stream::pending());
+    (
+        StatusCode::CREATED,
+        [("content-length", "100")],
+        axum::body::Body::from_stream(chunks),
+    )
+}
+
 /// Plain text that never ends (not a media type the layer knows as a stream); counted in
 /// `stream`.
 async fn trickle(axum::extract::State(c): axum::extract::State<Arc<Counts>>) -> impl IntoResponse {
@@ -187,6 +202,7 @@ async fn app_with(
         .route("/paid/broken", post(broken))
         .route("/big", post(big))
         .route("/trickle", post(trickle))
+        .route("/paid/stalled", post(stalled))
         .with_state(counts.clone())
         .layer(layer.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -761,4 +777,27 @@ async fn a_body_still_going_after_stream_after_flows_through_unrecorded() {
     }
     // Not recorded: the retry ran the handler again.
     assert_eq!(app.counts.stream.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_body_of_known_length_that_stalls_is_kept_as_indeterminate() {
+    let app = app(|mut c| {
+        c.execution_max = Duration::from_millis(400);
+        c.stream_after = Duration::from_millis(100);
+        c
+    })
+    .await;
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        answers.push(app.post("/paid/stalled", Some("s-1"), "{}").await);
+    }
+    // Not a stream (it said its length): a failure after the handler acted.
+    assert!(
+        answers.iter().all(|a| a.status == 502),
+        "{}",
+        answers[0].body
+    );
+    assert_eq!(answers[1].header("idempotent-replayed"), Some("true"));
+    assert_eq!(answers[1].header("idempotency-indeterminate"), Some("true"));
+    assert_eq!(app.counts.status.load(Ordering::SeqCst), 1);
 }

@@ -94,8 +94,11 @@ async fn upstream() -> Upstream {
 /// sends back every byte it gets.
 async fn echo_upgrade(mut req: axum::extract::Request) -> axum::response::Response {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    if req.headers().get("upgrade").map(|v| v.as_bytes()) != Some(b"echo") {
-        return StatusCode::UPGRADE_REQUIRED.into_response();
+    match req.headers().get("upgrade").map(|v| v.as_bytes()) {
+        Some(b"echo") => {}
+        // Another protocol reached the upstream: the proxy let it through.
+        Some(_) => return (StatusCode::BAD_REQUEST, "unexpected upgrade").into_response(),
+        None => return StatusCode::UPGRADE_REQUIRED.into_response(),
     }
     let switched = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
@@ -565,10 +568,14 @@ async fn the_principal_header_counts_only_from_trusted_peers_and_an_upstream_tim
 async fn proxies_sharing_a_region_daemon_share_their_keys() {
     let up = upstream().await;
     let dir = tempfile::tempdir().unwrap();
-    // `orders` refuses failed-over claims whose prior region cannot be asked.
+    // `orders` refuses failed-over claims whose prior region cannot be asked, and takes keys
+    // of at most 20 bytes.
     let daemon = common::Daemon::start(
         dir.path(),
-        &common::config("eu1", r#"policy = { lookup_unanswered = "unavailable" }"#),
+        &common::config(
+            "eu1",
+            r#"policy = { lookup_unanswered = "unavailable", key_len_max = 20 }"#,
+        ),
     )
     .await;
     let store = format!("eu1={}", daemon.url);
@@ -663,6 +670,24 @@ async fn proxies_sharing_a_region_daemon_share_their_keys() {
     assert_eq!(up.runs.load(Ordering::SeqCst), 3);
     let home = orders.post("/charges", Some("k-f"), BODY, &[]).await;
     assert_eq!(home.status, 201, "{}", home.body);
+    // The proxy read the namespace's policy at start: a key over its 20 bytes is refused by the
+    // layer itself, before any claim.
+    let long = orders
+        .post("/charges", Some("k-0123456789abcdefghij"), BODY, &[])
+        .await;
+    assert_eq!(long.status, 400, "{}", long.body);
+    let p: Value = serde_json::from_str(&long.body).unwrap();
+    assert_eq!(p["type"], "urn:idem:problem:bad-key", "{p}");
+    // A token the daemon refuses stops the proxy at start, saying so.
+    let out = Command::new(env!("CARGO_BIN_EXE_idem"))
+        .args(["proxy", "--listen", "127.0.0.1:0", "--upstream", &up.url])
+        .args(["--store", &store, "--store-namespace", "orders"])
+        .args(["--store-token", "not-the-orders-token-0000"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refuses namespace \"orders\""), "{err}");
 }
 
 #[tokio::test]

@@ -264,7 +264,7 @@ impl RemoteStore {
         let policy = client.policy().await?;
         Ok(Self {
             client,
-            limits: NamespaceLimits::of(&policy),
+            limits: NamespaceLimits::from(&policy),
         })
     }
 
@@ -290,6 +290,20 @@ impl NamespaceLimits {
 
     /// The limits of a namespace with this policy.
     pub fn of(c: &crate::store::policy::NamespaceConfig) -> Self {
+        Self::from(&crate::http::api::PolicyAnswer {
+            name: c.name.clone(),
+            ttl_ms: c.ttl_ms,
+            lease_ms: c.lease_ms,
+            key_len_max: c.key_len_max,
+            outcome_bytes_max: c.outcome_bytes_max,
+            headers_allowed: c.headers_allowed.clone(),
+        })
+    }
+}
+
+impl From<&crate::http::api::PolicyAnswer> for NamespaceLimits {
+    /// The limits a daemon's policy answer gives.
+    fn from(c: &crate::http::api::PolicyAnswer) -> Self {
         Self {
             key_len_max: c.key_len_max,
             lease_ms: c.lease_ms,

@@ -183,7 +183,8 @@ pub struct LayerConfig {
     pub execution_max: Duration,
     /// A response body without a `Content-Length` still going this long after its head is a
     /// stream (chunked without an end, long polling): what was read and the rest flow to the
-    /// client, unrecorded, and the key is released. Default 10 s. Streams that say so (`text/event-stream`, gRPC,
+    /// client, unrecorded, and the key is released. Default 10 s. (A body of known length has
+    /// until `execution_max`; one still unfinished then is a failure, kept as indeterminate.) Streams that say so (`text/event-stream`, gRPC,
     /// `Idempotency-Store: skip`) pass at once; this catches the others.
     pub stream_after: Duration,
     /// Status of the answer to a key reused with another request. Default 422.
@@ -1068,33 +1069,52 @@ where
     let (parts, body) = response.into_parts();
     // The layer's own verdict on the outcome, before any rule or table.
     let mut forced: Option<StoreAs> = None;
-    // A body of known length is finite: only one without (chunked) can be a stream.
-    let deadline = (!parts.headers.contains_key(header::CONTENT_LENGTH))
-        .then(|| Instant::now() + shared.config.stream_after);
-    let (parts, bytes) = match buffer(body, shared.config.response_bytes_max, deadline).await {
+    // A body of known length is finite: only one without (chunked) can be a stream. One of
+    // known length that stalls is bounded too, by execution_max: a failure, not a stream.
+    let finite =
+        parts.headers.contains_key(header::CONTENT_LENGTH) || body.size_hint().exact().is_some();
+    let deadline = Instant::now()
+        + if finite {
+            shared.config.execution_max
+        } else {
+            shared.config.stream_after
+        };
+    let broke_off = |why: String| async move {
+        // The handler ran but its answer broke off: it may have acted. Answer 502 and keep it
+        // as indeterminate, whatever a rule or the namespace's table says of 502 (written for
+        // the handler's own answers): a retry must not run it again unasked.
+        let p = Problem::new(
+            StatusCode::BAD_GATEWAY,
+            "response-failed",
+            "Response failed",
+            format!("the handler's response body failed; it may have acted: {why}"),
+        );
+        let (parts, body) = p.into_response().into_parts();
+        let bytes = buffer(body, usize::MAX, None).await.unwrap_or_default();
+        (parts, bytes)
+    };
+    let (parts, bytes) = match buffer(body, shared.config.response_bytes_max, Some(deadline)).await
+    {
         Ok(b) => (parts, b),
         Err(Buffered::TooLarge(whole)) => {
             let r = Response::from_parts(parts, whole);
             return not_kept(beat, "a response over response_bytes_max", r).await;
+        }
+        Err(Buffered::Streaming(_)) if finite => {
+            forced = Some(StoreAs::Indeterminate);
+            broke_off(format!(
+                "its body stalled for longer than execution_max ({:?})",
+                shared.config.execution_max
+            ))
+            .await
         }
         Err(Buffered::Streaming(whole)) => {
             let r = Response::from_parts(parts, whole);
             return not_kept(beat, "a response body still going after stream_after", r).await;
         }
         Err(Buffered::Failed(e)) => {
-            // The handler ran but its answer broke off: it may have acted. Answer 502 and keep
-            // it as indeterminate, whatever a rule or the namespace's table says of 502
-            // (written for the handler's own answers): a retry must not run it again unasked.
             forced = Some(StoreAs::Indeterminate);
-            let p = Problem::new(
-                StatusCode::BAD_GATEWAY,
-                "response-failed",
-                "Response failed",
-                format!("the handler's response body failed; it may have acted: {e}"),
-            );
-            let (parts, body) = p.into_response().into_parts();
-            let bytes = buffer(body, usize::MAX, None).await.unwrap_or_default();
-            (parts, bytes)
+            broke_off(e.to_string()).await
         }
     };
     if matches!(

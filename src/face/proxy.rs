@@ -205,16 +205,22 @@ pub async fn run(
             check_regions(endpoints).await?;
             let client = crate::client::ClientConfig::new(endpoints.clone(), namespace, token);
             // The layer must agree with the daemon's namespace (key length, lease, outcome cap,
-            // headers kept): read its policy; if no region answers now, start with the
-            // defaults and say so.
+            // headers kept): read its policy. A refusal (token, namespace) stops the start; if
+            // no region answers now, start with the defaults and say so.
             let mut probe = client.clone();
             probe.max_total = Duration::from_secs(5);
+            probe.attempt_timeout = Duration::from_secs(2);
             let mut limits = match crate::client::Client::new(probe)
                 .context("the store client")?
                 .policy()
                 .await
             {
-                Ok(p) => NamespaceLimits::of(&p),
+                Ok(p) => NamespaceLimits::from(&p),
+                Err(crate::client::ClientError::Refused(p)) => anyhow::bail!(
+                    "the store refuses namespace {namespace:?} with this token ({}: {})",
+                    p.status,
+                    p.detail.unwrap_or_default()
+                ),
                 Err(e) => {
                     tracing::warn!(error = %e, "the store's namespace policy could not be read: assuming the daemon's defaults");
                     NamespaceLimits::daemon_defaults()
@@ -599,10 +605,9 @@ impl Upstream {
                 let dropped = connection_tokens(r.headers());
                 let mut answer = Response::builder().status(r.status());
                 for (name, value) in r.headers() {
-                    if !hop_by_hop(name)
-                        && !dropped.contains(name)
-                        && name != header::CONTENT_LENGTH
-                    {
+                    // Content-Length is kept: the body is streamed as it came, and the layer
+                    // tells a finite body from a stream by it.
+                    if !hop_by_hop(name) && !dropped.contains(name) {
                         answer = answer.header(name, value);
                     }
                 }

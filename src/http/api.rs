@@ -50,6 +50,25 @@ pub struct CompleteBody {
     pub store_as: Option<StoreAs>,
 }
 
+/// `GET /v1/ns/{namespace}/policy` as a client reads it: the fields a caller must agree on.
+/// The daemon answers the whole policy; fields this struct does not know are ignored, so a
+/// newer daemon still answers an older client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyAnswer {
+    /// The namespace.
+    pub name: String,
+    /// How long a key is remembered after its first claim, ms.
+    pub ttl_ms: u64,
+    /// The in-flight lease a claim gets, ms.
+    pub lease_ms: u64,
+    /// Longest key, bytes.
+    pub key_len_max: usize,
+    /// Largest stored outcome (headers and body), bytes.
+    pub outcome_bytes_max: usize,
+    /// Response headers kept with an outcome (case-insensitive).
+    pub headers_allowed: Vec<String>,
+}
+
 /// What a completion's outcome is stored as, when the caller decides (`CompleteBody::store_as`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
