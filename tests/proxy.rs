@@ -919,3 +919,63 @@ async fn connections_over_the_cap_wait_for_one_to_close() {
         .unwrap();
     assert!(head.starts_with(b"HTTP/1.1 "), "{head:?}");
 }
+
+#[tokio::test]
+async fn stopping_the_proxy_closes_switched_connections() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    // In this process, so that only the proxy's own stop (not the process ending) can close
+    // the connection.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut config = idem::face::proxy::ProxyConfig::new(
+        listen,
+        up.url.parse().unwrap(),
+        idem::face::proxy::ProxyStore::Embedded(dir.path().join("data")),
+    );
+    config.upgrades = vec!["echo".into()];
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let proxy = tokio::spawn(idem::face::proxy::run(config, async move {
+        let _ = stopped.await;
+    }));
+    let mut conn = loop {
+        match tokio::net::TcpStream::connect(listen).await {
+            Ok(c) => break c,
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    conn.write_all(
+        b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        assert_eq!(conn.read(&mut b).await.unwrap(), 1, "closed in the head");
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    conn.write_all(b"ping").await.unwrap();
+    let mut got = [0u8; 4];
+    conn.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"ping");
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), proxy)
+        .await
+        .expect("the proxy stops")
+        .unwrap()
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the switched connection outlived the proxy");
+}
