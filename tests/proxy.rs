@@ -716,35 +716,7 @@ async fn protocol_upgrades_pass_through_the_proxy() {
         "{:?}",
         String::from_utf8_lossy(&head)
     );
-    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-    conn.write_all(
-        b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    // The head, up to its blank line.
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        assert_eq!(
-            conn.read(&mut b).await.unwrap(),
-            1,
-            "closed in the head: {head:?}"
-        );
-        head.push(b[0]);
-    }
-    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
-    assert!(head.starts_with("http/1.1 101"), "{head}");
-    assert!(head.contains("upgrade: echo"), "{head}");
-    async fn echo(conn: &mut tokio::net::TcpStream, msg: &[u8]) {
-        conn.write_all(msg).await.unwrap();
-        let mut got = vec![0u8; msg.len()];
-        tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut got))
-            .await
-            .expect("the echo comes back")
-            .unwrap();
-        assert_eq!(got, msg);
-    }
+    let mut conn = switched(tokio::net::TcpStream::connect(addr).await.unwrap()).await;
     echo(&mut conn, b"hello").await;
     // Idle for longer than the upstream time limit, which bounds answers, not a switched
     // connection.
@@ -922,7 +894,7 @@ async fn connections_over_the_cap_wait_for_one_to_close() {
 
 #[tokio::test]
 async fn stopping_the_proxy_closes_switched_connections() {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::AsyncReadExt as _;
     let up = upstream().await;
     let dir = tempfile::tempdir().unwrap();
     // In this process, so that only the proxy's own stop (not the process ending) can close
@@ -943,32 +915,14 @@ async fn stopping_the_proxy_closes_switched_connections() {
     let proxy = tokio::spawn(idem::face::proxy::run(config, async move {
         let _ = stopped.await;
     }));
-    let mut conn = loop {
+    let conn = loop {
         match tokio::net::TcpStream::connect(listen).await {
             Ok(c) => break c,
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     };
-    conn.write_all(
-        b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        assert_eq!(conn.read(&mut b).await.unwrap(), 1, "closed in the head");
-        head.push(b[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    conn.write_all(b"ping").await.unwrap();
-    let mut got = [0u8; 4];
-    conn.read_exact(&mut got).await.unwrap();
-    assert_eq!(&got, b"ping");
+    let mut conn = switched(conn).await;
+    echo(&mut conn, b"ping").await;
     stop.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(10), proxy)
         .await
@@ -978,4 +932,41 @@ async fn stopping_the_proxy_closes_switched_connections() {
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "the switched connection outlived the proxy");
+}
+
+/// Switches `conn` to the upstream's `echo` protocol through the proxy; checks the 101.
+async fn switched(mut conn: tokio::net::TcpStream) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    conn.write_all(
+        b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    // The head, up to its blank line.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        assert_eq!(
+            conn.read(&mut b).await.unwrap(),
+            1,
+            "closed in the head: {head:?}"
+        );
+        head.push(b[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    conn
+}
+
+/// Sends `msg` and reads it back.
+async fn echo(conn: &mut tokio::net::TcpStream, msg: &[u8]) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    conn.write_all(msg).await.unwrap();
+    let mut got = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut got))
+        .await
+        .expect("the echo comes back")
+        .unwrap();
+    assert_eq!(got, msg);
 }
