@@ -544,6 +544,16 @@ where
     }
 }
 
+/// Echoes the request's `Idempotency-Key` (as sent), if it had one, on an answer.
+fn echo_key(raw_key: Option<HeaderValue>) -> impl Fn(Response<Body>) -> Response<Body> {
+    move |mut r| {
+        if let Some(k) = &raw_key {
+            r.headers_mut().insert(IDEMPOTENCY_KEY, k.clone());
+        }
+        r
+    }
+}
+
 /// A 400 problem about the request's key or principal.
 fn bad_request(kind: &str, detail: impl Into<String>) -> Response<Body> {
     Problem::new(StatusCode::BAD_REQUEST, kind, "Bad request", detail).into_response()
@@ -574,12 +584,7 @@ where
         return call_inner(inner, req).await;
     }
     let raw_key = req.headers().get(IDEMPOTENCY_KEY).cloned();
-    let echo = |mut r: Response<Body>| {
-        if let Some(k) = &raw_key {
-            r.headers_mut().insert(IDEMPOTENCY_KEY, k.clone());
-        }
-        r
-    };
+    let echo = echo_key(raw_key.clone());
     let key = match request_key(req.headers(), shared.limits.key_len_max) {
         Ok(Some(k)) => k,
         Ok(None) => {
@@ -674,12 +679,7 @@ where
     RB::Error: Into<BoxError>,
 {
     let cfg = &shared.config;
-    let echo = |mut r: Response<Body>| {
-        if let Some(k) = &raw_key {
-            r.headers_mut().insert(IDEMPOTENCY_KEY, k.clone());
-        }
-        r
-    };
+    let echo = echo_key(raw_key);
     let (parts, body) = req.into_parts();
     let bytes = match buffer(body, cfg.request_bytes_max, None).await {
         Ok(b) => b,
